@@ -1,0 +1,63 @@
+"""SamplingParams: how one request is decoded. Validated on construction so that a bad value is an
+error for that request alone, found before any compute."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+
+class InvalidRequest(ValueError):
+    """A request that cannot run; the message names the field. Costs only that request."""
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1          # -1 or 0: disabled
+    min_p: float = 0.0
+    seed: Optional[int] = None
+    stop_token_ids: Sequence[int] = ()
+    min_tokens: int = 0
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        def bad(field, why):
+            raise InvalidRequest(f"field '{field}': {why} (got {getattr(self, field)!r})")
+
+        for field in ("max_tokens", "min_tokens", "top_k"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, int):
+                bad(field, "must be an integer")
+        for field in ("temperature", "top_p", "min_p"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                bad(field, "must be a number")
+        if self.max_tokens < 1:
+            bad("max_tokens", "must be >= 1")
+        if self.min_tokens < 0:
+            bad("min_tokens", "must be >= 0")
+        if self.min_tokens > self.max_tokens:
+            bad("min_tokens", f"must be <= max_tokens={self.max_tokens}")
+        if self.temperature < 0:
+            bad("temperature", "must be >= 0")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if not 0 <= self.min_p <= 1:
+            bad("min_p", "must be in [0, 1]")
+        if self.top_k < -1:
+            bad("top_k", "must be -1 (disabled) or >= 0")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            bad("seed", "must be an integer or null")
+        if isinstance(self.stop_token_ids, (str, bytes)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
+            bad("stop_token_ids", "must be a list of non-negative integers")
+        self.stop_token_ids = tuple(self.stop_token_ids)
+        self.temperature = float(self.temperature)
+        self.top_p = float(self.top_p)
+        self.min_p = float(self.min_p)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

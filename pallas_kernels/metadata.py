@@ -1,0 +1,73 @@
+"""Per-step attention metadata: the one description of a ragged token batch that every attention
+implementation (reference, GPU Pallas, TPU Pallas) reads.
+
+Shapes are static per bucket (T tokens, S sequences, P pages per sequence); the host fills the
+arrays with numpy and pads: pad tokens belong to a pad sequence with `seq_lens == 0` and write their
+K/V into the sink page 0, which is never handed to a request.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class AttentionMetadata:
+    """Layout of one step's ragged batch over the paged KV cache.
+
+    KV cache layout (per K and V): `[num_kv_heads, num_layers * num_pages, page_size, head_dim]`.
+    Layer `l` owns pages `[l * num_pages, (l + 1) * num_pages)`; page ids here are layer-local and the
+    model adds `layer * num_pages` (see `layer_page_offset`), so one array is carried through the
+    layer scan and never sliced (slicing it would copy every layer's KV into the kernel each step).
+    """
+
+    positions: jax.Array      # int32[T]   absolute position of each token in its sequence
+    token_seq: jax.Array      # int32[T]   sequence row of each token (pad tokens -> a pad row)
+    slot_mapping: jax.Array   # int32[T]   layer-local flat slot (page * page_size + offset) for the new K/V
+    query_start: jax.Array    # int32[S+1] tokens of row s are [query_start[s], query_start[s+1])
+    seq_lens: jax.Array       # int32[S]   KV length of row s after this step's tokens (0 for pad rows)
+    page_table: jax.Array     # int32[S, P] layer-local page ids of row s (pad entries -> sink page 0)
+    # Shared-prefix (cascade) groups, all optional: None means no sharing in this step.
+    # Row s's first `prefix_lens[s]` KV tokens are its group's shared prefix, stored in the pages
+    # `group_page_table[seq_group[s]]`; the same pages also start `page_table[s]`, so a kernel that
+    # ignores the groups still computes the right answer.
+    seq_group: Optional[jax.Array] = None         # int32[S]  group id of row s, -1 for none
+    prefix_lens: Optional[jax.Array] = None       # int32[S]  shared KV tokens of row s (0 for none)
+    group_page_table: Optional[jax.Array] = None  # int32[G, Pg] pages of each group's shared prefix
+    group_lens: Optional[jax.Array] = None        # int32[G]  shared prefix length of each group
+
+    @property
+    def num_tokens(self) -> int:
+        return self.positions.shape[0]
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+    @property
+    def pages_per_seq(self) -> int:
+        return self.page_table.shape[1]
+
+
+def layer_slots(md: AttentionMetadata, layer: jax.Array, num_pages: int, page_size: int) -> jax.Array:
+    """Global flat slots of this step's new tokens in `layer`'s part of the cache."""
+    return md.slot_mapping + layer * (num_pages * page_size)
+
+
+def write_kv(k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array,
+             slots: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Scatter new K/V `[T, Hkv, D]` into the caches at global flat `slots` `[T]`.
+
+    The caches are reshaped to `[Hkv, pages * page_size, D]` (a bitcast) so the update is one
+    scatter per cache; XLA performs it in place on the donated/carried buffer.
+    """
+    hkv, npages, ps, d = k_cache.shape
+    kf = k_cache.reshape(hkv, npages * ps, d).at[:, slots].set(
+        jnp.swapaxes(k, 0, 1).astype(k_cache.dtype), mode="promise_in_bounds")
+    vf = v_cache.reshape(hkv, npages * ps, d).at[:, slots].set(
+        jnp.swapaxes(v, 0, 1).astype(v_cache.dtype), mode="promise_in_bounds")
+    return kf.reshape(k_cache.shape), vf.reshape(v_cache.shape)
