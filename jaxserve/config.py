@@ -178,3 +178,41 @@ def rope_inv_freq(cfg: ModelConfig):
         is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         inv = np.where(is_medium, smoothed, scaled)
     return inv
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How the engine runs a model. Sizes are validated here, once, at start-up."""
+
+    page_size: int = 16
+    max_num_batched_tokens: int = 512     # token budget of one step (and the largest token bucket)
+    max_num_seqs: int = 256               # rows (requests) in one step
+    max_model_len: Optional[int] = None   # prompt + output; None -> the model's max positions
+    num_pages: Optional[int] = None       # KV pages per layer; None -> sized from memory
+    kv_cache_memory_fraction: float = 0.9 # of device memory, after weights, for the KV cache
+    cpu_kv_cache_bytes: int = 2 << 30     # KV budget where the device reports no memory (CPU)
+    attention_impl: str = "auto"          # "auto" | "reference" | a pallas_kernels implementation
+    page_bucket_growth: int = 4           # page-table width buckets grow by this factor (1: one bucket)
+    seed: int = 0
+    compile_on_init: bool = True
+
+    def __post_init__(self):
+        def pos_int(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"engine: field '{name}' must be a positive integer, got {v!r}")
+
+        for name in ("page_size", "max_num_batched_tokens", "max_num_seqs"):
+            pos_int(name)
+        if self.page_size & (self.page_size - 1):
+            raise ConfigError(f"engine: field 'page_size'={self.page_size} must be a power of two "
+                              "(GPU kernels tile pages with power-of-two blocks)")
+        if self.max_model_len is not None:
+            pos_int("max_model_len")
+        if self.num_pages is not None:
+            pos_int("num_pages")
+            if self.num_pages < 2:
+                raise ConfigError("engine: field 'num_pages' must be >= 2 (page 0 is the sink)")
+        if not 0 < self.kv_cache_memory_fraction <= 1:
+            raise ConfigError("engine: field 'kv_cache_memory_fraction' must be in (0, 1], got "
+                              f"{self.kv_cache_memory_fraction!r}")

@@ -1,0 +1,217 @@
+"""The run loop: requests -> scheduler -> runner -> scheduler -> outputs.
+
+The engine owns one model on one device, its page pool, scheduler and runner. `run` takes a whole
+batch of already-tokenized requests and returns one RequestOutput per request, in input order. A
+request that cannot run (empty, too long, bad parameters) gets an error output and costs only
+itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import pallas_kernels
+from jaxserve.cache import PagePool
+from jaxserve.config import ConfigError, EngineConfig, ModelConfig
+from jaxserve.outputs import RequestMetrics, RequestOutput
+from jaxserve.runner.buckets import BucketSet
+from jaxserve.runner.model_runner import ModelRunner
+from jaxserve.runner.sampler import NUM_BANNED
+from jaxserve.sampling_params import SamplingParams
+from jaxserve.scheduler import Scheduler, Sequence
+
+
+@dataclasses.dataclass
+class Request:
+    """One tokenized request. `error` set means it failed before reaching the engine."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    prompt: Optional[str] = None
+    priority: int = 0
+    error: Optional[str] = None
+
+
+@dataclasses.dataclass
+class RunStats:
+    prompt_tokens: int = 0
+    computed_prefill_tokens: int = 0
+    generated_tokens: int = 0
+    decode_tokens: int = 0
+    preemptions: int = 0
+    num_steps: int = 0
+    padded_tokens: int = 0          # sum of token buckets actually run
+    num_requests: int = 0
+    num_errors: int = 0
+    peak_kv_pages: int = 0
+    kv_pages_total: int = 0
+    compiled_programs: int = 0
+    compile_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["token_fill_mean"] = ((self.computed_prefill_tokens + self.decode_tokens) / self.padded_tokens
+                                if self.padded_tokens else 0.0)
+        d["peak_kv_pool_use"] = self.peak_kv_pages / self.kv_pages_total if self.kv_pages_total else 0.0
+        d["reuse_ratio"] = (1 - self.computed_prefill_tokens / self.prompt_tokens
+                            if self.prompt_tokens else 0.0)
+        d["output_tokens_per_s"] = self.generated_tokens / self.wall_seconds if self.wall_seconds else 0.0
+        return d
+
+
+def resolve_attention_impl(name: str) -> str:
+    if name == "auto":
+        return pallas_kernels.default_impl()
+    if name not in pallas_kernels.IMPLEMENTATIONS:
+        raise ConfigError(f"engine: field 'attention_impl'={name!r} is not available here "
+                          f"(available: auto, {', '.join(sorted(pallas_kernels.IMPLEMENTATIONS))})")
+    return name
+
+
+def size_kv_pages(cfg: ModelConfig, ecfg: EngineConfig, kv_dtype, max_model_len: int) -> int:
+    """Pages per layer from the memory left after the weights (or the explicit `num_pages`)."""
+    if ecfg.num_pages is not None:
+        return ecfg.num_pages
+    page_bytes = cfg.kv_bytes_per_token(jnp.dtype(kv_dtype).itemsize) * ecfg.page_size
+    stats = None
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001  (backends without memory stats)
+        stats = None
+    if stats and "bytes_limit" in stats:
+        budget = ecfg.kv_cache_memory_fraction * stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    else:
+        budget = ecfg.cpu_kv_cache_bytes
+    pages = int(budget // page_bytes)
+    # Never more than every row at full length needs (plus the sink).
+    cap = ecfg.max_num_seqs * -(-max_model_len // ecfg.page_size) + 1
+    pages = min(pages, cap)
+    if pages < 2:
+        raise ConfigError(f"engine: no memory left for the KV cache ({budget / 2**30:.2f} GiB "
+                          f"budget, {page_bytes} bytes per page); lower max_model_len or set num_pages")
+    return pages
+
+
+class Engine:
+    def __init__(self, model_cfg: ModelConfig, model, ecfg: EngineConfig, *,
+                 eos_token_ids: tuple[int, ...] = (), kv_dtype=None,
+                 detokenize: Optional[Callable[[list[int]], str]] = None):
+        self.cfg = model_cfg
+        self.ecfg = ecfg
+        self.max_model_len = ecfg.max_model_len or model_cfg.max_position_embeddings
+        if self.max_model_len > model_cfg.max_position_embeddings and \
+                model_cfg.rope_scaling.rope_type == "default":
+            raise ConfigError(f"engine: max_model_len={self.max_model_len} exceeds the model's "
+                              f"max_position_embeddings={model_cfg.max_position_embeddings}")
+        self.eos_token_ids = tuple(eos_token_ids) or tuple(model_cfg.eos_token_ids)
+        self.detokenize = detokenize
+        kv_dtype = kv_dtype or model.embed.value.dtype
+        self.attention_impl = resolve_attention_impl(ecfg.attention_impl)
+        self.num_pages = size_kv_pages(model_cfg, ecfg, kv_dtype, self.max_model_len)
+        max_pages_per_seq = -(-self.max_model_len // ecfg.page_size)
+        growth = ecfg.page_bucket_growth if self.attention_impl == "reference" else 1
+        self.buckets = BucketSet.make(ecfg.max_num_batched_tokens, ecfg.max_num_seqs,
+                                      max_pages_per_seq, page_growth=growth)
+        self.runner = ModelRunner(model, model_cfg, num_pages=self.num_pages,
+                                  page_size=ecfg.page_size, buckets=self.buckets,
+                                  attention_impl=self.attention_impl, kv_dtype=kv_dtype)
+        if ecfg.compile_on_init:
+            self.runner.compile_all()
+        self.last_stats = RunStats()
+
+    # -- request validation: errors cost only the request --------------------------------------
+    def _validate(self, req: Request, pool: PagePool) -> Optional[str]:
+        if req.error:
+            return req.error
+        n = len(req.prompt_ids)
+        if n == 0:
+            return "empty prompt"
+        if n >= self.max_model_len:
+            return (f"prompt of {n} tokens does not fit max_model_len={self.max_model_len} "
+                    "(needs room for at least one generated token)")
+        bad = [t for t in req.prompt_ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            return f"prompt token id {bad[0]} is outside the vocabulary (size {self.cfg.vocab_size})"
+        longest = min(n + req.params.max_tokens, self.max_model_len)
+        if pool.pages_for(longest) > pool.num_usable:
+            return (f"request needs up to {pool.pages_for(longest)} KV pages but the pool has "
+                    f"{pool.num_usable}; lower max_tokens or raise num_pages")
+        stops = set(req.params.stop_token_ids) | (set() if req.params.ignore_eos
+                                                   else set(self.eos_token_ids))
+        if req.params.min_tokens and len(stops) > NUM_BANNED:
+            return f"field 'min_tokens' with more than {NUM_BANNED} stop token ids is not supported"
+        return None
+
+    def run(self, requests: list[Request], progress: Optional[Callable] = None) -> list[RequestOutput]:
+        t_start = time.perf_counter()
+        pool = PagePool(self.num_pages, self.ecfg.page_size)
+        sched = Scheduler(pool, self.ecfg.max_num_batched_tokens, self.ecfg.max_num_seqs)
+        stats = RunStats(num_requests=len(requests), kv_pages_total=pool.num_usable)
+        outputs: list[Optional[RequestOutput]] = [None] * len(requests)
+        for i, req in enumerate(requests):
+            err = self._validate(req, pool)
+            if err is not None:
+                outputs[i] = RequestOutput(req.request_id, req.prompt, list(req.prompt_ids), "", [],
+                                           "error", error=err)
+                stats.num_errors += 1
+                continue
+            p = req.params
+            seed = p.seed if p.seed is not None else int(
+                np.random.SeedSequence([self.ecfg.seed, i]).generate_state(1)[0])
+            stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos
+                                                      else frozenset(self.eos_token_ids))
+            seq = Sequence(index=i, prompt_ids=list(req.prompt_ids), params=p, seed=seed,
+                           stop_ids=stop_ids, max_len=self.max_model_len, priority=req.priority,
+                           metrics=RequestMetrics(arrival_time=t_start))
+            stats.prompt_tokens += len(seq.prompt_ids)
+            sched.add(seq)
+
+        while sched.has_work:
+            plan = sched.schedule()
+            if not plan.rows:
+                raise RuntimeError("scheduler produced an empty step with work pending")
+            now = time.perf_counter()
+            for row in plan.rows:
+                m = row.seq.metrics
+                if m.first_scheduled_time is None:
+                    m.first_scheduled_time = now
+                if row.start < len(row.seq.prompt_ids) or row.num_tokens > 1:
+                    stats.computed_prefill_tokens += row.num_tokens
+                    m.num_computed_prompt_tokens += row.num_tokens
+                else:
+                    stats.decode_tokens += 1
+            sampling_rows = [row for row in plan.rows if row.samples]
+            tokens, _ = self.runner.execute(plan)
+            stats.num_steps += 1
+            stats.padded_tokens += self.buckets.pick(plan.num_tokens, 1)[0]
+            finished = sched.commit(plan, tokens)
+            now = time.perf_counter()
+            stats.generated_tokens += len(sampling_rows)
+            for row in sampling_rows:
+                if row.seq.metrics.first_token_time is None:
+                    row.seq.metrics.first_token_time = now
+            for seq in finished:
+                seq.metrics.finished_time = now
+                req = requests[seq.index]
+                text = self.detokenize(seq.output_ids) if self.detokenize else ""
+                outputs[seq.index] = RequestOutput(req.request_id, req.prompt, seq.prompt_ids, text,
+                                                   list(seq.output_ids), seq.finish_reason,
+                                                   metrics=seq.metrics)
+            if progress is not None:
+                progress(len(finished), plan.num_tokens, stats)
+
+        stats.preemptions = sched.num_preemptions
+        stats.peak_kv_pages = pool.peak_used
+        stats.compiled_programs = self.runner.num_compiled
+        stats.compile_seconds = self.runner.compile_seconds
+        stats.wall_seconds = time.perf_counter() - t_start
+        self.last_stats = stats
+        assert all(o is not None for o in outputs)
+        return outputs  # type: ignore[return-value]

@@ -1,0 +1,83 @@
+"""Everything one jitted step reads, as one registered pytree; built on the host with numpy."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from jaxserve.runner.buckets import BucketSet
+from jaxserve.runner.sampler import NUM_BANNED, SamplingInputs
+from jaxserve.scheduler import StepPlan
+from pallas_kernels.metadata import AttentionMetadata
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StepInputs:
+    input_ids: jax.Array          # i32[T]
+    attn: AttentionMetadata
+    logits_indices: jax.Array     # i32[S] last token row of each sequence row
+    sampling: SamplingInputs
+
+
+def build_step_inputs(plan: StepPlan, buckets: BucketSet, page_size: int) -> tuple[StepInputs, int]:
+    """Pad the plan to its bucket. Returns the inputs (numpy leaves) and the number of real rows."""
+    rows = plan.rows
+    n_tok = plan.num_tokens
+    max_pages = -(-plan.max_seq_len // page_size)
+    T, P = buckets.pick(n_tok, max_pages)
+    S = buckets.seqs_for(T)
+    assert len(rows) <= S, (len(rows), S)
+
+    input_ids = np.zeros(T, np.int32)
+    positions = np.zeros(T, np.int32)
+    slot_mapping = np.zeros(T, np.int32)            # pad tokens -> sink page 0
+    token_seq = np.full(T, min(len(rows), S - 1), np.int32)
+    query_start = np.full(S + 1, n_tok, np.int32)
+    seq_lens = np.zeros(S, np.int32)
+    page_table = np.zeros((S, P), np.int32)
+    logits_indices = np.zeros(S, np.int32)
+    temperature = np.zeros(S, np.float32)
+    top_k = np.zeros(S, np.int32)
+    top_p = np.ones(S, np.float32)
+    min_p = np.zeros(S, np.float32)
+    seeds = np.zeros(S, np.uint32)
+    token_index = np.zeros(S, np.int32)
+    banned = np.full((S, NUM_BANNED), -1, np.int32)
+
+    t = 0
+    for s, row in enumerate(rows):
+        seq, start, n = row.seq, row.start, row.num_tokens
+        pos = np.arange(start, start + n, dtype=np.int32)
+        npr = len(seq.prompt_ids)
+        # Tokens [start, start+n) come from the prompt and then from the output (after preemption).
+        if start + n <= npr:
+            input_ids[t:t + n] = seq.prompt_ids[start:start + n]
+        else:
+            input_ids[t:t + n] = [seq.token_at(i) for i in range(start, start + n)]
+        positions[t:t + n] = pos
+        pages = np.asarray(seq.pages, np.int32)
+        slot_mapping[t:t + n] = pages[pos // page_size] * page_size + pos % page_size
+        token_seq[t:t + n] = s
+        query_start[s] = t
+        seq_lens[s] = start + n
+        page_table[s, :len(pages)] = pages
+        t += n
+        logits_indices[s] = t - 1
+        p = seq.params
+        temperature[s] = p.temperature
+        top_k[s] = max(p.top_k, 0)
+        top_p[s] = p.top_p
+        min_p[s] = p.min_p
+        seeds[s] = seq.seed & 0xFFFFFFFF
+        token_index[s] = len(seq.output_ids)
+        if len(seq.output_ids) < p.min_tokens and seq.stop_ids:
+            ids = sorted(seq.stop_ids)[:NUM_BANNED]
+            banned[s, :len(ids)] = ids
+    query_start[len(rows):] = n_tok
+    md = AttentionMetadata(positions=positions, token_seq=token_seq, slot_mapping=slot_mapping,
+                           query_start=query_start, seq_lens=seq_lens, page_table=page_table)
+    si = SamplingInputs(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                        seeds=seeds, token_index=token_index, banned=banned)
+    return StepInputs(input_ids, md, logits_indices, si), len(rows)
