@@ -73,7 +73,8 @@ def filter_logits(logits, si: SamplingInputs):
     k = jnp.where((si.top_k > 0) & (si.top_k < v), si.top_k, v)
     x = jnp.where(x >= _kth_largest(x, k)[:, None], x, -jnp.inf)
     probs = jax.nn.softmax(x, axis=-1)
-    keep = probs >= _top_p_threshold(probs, si.top_p)[:, None]
+    # top_p == 1 keeps everything (a float32 mass never quite reaches 1.0 over a long tail).
+    keep = (probs >= _top_p_threshold(probs, si.top_p)[:, None]) | (si.top_p >= 1.0)[:, None]
     keep &= probs >= (si.min_p * jnp.max(probs, axis=-1))[:, None]
     return jnp.where(keep, x, -jnp.inf)
 
