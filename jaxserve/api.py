@@ -76,12 +76,21 @@ class LLM:
                 raise InvalidRequest(f"sampling params must be SamplingParams, got {type(params).__name__}")
             if isinstance(prompt, dict):
                 rid = str(prompt.get("request_id", rid))
+                if prompt.get("error"):
+                    return Request(rid, [], SamplingParams(), priority=priority, error=prompt["error"])
+                if "messages" in prompt:
+                    if self.tokenizer is None:
+                        raise InvalidRequest("messages given but this model has no tokenizer")
+                    text = self.tokenizer.apply_chat_template(
+                        prompt["messages"], add_generation_prompt=prompt.get("add_generation_prompt", True))
+                    return Request(rid, self.tokenizer.encode(text, add_special_tokens=False), params,
+                                   prompt=text, priority=priority)
                 if "prompt_token_ids" in prompt:
                     prompt = list(prompt["prompt_token_ids"])
                 elif "prompt" in prompt:
                     prompt = prompt["prompt"]
                 else:
-                    raise InvalidRequest("prompt dict needs 'prompt' or 'prompt_token_ids'")
+                    raise InvalidRequest("prompt dict needs 'prompt', 'messages' or 'prompt_token_ids'")
             if isinstance(prompt, str):
                 if self.tokenizer is None:
                     raise InvalidRequest("text prompt given but this model has no tokenizer "
@@ -92,7 +101,7 @@ class LLM:
             if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
                 raise InvalidRequest("prompt token ids must be integers")
             return Request(rid, ids, params, priority=priority)
-        except (InvalidRequest, TypeError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001  (a bad request costs only itself)
             text = prompt if isinstance(prompt, str) else None
             return Request(rid, [], SamplingParams(), prompt=text, priority=priority,
                            error=f"invalid request: {e}")
@@ -142,25 +151,8 @@ class LLM:
             raise ValueError("chat() needs a tokenizer; this model has none")
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        prompts: list[Any] = []
-        for conv in conversations:
-            try:
-                text = self.tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt)
-                prompts.append({"prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False),
-                                "text": text})
-            except Exception as e:  # noqa: BLE001  (a bad conversation costs only itself)
-                prompts.append({"error": f"invalid conversation: {e}"})
-        params = self._expand(sampling_params, len(prompts), "sampling_params")
-        prios = list(priority) if priority is not None else [0] * len(prompts)
-        reqs = []
-        for i, (p, sp, pr) in enumerate(zip(prompts, params, prios)):
-            if "error" in p:
-                reqs.append(Request(str(i), [], SamplingParams(), priority=pr, error=p["error"]))
-                continue
-            r = self._to_request(i, {"prompt_token_ids": p["prompt_token_ids"]}, sp, pr)
-            r.prompt = p["text"]
-            reqs.append(r)
-        return self._run(reqs, use_tqdm)
+        prompts = [{"messages": c, "add_generation_prompt": add_generation_prompt} for c in conversations]
+        return self.generate(prompts, sampling_params, priority=priority, use_tqdm=use_tqdm)
 
     @staticmethod
     def _expand(sp, n: int, name: str) -> list:

@@ -1,0 +1,94 @@
+"""scripts/run_batch.py end to end: one output line per input line, in order; every kind of bad
+line costs only itself."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from jaxserve.io.jsonl import parse_line
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def greedy(hf, ids, n):
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                          attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    return out[0, len(ids):].tolist()
+
+
+BAD_LINES = {
+    "malformed JSON": '{"id": "x", "prompt_token_ids": [1, 2',
+    "expected a JSON object": '[1, 2, 3]',
+    "unknown field 'temprature'": '{"id": "u", "prompt_token_ids": [1, 2], "temprature": 0.5}',
+    "field 'max_tokens': must be >= 1": '{"id": "m", "prompt_token_ids": [1], "max_tokens": -3}',
+    "field 'top_p': must be in (0, 1]": '{"id": "p", "prompt_token_ids": [1], "top_p": 2}',
+    "field 'temperature': must be a number": '{"id": "t", "prompt_token_ids": [1], "temperature": "hot"}',
+    "empty prompt": '{"id": "e", "prompt_token_ids": []}',
+    "max_model_len": json.dumps({"id": "l", "prompt_token_ids": list(range(1, 101))}),
+    "needs exactly one of": '{"id": "b", "prompt": "hi", "prompt_token_ids": [1]}',
+    "no tokenizer": '{"id": "n", "prompt": "text needs a tokenizer"}',
+    "must be a list of integers": '{"id": "i", "prompt_token_ids": [1, "two"]}',
+    "outside the vocabulary": '{"id": "v", "prompt_token_ids": [1, 99999]}',
+    "field 'priority' must be an integer": '{"id": "r", "prompt_token_ids": [1], "priority": "high"}',
+}
+
+
+def test_bad_lines_cost_only_themselves(tiny_models, tmp_path):
+    path, hf = tiny_models["llama3"]
+    rng = np.random.default_rng(0)
+    good = [rng.integers(0, 384, int(rng.integers(2, 40))).tolist() for _ in range(6)]
+    lines, expect = [], []
+    bad = list(BAD_LINES.items())
+    for i in range(max(len(good), len(bad))):
+        if i < len(good):
+            lines.append(json.dumps({"id": f"g{i}", "prompt_token_ids": good[i], "max_tokens": 5}))
+            expect.append(("ok", good[i]))
+        if i < len(bad):
+            lines.append(bad[i][1])
+            expect.append(("error", bad[i][0]))
+    lines.insert(3, "")   # blank lines are skipped, not records
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("\n".join(lines) + "\n")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "run_batch.py"), f"--model={path}",
+         f"--input={inp}", f"--output={out}", "--max_num_batched_tokens=32", "--max_num_seqs=8",
+         "--max_model_len=64", "--page_size=8", "--num_pages=64", "--use_tqdm=false",
+         "--attention_impl=reference"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(recs) == len(expect)
+    line_of = [i + 1 for i, x in enumerate(lines) if x.strip()]
+    for rec, (kind, what), line_no in zip(recs, expect, line_of):
+        if kind == "ok":
+            assert rec["finish_reason"] == "length" and rec["error"] is None
+            assert rec["token_ids"] == greedy(hf, what, 5)
+        else:
+            assert rec["finish_reason"] == "error"
+            assert what in rec["error"], (what, rec["error"])
+            assert f"line {line_no}" in rec["error"], rec["error"]
+
+
+def test_missing_input_file_is_a_clear_error(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "run_batch.py"),
+         f"--input={tmp_path / 'nope.jsonl'}", f"--output={tmp_path / 'o.jsonl'}"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "input file not found" in proc.stderr
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.parametrize("text,field", [('{"prompt": "a", "seed": 1.5}', "seed"),
+                                        ('{"prompt": "a", "stop_token_ids": "x"}', "stop_token_ids"),
+                                        ('{"prompt": "a", "min_tokens": 5, "max_tokens": 2}', "min_tokens")])
+def test_parse_line_names_the_field(text, field):
+    item = parse_line(7, text, {})
+    assert item.error.startswith("line 7:") and f"'{field}'" in item.error
