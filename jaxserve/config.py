@@ -193,6 +193,7 @@ class EngineConfig:
     cpu_kv_cache_bytes: int = 2 << 30     # KV budget where the device reports no memory (CPU)
     attention_impl: str = "auto"          # "auto" | "reference" | a pallas_kernels implementation
     page_bucket_growth: int = 4           # page-table width buckets grow by this factor (1: one bucket)
+    fused_decode_steps: int = 1           # >1: decode-only stretches run this many steps per program
     seed: int = 0
     compile_on_init: bool = True
 
@@ -202,7 +203,7 @@ class EngineConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ConfigError(f"engine: field '{name}' must be a positive integer, got {v!r}")
 
-        for name in ("page_size", "max_num_batched_tokens", "max_num_seqs"):
+        for name in ("page_size", "max_num_batched_tokens", "max_num_seqs", "fused_decode_steps"):
             pos_int(name)
         if self.page_size & (self.page_size - 1):
             raise ConfigError(f"engine: field 'page_size'={self.page_size} must be a power of two "

@@ -46,6 +46,7 @@ class RunStats:
     decode_tokens: int = 0
     preemptions: int = 0
     num_steps: int = 0
+    fused_blocks: int = 0           # fused decode blocks (each counts decode_steps in num_steps)
     padded_tokens: int = 0          # sum of token buckets actually run
     num_requests: int = 0
     num_errors: int = 0
@@ -123,7 +124,7 @@ class Engine:
                                   page_size=ecfg.page_size, buckets=self.buckets,
                                   attention_impl=self.attention_impl, kv_dtype=kv_dtype)
         if ecfg.compile_on_init:
-            self.runner.compile_all()
+            self.runner.compile_all(ecfg.fused_decode_steps)
         self.last_stats = RunStats()
 
     # -- request validation: errors cost only the request --------------------------------------
@@ -173,8 +174,11 @@ class Engine:
             stats.prompt_tokens += len(seq.prompt_ids)
             sched.add(seq)
 
+        n_fused = self.ecfg.fused_decode_steps
         while sched.has_work:
-            plan = sched.schedule()
+            plan = sched.schedule_decode_block(n_fused)
+            if plan is None:
+                plan = sched.schedule()
             if not plan.rows:
                 raise RuntimeError("scheduler produced an empty step with work pending")
             now = time.perf_counter()
@@ -185,18 +189,25 @@ class Engine:
                 if row.start < len(row.seq.prompt_ids) or row.num_tokens > 1:
                     stats.computed_prefill_tokens += row.num_tokens
                     m.num_computed_prompt_tokens += row.num_tokens
-                else:
-                    stats.decode_tokens += 1
-            sampling_rows = [row for row in plan.rows if row.samples]
-            tokens, _ = self.runner.execute(plan)
-            stats.num_steps += 1
-            stats.padded_tokens += self.buckets.pick(plan.num_tokens, 1)[0]
-            finished = sched.commit(plan, tokens)
+            sampling_rows = [row.seq for row in plan.rows if row.samples]
+            before = {id(s): len(s.output_ids) for s in sampling_rows}
+            if plan.decode_steps > 1:
+                tokens = self.runner.execute_block(plan)
+                stats.fused_blocks += 1
+                finished = sched.commit_block(plan, tokens)
+            else:
+                tokens, _ = self.runner.execute(plan)
+                finished = sched.commit(plan, tokens)
+            stats.num_steps += plan.decode_steps
+            stats.padded_tokens += self.buckets.pick(plan.num_tokens, 1)[0] * plan.decode_steps
             now = time.perf_counter()
-            stats.generated_tokens += len(sampling_rows)
-            for row in sampling_rows:
-                if row.seq.metrics.first_token_time is None:
-                    row.seq.metrics.first_token_time = now
+            for seq in sampling_rows:
+                new = len(seq.output_ids) - before[id(seq)]
+                stats.generated_tokens += new
+                if seq.metrics.first_token_time is None:
+                    seq.metrics.first_token_time = now
+            stats.decode_tokens += sum(1 for row in plan.rows if row.start >= len(row.seq.prompt_ids)
+                                       and row.num_tokens == 1) * plan.decode_steps
             for seq in finished:
                 seq.metrics.finished_time = now
                 req = requests[seq.index]
@@ -205,7 +216,7 @@ class Engine:
                                                    list(seq.output_ids), seq.finish_reason,
                                                    metrics=seq.metrics)
             if progress is not None:
-                progress(len(finished), plan.num_tokens, stats)
+                progress(len(finished), plan.num_tokens * plan.decode_steps, stats)
 
         stats.preemptions = sched.num_preemptions
         stats.peak_kv_pages = pool.peak_used

@@ -35,6 +35,7 @@ flags.DEFINE_string("dtype", "auto", "dtype")
 flags.DEFINE_string("results_dir", os.path.join(ROOT, "benchmarks", "results"), "where JSON goes")
 flags.DEFINE_string("tag", "", "suffix for the result file name")
 flags.DEFINE_integer("seed", 0, "workload seed")
+flags.DEFINE_integer("fused_decode_steps", 1, "decode steps fused into one program")
 
 
 def _commit() -> str:
@@ -57,13 +58,14 @@ def main(argv):
     llm = LLM(FLAGS.model, load_format=FLAGS.load_format, dtype=FLAGS.dtype,
               max_num_batched_tokens=FLAGS.max_num_batched_tokens, max_num_seqs=FLAGS.max_num_seqs,
               max_model_len=FLAGS.max_model_len, page_size=FLAGS.page_size,
-              attention_impl=FLAGS.attention_impl, compile_on_init=False)
+              attention_impl=FLAGS.attention_impl, compile_on_init=False,
+              fused_decode_steps=FLAGS.fused_decode_steps)
     load_s = llm.load_seconds
     mem = dev.memory_stats() or {}
     weights_bytes = mem.get("bytes_in_use")
     runner = llm.engine.runner
     t1 = time.perf_counter()
-    n_prog = runner.compile_all()
+    n_prog = runner.compile_all(FLAGS.fused_decode_steps)
     compile_s = time.perf_counter() - t1
     cfg = llm.model_config
     rng = np.random.default_rng(FLAGS.seed)
@@ -96,10 +98,12 @@ def main(argv):
         computed_prefill_tokens=st["computed_prefill_tokens"], num_steps=st["num_steps"],
         token_fill_mean=st["token_fill_mean"], peak_kv_pool_use=st["peak_kv_pool_use"],
         preemptions=st["preemptions"], attention_impl=st["attention_impl"],
+        fused_decode_steps=FLAGS.fused_decode_steps, fused_blocks=st["fused_blocks"],
         max_num_batched_tokens=FLAGS.max_num_batched_tokens, max_num_seqs=FLAGS.max_num_seqs,
         command=" ".join(sys.argv))
     os.makedirs(FLAGS.results_dir, exist_ok=True)
-    name = f"e2e_{rec['workload']}_{FLAGS.model}_{rec['attention_impl']}{FLAGS.tag}.json"
+    name = (f"e2e_{rec['workload']}_{FLAGS.model}_{rec['attention_impl']}"
+            f"_fuse{FLAGS.fused_decode_steps}{FLAGS.tag}.json")
     with open(os.path.join(FLAGS.results_dir, name), "w") as f:
         json.dump(rec, f, indent=1)
     print(json.dumps(rec, indent=1))

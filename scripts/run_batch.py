@@ -40,6 +40,7 @@ flags.DEFINE_integer("page_size", 16, "tokens per KV page")
 flags.DEFINE_integer("num_pages", None, "KV pages (default: sized from memory)")
 flags.DEFINE_string("attention_impl", "auto", "auto | reference | pallas_gpu")
 flags.DEFINE_bool("use_tqdm", True, "progress bar")
+flags.DEFINE_integer("fused_decode_steps", 1, "decode steps fused into one program when only decodes run")
 
 
 def main(argv):
@@ -61,7 +62,8 @@ def main(argv):
     llm = LLM(FLAGS.model, dtype=FLAGS.dtype, load_format=FLAGS.load_format,
               page_size=FLAGS.page_size, max_num_batched_tokens=FLAGS.max_num_batched_tokens,
               max_num_seqs=FLAGS.max_num_seqs, max_model_len=FLAGS.max_model_len,
-              num_pages=FLAGS.num_pages, attention_impl=FLAGS.attention_impl, seed=FLAGS.seed)
+              num_pages=FLAGS.num_pages, attention_impl=FLAGS.attention_impl, seed=FLAGS.seed,
+              fused_decode_steps=FLAGS.fused_decode_steps)
     logging.info("model loaded and %d programs compiled in %.1fs", llm.engine.runner.num_compiled,
                  time.perf_counter() - t0)
 

@@ -160,3 +160,31 @@ def test_min_tokens_bans_stop_ids(tiny_models):
                                                        stop_token_ids=[stop]))])[0]
     assert stop not in out.token_ids[:4]
     assert len(out.token_ids) >= 4
+
+
+@pytest.mark.parametrize("n_fused", [4])
+def test_fused_decode_blocks_equal_single_steps(n_fused, tiny_models):
+    """Fusing decode steps (on-device stop and max-token handling) changes no output."""
+    path, hf = tiny_models["llama3"]
+    reqs = ragged_requests(20, hf.config.vocab_size, seed=21, max_prompt=40, max_out=30)
+    # Stop ids that greedy decoding hits mid-block, and min_tokens holding one back.
+    for r in reqs[:2]:
+        r.params = SamplingParams(max_tokens=29, temperature=0)
+    single = make_engine(path, max_num_seqs=8)
+    ref = single.run(reqs)
+    reqs[0].params = SamplingParams(max_tokens=29, temperature=0, stop_token_ids=[ref[0].token_ids[5]])
+    reqs[1].params = SamplingParams(max_tokens=29, temperature=0, min_tokens=6,
+                                    stop_token_ids=[ref[1].token_ids[2], ref[1].token_ids[7]])
+    reqs[2].params = SamplingParams(max_tokens=25, temperature=0.8, top_k=20, seed=5)
+    fused = make_engine(path, max_num_seqs=8, fused_decode_steps=n_fused)
+    out_s = single.run(reqs)
+    out_f = fused.run(reqs)
+    assert fused.runner.num_compiled > single.runner.num_compiled
+    for a, b in zip(out_s, out_f):
+        assert (a.token_ids, a.finish_reason) == (b.token_ids, b.finish_reason), a.request_id
+    assert out_f[0].finish_reason == "stop" and len(out_f[0].token_ids) <= 6
+    stops1 = set(reqs[1].params.stop_token_ids)
+    assert not stops1 & set(out_f[1].token_ids[:6])
+    assert out_f[1].finish_reason == "length" or out_f[1].token_ids[-1] in stops1
+    # Fused blocks really ran.
+    assert fused.last_stats.fused_blocks > 0 and single.last_stats.fused_blocks == 0

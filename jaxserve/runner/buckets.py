@@ -44,5 +44,11 @@ class BucketSet:
         p = self.page_buckets[bisect.bisect_left(self.page_buckets, num_pages)]
         return t, p
 
+    def decode_block_keys(self) -> list[tuple[int, int]]:
+        """Buckets a fused decode block can use: one token per row, so T <= the row limit's bucket."""
+        t_max = self.token_buckets[bisect.bisect_left(self.token_buckets,
+                                                      min(self.max_num_seqs, self.token_buckets[-1]))]
+        return [(t, p) for t in self.token_buckets if t <= t_max for p in self.page_buckets]
+
     def all(self) -> list[tuple[int, int]]:
         return [(t, p) for t in self.token_buckets for p in self.page_buckets]

@@ -6,6 +6,7 @@ and raises). The KV cache is donated to every step and replaced by the step's ou
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,8 @@ from jaxserve.config import ModelConfig
 from jaxserve.models.llama import ForwardOptions
 from jaxserve.runner.buckets import BucketSet
 from jaxserve.runner.sampler import NUM_BANNED, SamplingInputs, sample
-from jaxserve.runner.step_inputs import StepInputs, build_step_inputs
+from jaxserve.runner.step_inputs import (DecodeBlockInputs, StepInputs,
+                                         build_decode_block_inputs, build_step_inputs)
 from jaxserve.scheduler import StepPlan
 from pallas_kernels.metadata import AttentionMetadata
 
@@ -34,6 +36,8 @@ class ModelRunner:
         self.k_cache = jnp.zeros(shape, kv_dtype)
         self.v_cache = jnp.zeros(shape, kv_dtype)
         self._jit = jax.jit(self._step, donate_argnums=(1, 2), static_argnames=("return_logits",))
+        self._jit_block = jax.jit(self._decode_block, donate_argnums=(1, 2),
+                                  static_argnames=("n_steps",))
         self._compiled: dict[tuple, object] = {}
         self.compile_seconds = 0.0
 
@@ -48,6 +52,47 @@ class ModelRunner:
         tokens = sample(logits, inputs.sampling)
         return tokens, (logits if return_logits else None), k_cache, v_cache
 
+    def _decode_block(self, params, k_cache, v_cache, bi: DecodeBlockInputs, n_steps: int):
+        """`n_steps` decode steps in one program; returns tokens i32[n_steps, S].
+
+        Rows that have finished (stop id or no tokens left) keep computing (shapes are static) but
+        write their K/V into the sink page, so their pages are never touched past their end.
+        """
+        model = nnx.merge(self.graphdef, params)
+        st = bi.step
+        md0 = st.attn
+        t = st.input_ids.shape[0]
+        s_rows = st.logits_indices.shape[0]
+        ps = self.page_size
+        row = md0.token_seq
+        real = jnp.arange(t) < md0.query_start[-1]
+        p_width = md0.page_table.shape[1]
+
+        def body(i, carry):
+            k_cache, v_cache, tokens_in, done, out = carry
+            live_row = (~done) & (i < bi.remaining)                   # [S]
+            live = real & live_row[row]                                # [T]
+            pos = md0.positions + i
+            page = md0.page_table[row, jnp.minimum(pos // ps, p_width - 1)]
+            slot = jnp.where(live, page * ps + pos % ps, 0)
+            seq_lens = jnp.where(md0.seq_lens > 0, jnp.minimum(md0.seq_lens + i, p_width * ps), 0)
+            md = dataclasses.replace(md0, positions=jnp.where(real, pos, 0), slot_mapping=slot,
+                                     seq_lens=seq_lens)
+            logits, k_cache, v_cache = model(tokens_in, md, k_cache, v_cache, st.logits_indices,
+                                             self.opts)
+            si = dataclasses.replace(st.sampling, token_index=st.sampling.token_index + i,
+                                     banned=jnp.where((i < bi.min_left)[:, None], bi.stop_ids, -1))
+            tok = sample(logits, si)
+            is_stop = jnp.any((tok[:, None] == bi.stop_ids) & (bi.stop_ids >= 0), axis=-1)
+            done = done | (is_stop & (i + 1 >= bi.min_left)) | (i + 1 >= bi.remaining)
+            out = out.at[i].set(tok)
+            return k_cache, v_cache, tok[row], done, out
+
+        carry = (k_cache, v_cache, st.input_ids, jnp.zeros(s_rows, bool),
+                 jnp.zeros((n_steps, s_rows), jnp.int32))
+        k_cache, v_cache, _, _, out = jax.lax.fori_loop(0, n_steps, body, carry)
+        return out, k_cache, v_cache
+
     def _abstract_inputs(self, T: int, P: int) -> StepInputs:
         S = self.buckets.seqs_for(T)
         i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
@@ -59,6 +104,20 @@ class ModelRunner:
                             banned=i32(S, NUM_BANNED))
         return StepInputs(i32(T), md, i32(S), si)
 
+    def _abstract_block_inputs(self, T: int, P: int) -> DecodeBlockInputs:
+        S = self.buckets.seqs_for(T)
+        i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
+        return DecodeBlockInputs(self._abstract_inputs(T, P), i32(S), i32(S), i32(S, NUM_BANNED))
+
+    def compile_block(self, key: tuple, n_steps: int):
+        t0 = time.perf_counter()
+        T, P = key
+        exe = self._jit_block.lower(self.params, self.k_cache, self.v_cache,
+                                    self._abstract_block_inputs(T, P), n_steps=n_steps).compile()
+        self.compile_seconds += time.perf_counter() - t0
+        self._compiled[("block", T, P, n_steps)] = exe
+        return exe
+
     def compile(self, key: tuple, return_logits: bool = False):
         t0 = time.perf_counter()
         T, P = key
@@ -68,11 +127,26 @@ class ModelRunner:
         self._compiled[(T, P, return_logits)] = exe
         return exe
 
-    def compile_all(self) -> int:
+    def compile_all(self, decode_steps: int = 1) -> int:
         for key in self.buckets.all():
             if (*key, False) not in self._compiled:
                 self.compile(key)
+        if decode_steps > 1:
+            for key in self.buckets.decode_block_keys():
+                if ("block", *key, decode_steps) not in self._compiled:
+                    self.compile_block(key, decode_steps)
         return len(self._compiled)
+
+    def execute_block(self, plan: StepPlan) -> np.ndarray:
+        """Run a fused decode block. Returns tokens [decode_steps, rows] as numpy."""
+        bi, n = build_decode_block_inputs(plan, self.buckets, self.page_size)
+        key = ("block", bi.step.input_ids.shape[0], bi.step.attn.page_table.shape[1],
+               plan.decode_steps)
+        exe = self._compiled.get(key)
+        if exe is None:
+            raise RuntimeError(f"decode block {key[1:]} was not compiled at start-up")
+        out, self.k_cache, self.v_cache = exe(self.params, self.k_cache, self.v_cache, bi)
+        return np.asarray(out)[:, :n]
 
     @property
     def num_compiled(self) -> int:

@@ -81,3 +81,32 @@ def build_step_inputs(plan: StepPlan, buckets: BucketSet, page_size: int) -> tup
     si = SamplingInputs(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         seeds=seeds, token_index=token_index, banned=banned)
     return StepInputs(input_ids, md, logits_indices, si), len(rows)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeBlockInputs:
+    """A fused block of decode steps: the first step's inputs plus what the device needs to run the
+    following steps without the host (how many tokens each row may still produce, its stop ids)."""
+
+    step: StepInputs
+    remaining: jax.Array   # i32[S] tokens the row may still generate (0 for pad rows)
+    min_left: jax.Array    # i32[S] tokens before stop ids are allowed
+    stop_ids: jax.Array    # i32[S, NUM_BANNED] -1 padded
+
+
+def build_decode_block_inputs(plan: StepPlan, buckets: BucketSet, page_size: int):
+    step, n = build_step_inputs(plan, buckets, page_size)
+    S = step.logits_indices.shape[0]
+    remaining = np.zeros(S, np.int32)
+    min_left = np.zeros(S, np.int32)
+    stop_ids = np.full((S, NUM_BANNED), -1, np.int32)
+    for s, row in enumerate(plan.rows):
+        seq = row.seq
+        remaining[s] = seq.remaining
+        min_left[s] = max(seq.params.min_tokens - len(seq.output_ids), 0)
+        # More stop ids than fit are still honoured by the host, which is the authority on when a
+        # request ends; the device copy only routes a finished row's writes to the sink early.
+        ids = sorted(seq.stop_ids)[:NUM_BANNED]
+        stop_ids[s, :len(ids)] = ids
+    return DecodeBlockInputs(step, remaining, min_left, stop_ids), n

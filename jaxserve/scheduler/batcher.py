@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+from typing import Optional
 
 from jaxserve.cache import PagePool
 from jaxserve.scheduler.sequence import Sequence, Status
@@ -30,6 +31,7 @@ class ScheduledSeq:
 @dataclasses.dataclass
 class StepPlan:
     rows: list[ScheduledSeq]
+    decode_steps: int = 1      # > 1: a fused block of decode steps (every row decodes)
 
     @property
     def num_tokens(self) -> int:
@@ -37,6 +39,9 @@ class StepPlan:
 
     @property
     def max_seq_len(self) -> int:
+        """Longest KV length any row reaches in this plan (a fused block counts all its steps)."""
+        if self.decode_steps > 1:
+            return max(r.start + min(self.decode_steps, r.seq.remaining) for r in self.rows)
         return max(r.start + r.num_tokens for r in self.rows)
 
 
@@ -116,6 +121,47 @@ class Scheduler:
             scheduled.add(id(seq))
             budget -= n
         return StepPlan(rows)
+
+    def schedule_decode_block(self, n_steps: int) -> Optional[StepPlan]:
+        """A plan for `n_steps` fused decode steps, or None when a plain step is needed.
+
+        Only when nothing waits and every running request is decoding: then no step in the block
+        would have admitted or prefilled anything, so fusing changes no scheduling decision. Pages
+        for every row's next `min(n_steps, remaining)` tokens are allocated up front.
+        """
+        if n_steps <= 1 or self.waiting or not self.running or len(self.running) > self.max_num_seqs:
+            return None
+        if any(seq.num_pending != 1 for seq in self.running):
+            return None
+        need = {}
+        for seq in self.running:
+            upto = seq.num_computed + min(n_steps, seq.remaining)
+            need[id(seq)] = max(0, self.pool.pages_for(upto) - len(seq.pages))
+        if sum(need.values()) > self.pool.num_free:
+            return None
+        self.running.sort(key=lambda s: s.sort_key)
+        for seq in self.running:
+            if need[id(seq)]:
+                seq.pages.extend(self.pool.allocate(need[id(seq)]))
+        return StepPlan([ScheduledSeq(seq, seq.num_computed, 1) for seq in self.running],
+                        decode_steps=n_steps)
+
+    def commit_block(self, plan: StepPlan, tokens) -> list[Sequence]:
+        """Advance after a fused decode block; `tokens[i, row]` is step i's sample for a row."""
+        finished = []
+        for r, row in enumerate(plan.rows):
+            seq = row.seq
+            for i in range(plan.decode_steps):
+                seq.num_computed += 1
+                seq.append(int(tokens[i, r]))
+                if seq.finish_reason is not None:
+                    break
+            if seq.finish_reason is not None:
+                seq.status = Status.FINISHED
+                self.running.remove(seq)
+                self.free(seq)
+                finished.append(seq)
+        return finished
 
     def _fail_no_progress(self, seq: Sequence) -> StepPlan:
         raise RuntimeError(

@@ -45,6 +45,11 @@ class Sequence:
         return self.num_tokens - self.num_computed
 
     @property
+    def remaining(self) -> int:
+        """Tokens this request may still generate (max_tokens and max_model_len)."""
+        return min(self.params.max_tokens - len(self.output_ids), self.max_len - self.num_tokens)
+
+    @property
     def sort_key(self):
         return (self.priority, self.index)
 
