@@ -117,7 +117,11 @@ class Engine:
         self.attention_impl = resolve_attention_impl(ecfg.attention_impl)
         self.num_pages = size_kv_pages(model_cfg, ecfg, kv_dtype, self.max_model_len)
         max_pages_per_seq = -(-self.max_model_len // ecfg.page_size)
-        growth = ecfg.page_bucket_growth if self.attention_impl == "reference" else 1
+        # Page-width buckets only pay where attention cost grows with the page-table width: the
+        # gather-based reference on CPU. Pallas kernels stop at each row's length, and on an
+        # accelerator the reference is only a peer, so one width keeps compile time down there.
+        growth = (ecfg.page_bucket_growth
+                  if self.attention_impl == "reference" and jax.default_backend() == "cpu" else 1)
         self.buckets = BucketSet.make(ecfg.max_num_batched_tokens, ecfg.max_num_seqs,
                                       max_pages_per_seq, page_growth=growth)
         self.runner = ModelRunner(model, model_cfg, num_pages=self.num_pages,
