@@ -61,8 +61,9 @@ def main(argv):
               attention_impl=FLAGS.attention_impl, compile_on_init=False,
               fused_decode_steps=FLAGS.fused_decode_steps)
     load_s = llm.load_seconds
-    mem = dev.memory_stats() or {}
-    weights_bytes = mem.get("bytes_in_use")
+    import jax.tree_util as jtu
+    weights_bytes = sum(x.nbytes for x in jtu.tree_leaves(llm.engine.runner.params))
+    bytes_after_init = (dev.memory_stats() or {}).get("bytes_in_use")   # weights + KV cache
     runner = llm.engine.runner
     t1 = time.perf_counter()
     n_prog = runner.compile_all(FLAGS.fused_decode_steps)
@@ -88,7 +89,7 @@ def main(argv):
         engine="jaxserve", model_shape=FLAGS.model, device=dev.device_kind,
         jax_version=jax.__version__, commit=_commit(), num_requests=FLAGS.num_requests,
         input_len=FLAGS.input_len, output_len=FLAGS.output_len,
-        load_seconds=load_s, weights_bytes_in_use=weights_bytes,
+        load_seconds=load_s, weights_bytes=weights_bytes, bytes_in_use_after_init=bytes_after_init,
         kv_cache_bytes=runner.kv_bytes, num_kv_pages=llm.engine.num_pages,
         peak_bytes_in_use=(dev.memory_stats() or {}).get("peak_bytes_in_use"),
         compile_seconds=compile_s, compiled_programs=n_prog, warmup_seconds=warm_s,
