@@ -194,6 +194,10 @@ class EngineConfig:
     attention_impl: str = "auto"          # "auto" | "reference" | a pallas_kernels implementation
     page_bucket_growth: int = 4           # page-table width buckets grow by this factor (1: one bucket)
     fused_decode_steps: int = 1           # >1: decode-only stretches run this many steps per program
+    global_prefix_sharing: bool = True    # compute each prefix shared across the batch once
+    shared_prefix_attention: bool = True  # read a group's shared prefix once per step (cascade)
+    schedule_policy: str = "batchllm"     # "fifo" | "batchllm" | "blendserve"
+    admission_control: bool = True        # admit only what fits at full length: no preemption
     seed: int = 0
     compile_on_init: bool = True
 
@@ -214,6 +218,9 @@ class EngineConfig:
             pos_int("num_pages")
             if self.num_pages < 2:
                 raise ConfigError("engine: field 'num_pages' must be >= 2 (page 0 is the sink)")
+        if self.schedule_policy not in ("fifo", "batchllm", "blendserve"):
+            raise ConfigError(f"engine: field 'schedule_policy'={self.schedule_policy!r} must be one "
+                              "of fifo, batchllm, blendserve")
         if not 0 < self.kv_cache_memory_fraction <= 1:
             raise ConfigError("engine: field 'kv_cache_memory_fraction' must be in (0, 1], got "
                               f"{self.kv_cache_memory_fraction!r}")

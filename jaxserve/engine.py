@@ -24,6 +24,7 @@ from jaxserve.runner.model_runner import ModelRunner
 from jaxserve.runner.sampler import NUM_BANNED
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import Scheduler, Sequence
+from jaxserve.scheduler.planner import plan_batch
 
 
 @dataclasses.dataclass
@@ -42,6 +43,9 @@ class Request:
 class RunStats:
     prompt_tokens: int = 0
     computed_prefill_tokens: int = 0
+    optimal_prefill_tokens: int = 0
+    num_groups: int = 0
+    num_shared_prefixes: int = 0
     generated_tokens: int = 0
     decode_tokens: int = 0
     preemptions: int = 0
@@ -63,6 +67,8 @@ class RunStats:
         d["peak_kv_pool_use"] = self.peak_kv_pages / self.kv_pages_total if self.kv_pages_total else 0.0
         d["reuse_ratio"] = (1 - self.computed_prefill_tokens / self.prompt_tokens
                             if self.prompt_tokens else 0.0)
+        d["optimal_reuse_ratio"] = (1 - self.optimal_prefill_tokens / self.prompt_tokens
+                                    if self.prompt_tokens else 0.0)
         d["output_tokens_per_s"] = self.generated_tokens / self.wall_seconds if self.wall_seconds else 0.0
         return d
 
@@ -157,9 +163,11 @@ class Engine:
     def run(self, requests: list[Request], progress: Optional[Callable] = None) -> list[RequestOutput]:
         t_start = time.perf_counter()
         pool = PagePool(self.num_pages, self.ecfg.page_size)
-        sched = Scheduler(pool, self.ecfg.max_num_batched_tokens, self.ecfg.max_num_seqs)
+        sched = Scheduler(pool, self.ecfg.max_num_batched_tokens, self.ecfg.max_num_seqs,
+                          reserve=self.ecfg.admission_control)
         stats = RunStats(num_requests=len(requests), kv_pages_total=pool.num_usable)
         outputs: list[Optional[RequestOutput]] = [None] * len(requests)
+        seqs: list[Sequence] = []
         for i, req in enumerate(requests):
             err = self._validate(req, pool)
             if err is not None:
@@ -176,7 +184,14 @@ class Engine:
                            stop_ids=stop_ids, max_len=self.max_model_len, priority=req.priority,
                            metrics=RequestMetrics(arrival_time=t_start))
             stats.prompt_tokens += len(seq.prompt_ids)
-            sched.add(seq)
+            seqs.append(seq)
+        plan = plan_batch(seqs, sharing=self.ecfg.global_prefix_sharing,
+                          policy=self.ecfg.schedule_policy, model_cfg=self.cfg)
+        stats.optimal_prefill_tokens = (plan.optimal_prefill_tokens
+                                        if plan.tree is not None else stats.prompt_tokens)
+        stats.num_groups = plan.num_groups
+        stats.num_shared_prefixes = len(plan.prefixes)
+        sched.add_all(seqs)
 
         n_fused = self.ecfg.fused_decode_steps
         while sched.has_work:

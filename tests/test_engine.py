@@ -91,7 +91,7 @@ def test_preemption_recomputes_correctly(tiny_models):
     path, hf = tiny_models["qwen2"]
     reqs = ragged_requests(12, hf.config.vocab_size, seed=11, max_prompt=40, max_out=40)
     # 24 usable pages of 8 tokens: fewer than the batch's running requests need at full length.
-    eng = make_engine(path, num_pages=25)
+    eng = make_engine(path, num_pages=25, admission_control=False)
     outs = eng.run(reqs)
     assert eng.last_stats.preemptions > 0
     assert eng.last_stats.peak_kv_pages <= 24

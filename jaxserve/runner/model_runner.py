@@ -20,6 +20,7 @@ from jaxserve.runner.sampler import NUM_BANNED, SamplingInputs, sample
 from jaxserve.runner.step_inputs import (DecodeBlockInputs, StepInputs,
                                          build_decode_block_inputs, build_step_inputs)
 from jaxserve.scheduler import StepPlan
+from jaxserve.scheduler.batcher import MAX_COPIES
 from pallas_kernels.metadata import AttentionMetadata
 
 
@@ -45,8 +46,21 @@ class ModelRunner:
     def kv_bytes(self) -> int:
         return 2 * self.k_cache.size * self.k_cache.dtype.itemsize
 
+    def _copy_pages(self, k_cache, v_cache, src, dst):
+        """Copy-on-write: duplicate pages `src` into `dst` in every layer (skipped when none)."""
+        def copy(kv):
+            k_cache, v_cache = kv
+            offs = (jnp.arange(self.cfg.num_layers, dtype=jnp.int32) * self.num_pages)[:, None]
+            s_all = (offs + src[None, :]).reshape(-1)
+            d_all = (offs + dst[None, :]).reshape(-1)
+            return (k_cache.at[:, d_all].set(k_cache[:, s_all]),
+                    v_cache.at[:, d_all].set(v_cache[:, s_all]))
+
+        return jax.lax.cond(jnp.any(dst != 0), copy, lambda kv: kv, (k_cache, v_cache))
+
     def _step(self, params, k_cache, v_cache, inputs: StepInputs, return_logits: bool = False):
         model = nnx.merge(self.graphdef, params)
+        k_cache, v_cache = self._copy_pages(k_cache, v_cache, inputs.copy_src, inputs.copy_dst)
         logits, k_cache, v_cache = model(inputs.input_ids, inputs.attn, k_cache, v_cache,
                                          inputs.logits_indices, self.opts)
         tokens = sample(logits, inputs.sampling)
@@ -60,6 +74,7 @@ class ModelRunner:
         """
         model = nnx.merge(self.graphdef, params)
         st = bi.step
+        k_cache, v_cache = self._copy_pages(k_cache, v_cache, st.copy_src, st.copy_dst)
         md0 = st.attn
         t = st.input_ids.shape[0]
         s_rows = st.logits_indices.shape[0]
@@ -102,7 +117,7 @@ class ModelRunner:
         si = SamplingInputs(temperature=f32(S), top_k=i32(S), top_p=f32(S), min_p=f32(S),
                             seeds=jax.ShapeDtypeStruct((S,), jnp.uint32), token_index=i32(S),
                             banned=i32(S, NUM_BANNED))
-        return StepInputs(i32(T), md, i32(S), si)
+        return StepInputs(i32(T), md, i32(S), si, i32(MAX_COPIES), i32(MAX_COPIES))
 
     def _abstract_block_inputs(self, T: int, P: int) -> DecodeBlockInputs:
         S = self.buckets.seqs_for(T)

@@ -9,7 +9,10 @@ import numpy as np
 from jaxserve.runner.buckets import BucketSet
 from jaxserve.runner.sampler import NUM_BANNED, SamplingInputs
 from jaxserve.scheduler import StepPlan
+from jaxserve.scheduler.batcher import MAX_COPIES
 from pallas_kernels.metadata import AttentionMetadata
+
+
 
 
 @jax.tree_util.register_dataclass
@@ -19,6 +22,8 @@ class StepInputs:
     attn: AttentionMetadata
     logits_indices: jax.Array     # i32[S] last token row of each sequence row
     sampling: SamplingInputs
+    copy_src: jax.Array           # i32[MAX_COPIES] layer-local pages copied (all layers) before
+    copy_dst: jax.Array           # i32[MAX_COPIES] the forward pass; 0 -> 0 (sink) is padding
 
 
 def build_step_inputs(plan: StepPlan, buckets: BucketSet, page_size: int) -> tuple[StepInputs, int]:
@@ -57,7 +62,7 @@ def build_step_inputs(plan: StepPlan, buckets: BucketSet, page_size: int) -> tup
         else:
             input_ids[t:t + n] = [seq.token_at(i) for i in range(start, start + n)]
         positions[t:t + n] = pos
-        pages = np.asarray(seq.pages, np.int32)
+        pages = np.asarray(seq.page_table(page_size), np.int32)
         slot_mapping[t:t + n] = pages[pos // page_size] * page_size + pos % page_size
         token_seq[t:t + n] = s
         query_start[s] = t
@@ -65,6 +70,8 @@ def build_step_inputs(plan: StepPlan, buckets: BucketSet, page_size: int) -> tup
         page_table[s, :len(pages)] = pages
         t += n
         logits_indices[s] = t - 1
+        if seq.is_prefix:
+            continue   # shared prefixes sample nothing: greedy defaults, logits ignored
         p = seq.params
         temperature[s] = p.temperature
         top_k[s] = max(p.top_k, 0)
@@ -80,7 +87,12 @@ def build_step_inputs(plan: StepPlan, buckets: BucketSet, page_size: int) -> tup
                            query_start=query_start, seq_lens=seq_lens, page_table=page_table)
     si = SamplingInputs(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         seeds=seeds, token_index=token_index, banned=banned)
-    return StepInputs(input_ids, md, logits_indices, si), len(rows)
+    copy_src = np.zeros(MAX_COPIES, np.int32)
+    copy_dst = np.zeros(MAX_COPIES, np.int32)
+    assert len(plan.copies) <= MAX_COPIES, len(plan.copies)
+    for c, (src, dst) in enumerate(plan.copies):
+        copy_src[c], copy_dst[c] = src, dst
+    return StepInputs(input_ids, md, logits_indices, si, copy_src, copy_dst), len(rows)
 
 
 @jax.tree_util.register_dataclass
