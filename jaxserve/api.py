@@ -46,7 +46,9 @@ class LLM:
                  max_num_batched_tokens: int = 512, max_num_seqs: int = 256,
                  max_model_len: Optional[int] = None, num_pages: Optional[int] = None,
                  kv_cache_memory_fraction: float = 0.9, attention_impl: str = "auto",
-                 fused_decode_steps: int = 1, seed: int = 0, compile_on_init: bool = True):
+                 fused_decode_steps: int = 1, global_prefix_sharing: bool = True,
+                 shared_prefix_attention: bool = True, schedule_policy: str = "batchllm",
+                 admission_control: bool = True, seed: int = 0, compile_on_init: bool = True):
         from jaxserve.weights import default_model_path, load_model
 
         self.dtype = _parse_dtype(dtype)
@@ -59,7 +61,9 @@ class LLM:
             page_size=page_size, max_num_batched_tokens=max_num_batched_tokens,
             max_num_seqs=max_num_seqs, max_model_len=max_model_len, num_pages=num_pages,
             kv_cache_memory_fraction=kv_cache_memory_fraction, attention_impl=attention_impl,
-            fused_decode_steps=fused_decode_steps, seed=seed, compile_on_init=compile_on_init)
+            fused_decode_steps=fused_decode_steps, global_prefix_sharing=global_prefix_sharing,
+            shared_prefix_attention=shared_prefix_attention, schedule_policy=schedule_policy,
+            admission_control=admission_control, seed=seed, compile_on_init=compile_on_init)
         eos = tuple(self.tokenizer.eos_token_ids) if self.tokenizer is not None else ()
         detok = ((lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True))
                  if self.tokenizer is not None else None)

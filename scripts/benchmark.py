@@ -35,6 +35,10 @@ flags.DEFINE_string("dtype", "auto", "dtype")
 flags.DEFINE_string("results_dir", os.path.join(ROOT, "benchmarks", "results"), "where JSON goes")
 flags.DEFINE_string("tag", "", "suffix for the result file name")
 flags.DEFINE_integer("seed", 0, "workload seed")
+flags.DEFINE_bool("global_prefix_sharing", True, "compute prefixes shared across the batch once")
+flags.DEFINE_bool("shared_prefix_attention", True, "read a group's shared prefix once per step")
+flags.DEFINE_enum("schedule_policy", "batchllm", ["fifo", "batchllm", "blendserve"], "admission order")
+flags.DEFINE_bool("admission_control", True, "admit only what fits at full length (no preemption)")
 flags.DEFINE_integer("fused_decode_steps", 1, "decode steps fused into one program")
 
 
@@ -59,7 +63,10 @@ def main(argv):
               max_num_batched_tokens=FLAGS.max_num_batched_tokens, max_num_seqs=FLAGS.max_num_seqs,
               max_model_len=FLAGS.max_model_len, page_size=FLAGS.page_size,
               attention_impl=FLAGS.attention_impl, compile_on_init=False,
-              fused_decode_steps=FLAGS.fused_decode_steps)
+              fused_decode_steps=FLAGS.fused_decode_steps,
+              global_prefix_sharing=FLAGS.global_prefix_sharing,
+              shared_prefix_attention=FLAGS.shared_prefix_attention,
+              schedule_policy=FLAGS.schedule_policy, admission_control=FLAGS.admission_control)
     load_s = llm.load_seconds
     import jax.tree_util as jtu
     weights_bytes = sum(x.nbytes for x in jtu.tree_leaves(llm.engine.runner.params))

@@ -40,6 +40,10 @@ flags.DEFINE_integer("page_size", 16, "tokens per KV page")
 flags.DEFINE_integer("num_pages", None, "KV pages (default: sized from memory)")
 flags.DEFINE_string("attention_impl", "auto", "auto | reference | pallas_gpu")
 flags.DEFINE_bool("use_tqdm", True, "progress bar")
+flags.DEFINE_bool("global_prefix_sharing", True, "compute prefixes shared across the batch once")
+flags.DEFINE_bool("shared_prefix_attention", True, "read a group's shared prefix once per step")
+flags.DEFINE_enum("schedule_policy", "batchllm", ["fifo", "batchllm", "blendserve"], "admission order")
+flags.DEFINE_bool("admission_control", True, "admit only what fits at full length (no preemption)")
 flags.DEFINE_integer("fused_decode_steps", 1, "decode steps fused into one program when only decodes run")
 
 
@@ -63,7 +67,10 @@ def main(argv):
               page_size=FLAGS.page_size, max_num_batched_tokens=FLAGS.max_num_batched_tokens,
               max_num_seqs=FLAGS.max_num_seqs, max_model_len=FLAGS.max_model_len,
               num_pages=FLAGS.num_pages, attention_impl=FLAGS.attention_impl, seed=FLAGS.seed,
-              fused_decode_steps=FLAGS.fused_decode_steps)
+              fused_decode_steps=FLAGS.fused_decode_steps,
+              global_prefix_sharing=FLAGS.global_prefix_sharing,
+              shared_prefix_attention=FLAGS.shared_prefix_attention,
+              schedule_policy=FLAGS.schedule_policy, admission_control=FLAGS.admission_control)
     logging.info("model loaded and %d programs compiled in %.1fs", llm.engine.runner.num_compiled,
                  time.perf_counter() - t0)
 

@@ -1,0 +1,143 @@
+"""Issue #5: global prefix sharing, admission control and ordering on synthetic workloads."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from jaxserve.engine import Request
+from jaxserve.sampling_params import SamplingParams
+from jaxserve.scheduler.prefix_tree import build_prefix_tree
+from tests.test_engine import make_engine
+
+V = 384
+
+
+def groups_workload(rng, n_groups, share, shared_len, unique_len, out_len):
+    reqs = []
+    for g in range(n_groups):
+        prefix = rng.integers(0, V, shared_len).tolist()
+        for k in range(share):
+            u = int(rng.integers(max(1, unique_len // 2), unique_len + 1))
+            reqs.append(Request(f"g{g}m{k}", prefix + rng.integers(0, V, u).tolist(),
+                                SamplingParams(max_tokens=int(rng.integers(1, out_len + 1)),
+                                               temperature=0.0)))
+    return reqs
+
+
+def system_doc_workload(rng, n_docs, questions, sys_len, doc_len, q_len, out_len):
+    system = rng.integers(0, V, sys_len).tolist()
+    reqs = []
+    for d in range(n_docs):
+        doc = rng.integers(0, V, doc_len).tolist()
+        for k in range(questions):
+            reqs.append(Request(f"d{d}q{k}", system + doc + rng.integers(0, V, q_len).tolist(),
+                                SamplingParams(max_tokens=out_len, temperature=0.0)))
+    return reqs
+
+
+def no_sharing_workload(rng, n):
+    # Distinct first tokens: nothing is shared, not even by chance.
+    return [Request(f"n{i}", [i] + rng.integers(0, V, int(rng.integers(1, 40))).tolist(),
+                    SamplingParams(max_tokens=int(rng.integers(1, 12)), temperature=0.0))
+            for i in range(n)]
+
+
+def brute_optimal(prompts):
+    """Tokens an engine must compute when every prefix (but a request's last token) shared by 2+
+    prompts is computed once: counted from the set of all prefixes, independently of the tree."""
+    from collections import Counter
+
+    cnt = Counter(tuple(p[:k]) for p in prompts for k in range(1, len(p)))
+    return sum(1 + sum(cnt[tuple(p[:k])] < 2 for k in range(1, len(p))) for p in prompts) + \
+        sum(v >= 2 for v in cnt.values())
+
+
+def test_prefix_tree_counts_match_brute_force():
+    rng = random.Random(0)
+    for _ in range(300):
+        bases = [[rng.randrange(3) for _ in range(rng.randrange(0, 7))] for _ in range(3)]
+        prompts = [rng.choice(bases) + [rng.randrange(3) for _ in range(rng.randrange(1, 5))]
+                   for _ in range(rng.randrange(1, 10))]
+        tree = build_prefix_tree(prompts)
+        assert tree.optimal_prefill_tokens == brute_optimal(prompts), prompts
+        for i, node in enumerate(tree.leaf_node):
+            if node is not None:   # the node's tokens really are this prompt's prefix
+                assert prompts[tree.shared[tree.shared.index(node)].first][:node.depth] == prompts[i][:node.depth]
+
+
+WORKLOADS = {
+    "groups": lambda rng: groups_workload(rng, n_groups=5, share=4, shared_len=45, unique_len=12,
+                                          out_len=10),
+    "system_docs": lambda rng: system_doc_workload(rng, n_docs=3, questions=4, sys_len=21,
+                                                   doc_len=30, q_len=7, out_len=6),
+    "none": lambda rng: no_sharing_workload(rng, 14),
+}
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_models):
+    path, _ = tiny_models["llama3"]
+    common = dict(max_num_batched_tokens=48, max_num_seqs=16, num_pages=300)
+    return {
+        "all_on": make_engine(path, **common),
+        "all_off": make_engine(path, global_prefix_sharing=False, shared_prefix_attention=False,
+                               schedule_policy="fifo", admission_control=False, **common),
+        "blendserve": make_engine(path, schedule_policy="blendserve", **common),
+    }
+
+
+@pytest.mark.parametrize("name", list(WORKLOADS))
+def test_sharing_is_optimal_and_changes_no_output(name, engines):
+    reqs = WORKLOADS[name](np.random.default_rng(3))
+    on = engines["all_on"].run(reqs)
+    st = engines["all_on"].last_stats
+    prompts = [r.prompt_ids for r in reqs]
+    assert st.optimal_prefill_tokens == brute_optimal(prompts)
+    assert st.computed_prefill_tokens == st.optimal_prefill_tokens
+    if name == "none":
+        assert st.computed_prefill_tokens == st.prompt_tokens and st.num_shared_prefixes == 0
+    else:
+        assert st.computed_prefill_tokens < 0.6 * st.prompt_tokens
+    if name == "system_docs":
+        assert build_prefix_tree(prompts).depth_levels() == 2   # system, then per-document
+    off = engines["all_off"].run(reqs)
+    assert engines["all_off"].last_stats.computed_prefill_tokens == st.prompt_tokens
+    blend = engines["blendserve"].run(reqs)
+    assert engines["blendserve"].last_stats.computed_prefill_tokens == st.optimal_prefill_tokens
+    for a, b, c in zip(on, off, blend):
+        assert a.token_ids == b.token_ids == c.token_ids, a.request_id
+
+
+def test_admission_control_avoids_preemption_in_a_small_pool(tiny_models):
+    path, _ = tiny_models["llama3"]
+    reqs = groups_workload(np.random.default_rng(5), n_groups=6, share=4, shared_len=40,
+                           unique_len=10, out_len=24)
+    # A group needs 40 shared + 4 x (10 + 24) own tokens ~ 20 pages of 8: 40 pages hold about two.
+    ref = make_engine(path, num_pages=400, global_prefix_sharing=False).run(reqs)
+    small = make_engine(path, num_pages=41)
+    out = small.run(reqs)
+    st = small.last_stats
+    assert st.preemptions == 0
+    assert st.peak_kv_pages <= 40
+    assert st.computed_prefill_tokens == st.optimal_prefill_tokens
+    assert [o.token_ids for o in out] == [o.token_ids for o in ref]
+    # Without admission control the same pool must preempt (and still be right).
+    loose = make_engine(path, num_pages=41, admission_control=False)
+    out2 = loose.run(reqs)
+    assert loose.last_stats.preemptions > 0
+    assert [o.token_ids for o in out2] == [o.token_ids for o in ref]
+
+
+def test_input_order_does_not_change_prefill_work(engines):
+    reqs = groups_workload(np.random.default_rng(9), n_groups=4, share=5, shared_len=30,
+                           unique_len=8, out_len=5)
+    shuffled = list(reqs)
+    random.Random(1).shuffle(shuffled)
+    eng = engines["all_on"]
+    out_sorted = {o.request_id: o.token_ids for o in eng.run(reqs)}
+    n_sorted = eng.last_stats.computed_prefill_tokens
+    out_shuf = {o.request_id: o.token_ids for o in eng.run(shuffled)}
+    assert eng.last_stats.computed_prefill_tokens == n_sorted == eng.last_stats.optimal_prefill_tokens
+    assert out_sorted == out_shuf
