@@ -59,9 +59,12 @@ class RunStats:
     compiled_programs: int = 0
     compile_seconds: float = 0.0
     wall_seconds: float = 0.0
+    # Per host step: (seconds since start, tokens computed, tokens generated, padded bucket tokens).
+    trace: list = dataclasses.field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        d.pop("trace")
         d["token_fill_mean"] = ((self.computed_prefill_tokens + self.decode_tokens) / self.padded_tokens
                                 if self.padded_tokens else 0.0)
         d["peak_kv_pool_use"] = self.peak_kv_pages / self.kv_pages_total if self.kv_pages_total else 0.0
@@ -209,6 +212,7 @@ class Engine:
                     stats.computed_prefill_tokens += row.num_tokens
                     m.num_computed_prompt_tokens += row.num_tokens
             sampling_rows = [row.seq for row in plan.rows if row.samples]
+            gen_step = 0
             before = {id(s): len(s.output_ids) for s in sampling_rows}
             if plan.decode_steps > 1:
                 tokens = self.runner.execute_block(plan)
@@ -218,11 +222,13 @@ class Engine:
                 tokens, _ = self.runner.execute(plan)
                 finished = sched.commit(plan, tokens)
             stats.num_steps += plan.decode_steps
-            stats.padded_tokens += self.buckets.pick(plan.num_tokens, 1)[0] * plan.decode_steps
+            padded = self.buckets.pick(plan.num_tokens, 1)[0] * plan.decode_steps
+            stats.padded_tokens += padded
             now = time.perf_counter()
             for seq in sampling_rows:
                 new = len(seq.output_ids) - before[id(seq)]
                 stats.generated_tokens += new
+                gen_step += new
                 if seq.metrics.first_token_time is None:
                     seq.metrics.first_token_time = now
             stats.decode_tokens += sum(1 for row in plan.rows if row.start >= len(row.seq.prompt_ids)
@@ -234,6 +240,7 @@ class Engine:
                 outputs[seq.index] = RequestOutput(req.request_id, req.prompt, seq.prompt_ids, text,
                                                    list(seq.output_ids), seq.finish_reason,
                                                    metrics=seq.metrics)
+            stats.trace.append((now - t_start, plan.num_tokens * plan.decode_steps, gen_step, padded))
             if progress is not None:
                 progress(len(finished), plan.num_tokens * plan.decode_steps, stats)
 

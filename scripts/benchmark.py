@@ -1,10 +1,13 @@
-"""End-to-end throughput of jaxserve on a synthetic workload with dummy weights at a real shape.
+"""End-to-end throughput on a synthetic workload, with dummy weights at a real model shape.
 
-  python scripts/benchmark.py --model=llama-3-8b --num_requests=256 --input_len=512 --output_len=128
+  python scripts/benchmark.py --workload=nosharing --scale=0.25 --model=llama-3-8b
+  python scripts/benchmark.py --workload=batchllm --scale=0.05 --engine=hf --hf_batch_size=64
 
-Reports model load time and device memory, compile time (all buckets, up front) apart from the
-run, and run time with input/output/total tokens/s; writes one JSON record to --results_dir.
-Output lengths are fixed (ignore_eos) so every engine and run does the same work.
+Reports compile + warm-up time apart from the run, requests/s and input/output/total tokens/s,
+prefill tokens computed, the workload's floor on this device (FLOPs and bytes over a copy bandwidth
+and a bf16 matmul rate measured in the same run) and the achieved fraction of it. Writes a JSON
+record (`e2e_*.json`) and a PNG of per-step token fill and throughput to --results_dir.
+Output lengths are fixed (ignore_eos), so every engine does the same work.
 """
 from __future__ import annotations
 
@@ -23,23 +26,27 @@ if ROOT not in sys.path:
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "llama-3-8b", "preset name (dummy weights) or checkpoint path")
 flags.DEFINE_enum("load_format", "dummy", ["auto", "dummy"], "weights")
-flags.DEFINE_integer("num_requests", 256, "requests")
-flags.DEFINE_integer("input_len", 512, "prompt tokens per request (random ids, no sharing)")
-flags.DEFINE_integer("output_len", 128, "generated tokens per request (EOS ignored)")
+flags.DEFINE_enum("engine", "jaxserve", ["jaxserve", "hf"], "engine to run the workload through")
+flags.DEFINE_string("workload", "nosharing", "named workload (jaxserve.workloads.PRESETS) or a "
+                    "JSONL file from make_workload.py")
+flags.DEFINE_float("scale", 1.0, "scale the number of requests/groups of a named workload")
+flags.DEFINE_integer("max_requests", None, "run only the first N requests (e.g. a slow peer)")
 flags.DEFINE_integer("max_num_batched_tokens", 2048, "token budget per step")
 flags.DEFINE_integer("max_num_seqs", 256, "rows per step")
-flags.DEFINE_integer("max_model_len", 1024, "max prompt + output")
+flags.DEFINE_integer("max_model_len", 4608, "max prompt + output")
 flags.DEFINE_integer("page_size", 16, "tokens per page")
 flags.DEFINE_string("attention_impl", "auto", "attention implementation")
 flags.DEFINE_string("dtype", "auto", "dtype")
-flags.DEFINE_string("results_dir", os.path.join(ROOT, "benchmarks", "results"), "where JSON goes")
-flags.DEFINE_string("tag", "", "suffix for the result file name")
-flags.DEFINE_integer("seed", 0, "workload seed")
+flags.DEFINE_integer("fused_decode_steps", 1, "decode steps fused into one program")
 flags.DEFINE_bool("global_prefix_sharing", True, "compute prefixes shared across the batch once")
 flags.DEFINE_bool("shared_prefix_attention", True, "read a group's shared prefix once per step")
 flags.DEFINE_enum("schedule_policy", "batchllm", ["fifo", "batchllm", "blendserve"], "admission order")
 flags.DEFINE_bool("admission_control", True, "admit only what fits at full length (no preemption)")
-flags.DEFINE_integer("fused_decode_steps", 1, "decode steps fused into one program")
+flags.DEFINE_integer("hf_batch_size", 64, "HF peer: requests per generate() call")
+flags.DEFINE_bool("measure_ceilings", True, "measure copy bandwidth and matmul rate for the floor")
+flags.DEFINE_string("results_dir", os.path.join(ROOT, "benchmarks", "results"), "where results go")
+flags.DEFINE_string("tag", "", "suffix for the result file name")
+flags.DEFINE_integer("seed", 0, "workload seed")
 
 
 def _commit() -> str:
@@ -50,15 +57,28 @@ def _commit() -> str:
         return os.environ.get("JAXSERVE_COMMIT", "unknown")
 
 
-def main(argv):
-    del argv
-    import jax
-    import numpy as np
+def load_workload(vocab_size: int) -> tuple[str, list[dict]]:
+    from jaxserve import workloads
+
+    if os.path.exists(FLAGS.workload):
+        with open(FLAGS.workload) as f:
+            reqs = [json.loads(x) for x in f if x.strip()]
+        name = os.path.splitext(os.path.basename(FLAGS.workload))[0]
+    else:
+        reqs = workloads.preset(FLAGS.workload, vocab_size=vocab_size, scale=FLAGS.scale,
+                                seed=FLAGS.seed)
+        name = FLAGS.workload + (f"_x{FLAGS.scale:g}" if FLAGS.scale != 1 else "")
+    if FLAGS.max_requests:
+        reqs = reqs[:FLAGS.max_requests]
+        name += f"_first{FLAGS.max_requests}"
+    return name, reqs
+
+
+def run_jaxserve(cfg_holder: dict, reqs: list[dict]) -> dict:
+    import jax.tree_util as jtu
 
     from jaxserve import LLM, SamplingParams
 
-    dev = jax.devices()[0]
-    t0 = time.perf_counter()
     llm = LLM(FLAGS.model, load_format=FLAGS.load_format, dtype=FLAGS.dtype,
               max_num_batched_tokens=FLAGS.max_num_batched_tokens, max_num_seqs=FLAGS.max_num_seqs,
               max_model_len=FLAGS.max_model_len, page_size=FLAGS.page_size,
@@ -67,55 +87,165 @@ def main(argv):
               global_prefix_sharing=FLAGS.global_prefix_sharing,
               shared_prefix_attention=FLAGS.shared_prefix_attention,
               schedule_policy=FLAGS.schedule_policy, admission_control=FLAGS.admission_control)
-    load_s = llm.load_seconds
-    import jax.tree_util as jtu
-    weights_bytes = sum(x.nbytes for x in jtu.tree_leaves(llm.engine.runner.params))
-    bytes_after_init = (dev.memory_stats() or {}).get("bytes_in_use")   # weights + KV cache
+    cfg_holder["cfg"] = llm.model_config
     runner = llm.engine.runner
     t1 = time.perf_counter()
     n_prog = runner.compile_all(FLAGS.fused_decode_steps)
     compile_s = time.perf_counter() - t1
-    cfg = llm.model_config
-    rng = np.random.default_rng(FLAGS.seed)
-    prompts = [rng.integers(0, cfg.vocab_size, FLAGS.input_len).tolist()
-               for _ in range(FLAGS.num_requests)]
-    sp = SamplingParams(max_tokens=FLAGS.output_len, temperature=0.0, ignore_eos=True)
-    # Warm-up: a few requests through every code path (first dispatches, host caches).
+    prompts = [{"prompt_token_ids": r["prompt_token_ids"]} for r in reqs]
+    params = [SamplingParams(max_tokens=r["max_tokens"], temperature=0.0, ignore_eos=True)
+              for r in reqs]
+    t2 = time.perf_counter()
     llm.generate(prompts[:4], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
                  use_tqdm=False)
-    warm_s = time.perf_counter() - t1 - compile_s
-    t2 = time.perf_counter()
-    outs = llm.generate(prompts, sp, use_tqdm=False)
-    run_s = time.perf_counter() - t2
+    warm_s = time.perf_counter() - t2
+    t3 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    run_s = time.perf_counter() - t3
     st = llm.stats()
-    assert all(len(o.token_ids) == FLAGS.output_len for o in outs)
-    n_in = FLAGS.num_requests * FLAGS.input_len
-    n_out = FLAGS.num_requests * FLAGS.output_len
-    rec = dict(
-        workload=f"nosharing_{FLAGS.num_requests}x{FLAGS.input_len}in{FLAGS.output_len}out",
-        engine="jaxserve", model_shape=FLAGS.model, device=dev.device_kind,
-        jax_version=jax.__version__, commit=_commit(), num_requests=FLAGS.num_requests,
-        input_len=FLAGS.input_len, output_len=FLAGS.output_len,
-        load_seconds=load_s, weights_bytes=weights_bytes, bytes_in_use_after_init=bytes_after_init,
+    assert all(len(o.token_ids) == r["max_tokens"] for o, r in zip(outs, reqs))
+    return dict(
+        run_seconds=run_s, compile_seconds=compile_s, warmup_seconds=warm_s,
+        compiled_programs=n_prog, load_seconds=llm.load_seconds,
+        weights_bytes=sum(x.nbytes for x in jtu.tree_leaves(runner.params)),
         kv_cache_bytes=runner.kv_bytes, num_kv_pages=llm.engine.num_pages,
-        peak_bytes_in_use=(dev.memory_stats() or {}).get("peak_bytes_in_use"),
-        compile_seconds=compile_s, compiled_programs=n_prog, warmup_seconds=warm_s,
-        run_seconds=run_s, requests_per_s=FLAGS.num_requests / run_s,
-        input_tokens_per_s=n_in / run_s, output_tokens_per_s=n_out / run_s,
-        total_tokens_per_s=(n_in + n_out) / run_s,
-        computed_prefill_tokens=st["computed_prefill_tokens"], num_steps=st["num_steps"],
+        computed_prefill_tokens=st["computed_prefill_tokens"],
+        optimal_prefill_tokens=st["optimal_prefill_tokens"], reuse_ratio=st["reuse_ratio"],
+        num_groups=st["num_groups"], num_steps=st["num_steps"], fused_blocks=st["fused_blocks"],
         token_fill_mean=st["token_fill_mean"], peak_kv_pool_use=st["peak_kv_pool_use"],
         preemptions=st["preemptions"], attention_impl=st["attention_impl"],
-        fused_decode_steps=FLAGS.fused_decode_steps, fused_blocks=st["fused_blocks"],
-        max_num_batched_tokens=FLAGS.max_num_batched_tokens, max_num_seqs=FLAGS.max_num_seqs,
-        command=" ".join(sys.argv))
+        trace=llm.engine.last_stats.trace)
+
+
+def run_hf(cfg_holder: dict, reqs: list[dict]) -> dict:
+    """HF transformers generate, bf16, batched (left padding), on the same GPU: the peer users run
+    without a serving engine. Same shape, random weights, fixed output lengths."""
+    import torch
+    import transformers
+
+    from jaxserve import presets
+
+    hf_cfg = transformers.AutoConfig.for_model(**{k: v for k, v in presets.preset_dict(FLAGS.model).items()
+                                                  if k not in ("architectures",)})
+    cfg_holder["cfg"] = presets.load_preset(FLAGS.model)
+    t0 = time.perf_counter()
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16).eval()
+    load_s = time.perf_counter() - t0
+    bs = FLAGS.hf_batch_size
+
+    def gen(batch):
+        n = max(len(r["prompt_token_ids"]) for r in batch)
+        ids = torch.zeros((len(batch), n), dtype=torch.long)
+        mask = torch.zeros((len(batch), n), dtype=torch.long)
+        for i, r in enumerate(batch):
+            p = r["prompt_token_ids"]
+            ids[i, n - len(p):] = torch.tensor(p)
+            mask[i, n - len(p):] = 1
+        out_len = max(r["max_tokens"] for r in batch)
+        with torch.no_grad():
+            model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=out_len,
+                           min_new_tokens=out_len, do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+
+    t1 = time.perf_counter()
+    gen(reqs[:min(4, len(reqs))])
+    warm_s = time.perf_counter() - t1
+    trace = []
+    t2 = time.perf_counter()
+    for i in range(0, len(reqs), bs):
+        batch = reqs[i:i + bs]
+        gen(batch)
+        n_tok = sum(len(r["prompt_token_ids"]) + r["max_tokens"] for r in batch)
+        trace.append((time.perf_counter() - t2, n_tok, sum(r["max_tokens"] for r in batch), n_tok))
+    run_s = time.perf_counter() - t2
+    return dict(run_seconds=run_s, compile_seconds=0.0, warmup_seconds=warm_s, load_seconds=load_s,
+                computed_prefill_tokens=sum(len(r["prompt_token_ids"]) for r in reqs),
+                hf_batch_size=bs, transformers_version=transformers.__version__, trace=trace)
+
+
+def plot(trace, path, title):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    if not trace:
+        return None
+    t = [x[0] for x in trace]
+    fill = [x[1] / x[3] if x[3] else 0 for x in trace]
+    dts = [t[0]] + [b - a for a, b in zip(t, t[1:])]
+    tput = [x[1] / dt if dt > 0 else 0 for x, dt in zip(trace, dts)]
+    fig, ax = plt.subplots(2, 1, figsize=(9, 5), sharex=True)
+    ax[0].plot(t, fill, lw=0.8)
+    ax[0].set_ylabel("token fill")
+    ax[0].set_ylim(0, 1.05)
+    ax[1].plot(t, tput, lw=0.8)
+    ax[1].set_ylabel("tokens/s per step")
+    ax[1].set_xlabel("seconds")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def main(argv):
+    del argv
+    import jax
+
+    from jaxserve import presets, roofline
+    from jaxserve.scheduler.prefix_tree import build_prefix_tree
+
+    vocab = presets.load_preset(FLAGS.model).vocab_size if presets.is_preset(FLAGS.model) else 32000
+    name, reqs = load_workload(vocab)
+    dev = jax.devices()[0]
+    bw = flops = None
+    if FLAGS.measure_ceilings and dev.platform == "gpu":
+        bw, flops = roofline.measure_ceilings()
+    holder: dict = {}
+    res = run_jaxserve(holder, reqs) if FLAGS.engine == "jaxserve" else run_hf(holder, reqs)
+    cfg = holder["cfg"]
+    prompts = [r["prompt_token_ids"] for r in reqs]
+    tree = build_prefix_tree(prompts)
+    shared = [nd.depth if nd is not None else 0 for nd in tree.leaf_node]
+    n_in = sum(len(p) for p in prompts)
+    n_out = sum(r["max_tokens"] for r in reqs)
+    run_s = res["run_seconds"]
+    rec = dict(workload=name, engine=FLAGS.engine, model_shape=FLAGS.model, device=dev.device_kind,
+               jax_version=jax.__version__, commit=_commit(), num_requests=len(reqs),
+               input_tokens=n_in, output_tokens=n_out, requests_per_s=len(reqs) / run_s,
+               input_tokens_per_s=n_in / run_s, output_tokens_per_s=n_out / run_s,
+               total_tokens_per_s=(n_in + n_out) / run_s,
+               workload_optimal_prefill_tokens=tree.optimal_prefill_tokens,
+               hbm_bandwidth_measured=bw, matmul_flops_measured=flops,
+               max_num_batched_tokens=FLAGS.max_num_batched_tokens, max_num_seqs=FLAGS.max_num_seqs,
+               settings=dict(global_prefix_sharing=FLAGS.global_prefix_sharing,
+                             shared_prefix_attention=FLAGS.shared_prefix_attention,
+                             schedule_policy=FLAGS.schedule_policy,
+                             fused_decode_steps=FLAGS.fused_decode_steps,
+                             admission_control=FLAGS.admission_control),
+               command="python " + " ".join(sys.argv))
+    trace = res.pop("trace")
+    rec.update(res)
+    if bw and flops:
+        fl = roofline.workload_floor(cfg, [len(p) for p in prompts], [r["max_tokens"] for r in reqs],
+                                     shared, optimal_prefill_tokens=tree.optimal_prefill_tokens,
+                                     peak_flops=flops, hbm_bandwidth=bw,
+                                     max_num_batched_tokens=FLAGS.max_num_batched_tokens,
+                                     max_num_seqs=FLAGS.max_num_seqs)
+        rec.update(floor_seconds=fl.seconds, floor_bound=fl.bound, floor_flops=fl.flops,
+                   floor_bytes=fl.bytes, floor_fraction=fl.seconds / run_s)
+    else:
+        rec.update(floor_seconds=None, floor_fraction=None)
     os.makedirs(FLAGS.results_dir, exist_ok=True)
-    name = (f"e2e_{rec['workload']}_{FLAGS.model}_{rec['attention_impl']}"
-            f"_fuse{FLAGS.fused_decode_steps}{FLAGS.tag}.json")
-    with open(os.path.join(FLAGS.results_dir, name), "w") as f:
+    stem = f"e2e_{name}_{FLAGS.model}_{FLAGS.engine}{FLAGS.tag}"
+    with open(os.path.join(FLAGS.results_dir, stem + ".json"), "w") as f:
         json.dump(rec, f, indent=1)
+    plot(trace, os.path.join(FLAGS.results_dir, stem + ".png"),
+         f"{stem}: {rec['total_tokens_per_s']:,.0f} tok/s")
     print(json.dumps(rec, indent=1))
-    del t0
 
 
 if __name__ == "__main__":
