@@ -16,6 +16,38 @@ import jax.numpy as jnp
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
+class WorkItems:
+    """Precomputed work list of the GPU attention kernel (`pallas_kernels.gpu`).
+
+    A work item is (a block of BM query rows, one KV range over one page-table row). A query row is
+    (token t, q head j within its KV head's group of G), encoded `t * G + j`; the kernel runs every
+    item once per KV head and writes a partial (output, log-sum-exp) per row; `merge_idx` lists,
+    for every query row, the partials to merge. Shared-prefix groups become items whose rows are
+    all the group members' rows and whose page-table row is the group's prefix (read once per row
+    block instead of once per request). Built on the host by
+    `pallas_kernels.cascade.build_cascade_metadata` (numpy) or on device by
+    `pallas_kernels.gpu.build_work_items` (jnp, no sharing).
+    """
+
+    page_table: jax.Array  # int32[NR * PW] flattened page-table rows (layer-local page ids)
+    pt_base: jax.Array     # int32[W]      offset of the item's row in `page_table` (row * PW)
+    kv_start: jax.Array    # int32[W]      KV positions [kv_start, kv_end) of the item ...
+    kv_end: jax.Array      # int32[W]      ... (kv_end <= kv_start: empty item, partials -inf)
+    rows: jax.Array        # int32[W, BM]  query row t * G + j of each row slot (0 for pad slots)
+    row_hi: jax.Array      # int32[W, BM]  causal limit of the slot, min(pos + 1, seq_len); 0 = pad
+    merge_idx: jax.Array   # int32[T * G, K] flat w * BM + i of each partial of a query row, -1 none
+
+    # Pages per page-table row (static: the kernel reads `pages_per_block` pages at a time and
+    # the width is a multiple of it, so no read leaves its row).
+    pt_width: int = dataclasses.field(default=0, metadata=dict(static=True))
+
+    @property
+    def block_rows(self) -> int:
+        return self.rows.shape[1]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
 class AttentionMetadata:
     """Layout of one step's ragged batch over the paged KV cache.
 
@@ -39,6 +71,9 @@ class AttentionMetadata:
     prefix_lens: Optional[jax.Array] = None       # int32[S]  shared KV tokens of row s (0 for none)
     group_page_table: Optional[jax.Array] = None  # int32[G, Pg] pages of each group's shared prefix
     group_lens: Optional[jax.Array] = None        # int32[G]  shared prefix length of each group
+    # Precomputed GPU work list (see `WorkItems`); set by `pallas_kernels.build_cascade_metadata`
+    # on the host when groups are used. None: the GPU kernel builds a no-sharing list on device.
+    work: Optional[WorkItems] = None
 
     @property
     def num_tokens(self) -> int:
