@@ -135,7 +135,8 @@ class Engine:
                                       max_pages_per_seq, page_growth=growth)
         self.runner = ModelRunner(model, model_cfg, num_pages=self.num_pages,
                                   page_size=ecfg.page_size, buckets=self.buckets,
-                                  attention_impl=self.attention_impl, kv_dtype=kv_dtype)
+                                  attention_impl=self.attention_impl, kv_dtype=kv_dtype,
+                                  shared_prefix_attention=ecfg.shared_prefix_attention)
         if ecfg.compile_on_init:
             self.runner.compile_all(ecfg.fused_decode_steps)
         self.last_stats = RunStats()

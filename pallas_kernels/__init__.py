@@ -40,6 +40,48 @@ IMPLEMENTATIONS: dict[str, Callable] = {
 }
 
 
+PALLAS_GPU = ("pallas_gpu", "pallas_gpu_interpret")
+
+
+def prepare_step(md: AttentionMetadata, *, impl: str, num_q_heads: int, num_kv_heads: int,
+                 page_size: int, head_dim: int) -> AttentionMetadata:
+    """Per-step work done once before the layer loop (traceable): the GPU kernel's work list."""
+    if impl in PALLAS_GPU and md.work is None:
+        from pallas_kernels import gpu
+
+        return gpu.with_work_items(md, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+                                   page_size=page_size, head_dim=head_dim)
+    return md
+
+
+def cascade_layout(num_tokens: int, num_seqs: int, pages_per_seq: int, *, num_q_heads: int,
+                   num_kv_heads: int, page_size: int, head_dim: int, num_sms: int = 132,
+                   waves: float = 2.0) -> dict:
+    """Static sizes of a host-built shared-prefix work list for one step bucket.
+
+    Items: each row's own part in blocks of bm/g tokens (<= T/bq + S), each group's member rows in
+    blocks of bm (<= T*g/bm + groups, groups <= S/2), plus the pieces long ranges are cut into
+    (<= 2 per item longer than a chunk, and chunks are >= total/target, so <= 2*target of them).
+    Partials per query row: the chunks of its prefix and of its suffix (chunks >= 256 tokens).
+    """
+    from pallas_kernels import gpu
+
+    g = num_q_heads // num_kv_heads
+    bm = gpu.default_block_rows(num_tokens, num_seqs, g)
+    bq = max(1, bm // g)
+    dp = gpu._pow2_at_least(max(head_dim, 16))
+    block_kv = gpu._default_block_kv(dp, page_size)
+    target = max(1, int(waves * num_sms / num_kv_heads))
+    items = (-(-num_tokens // bq) + num_seqs + -(-num_tokens * g // bm) + num_seqs // 2
+             + 2 * target)
+    items = -(-items // 64) * 64
+    partials = -(-pages_per_seq * page_size // 256) + 3
+    ppb = block_kv // page_size
+    pw = -(-pages_per_seq // ppb) * ppb
+    return dict(block_rows=bm, block_kv=block_kv, num_items=items, num_partials=partials,
+                num_groups=num_seqs, pt_width=pw, num_sms=num_sms, waves=waves)
+
+
 def default_impl() -> str:
     """"pallas_gpu" on a CUDA backend, else the pure-jnp reference."""
     try:

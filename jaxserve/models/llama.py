@@ -93,6 +93,9 @@ class LlamaForCausalLM(nnx.Module):
         x = self.embed.value[input_ids]
         lp = {k: v.value for k, v in vars(self.layers).items() if isinstance(v, nnx.Param)}
         sm_scale = hd ** -0.5
+        # Once per step, not per layer: e.g. the GPU kernel's work list.
+        md = pallas_kernels.prepare_step(md, impl=opts.attention_impl, num_q_heads=hq,
+                                         num_kv_heads=hkv, page_size=page_size, head_dim=hd)
 
         def layer(carry, args):
             x, kc, vc = carry

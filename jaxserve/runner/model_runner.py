@@ -21,17 +21,24 @@ from jaxserve.runner.step_inputs import (DecodeBlockInputs, StepInputs,
                                          build_decode_block_inputs, build_step_inputs)
 from jaxserve.scheduler import StepPlan
 from jaxserve.scheduler.batcher import MAX_COPIES
-from pallas_kernels.metadata import AttentionMetadata
+import pallas_kernels
+from pallas_kernels.metadata import AttentionMetadata, WorkItems
 
 
 class ModelRunner:
     def __init__(self, model: nnx.Module, cfg: ModelConfig, *, num_pages: int, page_size: int,
-                 buckets: BucketSet, attention_impl: str, kv_dtype):
+                 buckets: BucketSet, attention_impl: str, kv_dtype,
+                 shared_prefix_attention: bool = False):
         self.cfg = cfg
         self.num_pages = num_pages
         self.page_size = page_size
         self.buckets = buckets
         self.opts = ForwardOptions(attention_impl=attention_impl)
+        # Shared-prefix attention needs the GPU kernel's host-built work lists.
+        self.cascade = (dict(num_q_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                             head_dim=cfg.head_dim)
+                        if shared_prefix_attention and attention_impl in pallas_kernels.PALLAS_GPU
+                        else None)
         self.graphdef, self.params = nnx.split(model)
         shape = (cfg.num_kv_heads, cfg.num_layers * num_pages, page_size, cfg.head_dim)
         self.k_cache = jnp.zeros(shape, kv_dtype)
@@ -108,12 +115,20 @@ class ModelRunner:
         k_cache, v_cache, _, _, out = jax.lax.fori_loop(0, n_steps, body, carry)
         return out, k_cache, v_cache
 
-    def _abstract_inputs(self, T: int, P: int) -> StepInputs:
+    def _abstract_inputs(self, T: int, P: int, with_work: bool = True) -> StepInputs:
         S = self.buckets.seqs_for(T)
         i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
         f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
         md = AttentionMetadata(positions=i32(T), token_seq=i32(T), slot_mapping=i32(T),
                                query_start=i32(S + 1), seq_lens=i32(S), page_table=i32(S, P))
+        if self.cascade is not None and with_work:
+            lay = pallas_kernels.cascade_layout(T, S, P, page_size=self.page_size, **self.cascade)
+            g = self.cfg.num_heads // self.cfg.num_kv_heads
+            w, bm = lay["num_items"], lay["block_rows"]
+            md.work = WorkItems(page_table=i32((S + lay["num_groups"]) * lay["pt_width"]),
+                                pt_base=i32(w), kv_start=i32(w), kv_end=i32(w), rows=i32(w, bm),
+                                row_hi=i32(w, bm), merge_idx=i32(T * g, lay["num_partials"]),
+                                pt_width=lay["pt_width"])
         si = SamplingInputs(temperature=f32(S), top_k=i32(S), top_p=f32(S), min_p=f32(S),
                             seeds=jax.ShapeDtypeStruct((S,), jnp.uint32), token_index=i32(S),
                             banned=i32(S, NUM_BANNED))
@@ -122,7 +137,9 @@ class ModelRunner:
     def _abstract_block_inputs(self, T: int, P: int) -> DecodeBlockInputs:
         S = self.buckets.seqs_for(T)
         i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
-        return DecodeBlockInputs(self._abstract_inputs(T, P), i32(S), i32(S), i32(S, NUM_BANNED))
+        # Fused decode steps change positions on device: the work list is built there, per step.
+        return DecodeBlockInputs(self._abstract_inputs(T, P, with_work=False), i32(S), i32(S),
+                                 i32(S, NUM_BANNED))
 
     def compile_block(self, key: tuple, n_steps: int):
         t0 = time.perf_counter()
@@ -169,7 +186,7 @@ class ModelRunner:
 
     def execute(self, plan: StepPlan, return_logits: bool = False):
         """Run one step. Returns (sampled token per row, logits per row or None) as numpy."""
-        inputs, n = build_step_inputs(plan, self.buckets, self.page_size)
+        inputs, n = build_step_inputs(plan, self.buckets, self.page_size, cascade=self.cascade)
         key = (inputs.input_ids.shape[0], inputs.attn.page_table.shape[1], return_logits)
         exe = self._compiled.get(key)
         if exe is None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import jax
 import numpy as np
@@ -26,8 +27,12 @@ class StepInputs:
     copy_dst: jax.Array           # i32[MAX_COPIES] the forward pass; 0 -> 0 (sink) is padding
 
 
-def build_step_inputs(plan: StepPlan, buckets: BucketSet, page_size: int) -> tuple[StepInputs, int]:
-    """Pad the plan to its bucket. Returns the inputs (numpy leaves) and the number of real rows."""
+def build_step_inputs(plan: StepPlan, buckets: BucketSet, page_size: int,
+                      cascade: Optional[dict] = None) -> tuple[StepInputs, int]:
+    """Pad the plan to its bucket. Returns the inputs (numpy leaves) and the number of real rows.
+
+    `cascade` (model head counts) asks for the shared-prefix work list of the GPU kernel: requests
+    of one cascade group that run in this step read their group's prefix pages once."""
     rows = plan.rows
     n_tok = plan.num_tokens
     max_pages = -(-plan.max_seq_len // page_size)
@@ -85,6 +90,8 @@ def build_step_inputs(plan: StepPlan, buckets: BucketSet, page_size: int) -> tup
     query_start[len(rows):] = n_tok
     md = AttentionMetadata(positions=positions, token_seq=token_seq, slot_mapping=slot_mapping,
                            query_start=query_start, seq_lens=seq_lens, page_table=page_table)
+    if cascade is not None:
+        md = _with_cascade(md, rows, page_size, S, P, T, cascade)
     si = SamplingInputs(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         seeds=seeds, token_index=token_index, banned=banned)
     copy_src = np.zeros(MAX_COPIES, np.int32)
@@ -122,3 +129,41 @@ def build_decode_block_inputs(plan: StepPlan, buckets: BucketSet, page_size: int
         ids = sorted(seq.stop_ids)[:NUM_BANNED]
         stop_ids[s, :len(ids)] = ids
     return DecodeBlockInputs(step, remaining, min_left, stop_ids), n
+
+
+def _with_cascade(md: AttentionMetadata, rows, page_size: int, S: int, P: int, T: int,
+                  heads: dict) -> AttentionMetadata:
+    """Host-built work list with the step's shared-prefix groups (only the work list goes to the
+    device; the group fields are inputs of the builder)."""
+    import pallas_kernels
+
+    lay = pallas_kernels.cascade_layout(T, S, P, page_size=page_size, **heads)
+    members: dict = {}
+    for s, row in enumerate(rows):
+        g = row.seq.group
+        if g is not None and not row.seq.is_prefix and g.num_tokens >= page_size:
+            members.setdefault(id(g), (g, []))[1].append(s)
+    seq_group = np.full(S, -1, np.int32)
+    prefix_lens = np.zeros(S, np.int32)
+    group_pt = np.zeros((lay["num_groups"], P), np.int32)
+    group_lens = np.zeros(lay["num_groups"], np.int32)
+    gi = 0
+    for g, ss in members.values():
+        if len(ss) < 2:
+            continue   # a prefix read by one row in this step gains nothing from a group item
+        full = g.num_tokens // page_size           # the shared part is the prefix's full pages
+        group_pt[gi, :full] = g.page_table(page_size)[:full]
+        group_lens[gi] = full * page_size
+        for s in ss:
+            seq_group[s] = gi
+            prefix_lens[s] = full * page_size
+        gi += 1
+    md = dataclasses.replace(md, seq_group=seq_group, prefix_lens=prefix_lens,
+                             group_page_table=group_pt, group_lens=group_lens)
+    md = pallas_kernels.build_cascade_metadata(
+        md, num_q_heads=heads["num_q_heads"], num_kv_heads=heads["num_kv_heads"],
+        page_size=page_size, block_rows=lay["block_rows"], block_kv=lay["block_kv"],
+        num_sms=lay["num_sms"], waves=lay["waves"], num_items=lay["num_items"],
+        num_partials=lay["num_partials"])
+    return dataclasses.replace(md, seq_group=None, prefix_lens=None, group_page_table=None,
+                               group_lens=None)
