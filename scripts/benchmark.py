@@ -103,6 +103,9 @@ def run_jaxserve(cfg_holder: dict, reqs: list[dict]) -> dict:
     outs = llm.generate(prompts, params, use_tqdm=False)
     run_s = time.perf_counter() - t3
     st = llm.stats()
+    errors = [o.error for o in outs if o.finish_reason == "error"]
+    if errors:
+        raise SystemExit(f"{len(errors)} requests failed, first: {errors[0]}")
     assert all(len(o.token_ids) == r["max_tokens"] for o, r in zip(outs, reqs))
     return dict(
         run_seconds=run_s, compile_seconds=compile_s, warmup_seconds=warm_s,
