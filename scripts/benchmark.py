@@ -196,6 +196,10 @@ def plot(trace, path, title):
 
 def main(argv):
     del argv
+    if FLAGS.engine == "hf":
+        # JAX only measures the ceilings here: keep it from reserving the GPU PyTorch needs.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        os.environ.setdefault("XLA_PYTHON_CLIENT_ALLOCATOR", "platform")
     import jax
 
     from jaxserve import presets, roofline
