@@ -46,8 +46,8 @@ class LLM:
                  max_num_batched_tokens: int = 512, max_num_seqs: int = 256,
                  max_model_len: Optional[int] = None, num_pages: Optional[int] = None,
                  kv_cache_memory_fraction: float = 0.9, attention_impl: str = "auto",
-                 fused_decode_steps: int = 1, global_prefix_sharing: bool = True,
-                 shared_prefix_attention: bool = True, schedule_policy: str = "batchllm",
+                 fused_decode_steps: Optional[int] = None, global_prefix_sharing: bool = True,
+                 shared_prefix_attention: bool = False, schedule_policy: str = "batchllm",
                  admission_control: bool = True, seed: int = 0, compile_on_init: bool = True):
         from jaxserve.weights import default_model_path, load_model
 
@@ -57,6 +57,11 @@ class LLM:
         self.model_config, model_obj, self.tokenizer = load_model(
             source, dtype=self.dtype, load_format=load_format, seed=seed)
         self.load_seconds = time.perf_counter() - t0
+        if fused_decode_steps is None:
+            # Host round trips cost more than a few wasted rows on an accelerator (H100, Llama-3-8B:
+            # 9.8 s vs 13.2 s for 256 x 512/128 with 8 fused steps); on CPU the extra programs
+            # only add compile time.
+            fused_decode_steps = 1 if jax.default_backend() == "cpu" else 8
         self.engine_config = EngineConfig(
             page_size=page_size, max_num_batched_tokens=max_num_batched_tokens,
             max_num_seqs=max_num_seqs, max_model_len=max_model_len, num_pages=num_pages,

@@ -195,7 +195,10 @@ class EngineConfig:
     page_bucket_growth: int = 4           # page-table width buckets grow by this factor (1: one bucket)
     fused_decode_steps: int = 1           # >1: decode-only stretches run this many steps per program
     global_prefix_sharing: bool = True    # compute each prefix shared across the batch once
-    shared_prefix_attention: bool = True  # read a group's shared prefix once per step (cascade)
+    # Read a group's shared prefix once per step (cascade work lists for the GPU kernel). Off by
+    # default: on the H100 the host-built work lists made the BatchLLM workload slower (14.8 s vs
+    # 10.8 s with sharing alone, benchmarks/README.md) until they are built without Python loops.
+    shared_prefix_attention: bool = False
     schedule_policy: str = "batchllm"     # "fifo" | "batchllm" | "blendserve"
     admission_control: bool = True        # admit only what fits at full length: no preemption
     seed: int = 0

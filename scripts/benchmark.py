@@ -37,9 +37,11 @@ flags.DEFINE_integer("max_model_len", 4608, "max prompt + output")
 flags.DEFINE_integer("page_size", 16, "tokens per page")
 flags.DEFINE_string("attention_impl", "auto", "attention implementation")
 flags.DEFINE_string("dtype", "auto", "dtype")
-flags.DEFINE_integer("fused_decode_steps", 1, "decode steps fused into one program")
+flags.DEFINE_integer("fused_decode_steps", None, "decode steps fused into one program "
+                     "(default: 8 on GPU/TPU, 1 on CPU)")
 flags.DEFINE_bool("global_prefix_sharing", True, "compute prefixes shared across the batch once")
-flags.DEFINE_bool("shared_prefix_attention", True, "read a group's shared prefix once per step")
+flags.DEFINE_bool("shared_prefix_attention", False, "read a group's shared prefix once per step "
+                  "(cascade work lists; off by default until faster, see benchmarks/README.md)")
 flags.DEFINE_enum("schedule_policy", "batchllm", ["fifo", "batchllm", "blendserve"], "admission order")
 flags.DEFINE_bool("admission_control", True, "admit only what fits at full length (no preemption)")
 flags.DEFINE_integer("hf_batch_size", 64, "HF peer: requests per generate() call")
@@ -90,7 +92,7 @@ def run_jaxserve(cfg_holder: dict, reqs: list[dict]) -> dict:
     cfg_holder["cfg"] = llm.model_config
     runner = llm.engine.runner
     t1 = time.perf_counter()
-    n_prog = runner.compile_all(FLAGS.fused_decode_steps)
+    n_prog = runner.compile_all(llm.engine_config.fused_decode_steps)
     compile_s = time.perf_counter() - t1
     prompts = [{"prompt_token_ids": r["prompt_token_ids"]} for r in reqs]
     params = [SamplingParams(max_tokens=r["max_tokens"], temperature=0.0, ignore_eos=True)
@@ -117,6 +119,7 @@ def run_jaxserve(cfg_holder: dict, reqs: list[dict]) -> dict:
         num_groups=st["num_groups"], num_steps=st["num_steps"], fused_blocks=st["fused_blocks"],
         token_fill_mean=st["token_fill_mean"], peak_kv_pool_use=st["peak_kv_pool_use"],
         preemptions=st["preemptions"], attention_impl=st["attention_impl"],
+        fused_decode_steps=llm.engine_config.fused_decode_steps,
         trace=llm.engine.last_stats.trace)
 
 
@@ -231,7 +234,7 @@ def main(argv):
                settings=dict(global_prefix_sharing=FLAGS.global_prefix_sharing,
                              shared_prefix_attention=FLAGS.shared_prefix_attention,
                              schedule_policy=FLAGS.schedule_policy,
-                             fused_decode_steps=FLAGS.fused_decode_steps,
+                             fused_decode_steps=FLAGS.fused_decode_steps or "auto",
                              admission_control=FLAGS.admission_control),
                command="python " + " ".join(sys.argv))
     trace = res.pop("trace")

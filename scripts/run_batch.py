@@ -41,10 +41,12 @@ flags.DEFINE_integer("num_pages", None, "KV pages (default: sized from memory)")
 flags.DEFINE_string("attention_impl", "auto", "auto | reference | pallas_gpu")
 flags.DEFINE_bool("use_tqdm", True, "progress bar")
 flags.DEFINE_bool("global_prefix_sharing", True, "compute prefixes shared across the batch once")
-flags.DEFINE_bool("shared_prefix_attention", True, "read a group's shared prefix once per step")
+flags.DEFINE_bool("shared_prefix_attention", False, "read a group's shared prefix once per step "
+                  "(cascade work lists; off by default until faster, see benchmarks/README.md)")
 flags.DEFINE_enum("schedule_policy", "batchllm", ["fifo", "batchllm", "blendserve"], "admission order")
 flags.DEFINE_bool("admission_control", True, "admit only what fits at full length (no preemption)")
-flags.DEFINE_integer("fused_decode_steps", 1, "decode steps fused into one program when only decodes run")
+flags.DEFINE_integer("fused_decode_steps", None, "decode steps fused into one program when only "
+                     "decodes run (default: 8 on GPU/TPU, 1 on CPU)")
 
 
 def main(argv):
