@@ -115,7 +115,7 @@ class LLM:
             return Request(rid, [], SamplingParams(), prompt=text, priority=priority,
                            error=f"invalid request: {e}")
 
-    def _run(self, requests: list[Request], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, requests: list[Request], use_tqdm: bool, on_output=None) -> list[RequestOutput]:
         bar = None
         progress = None
         if use_tqdm:
@@ -131,7 +131,7 @@ class LLM:
                     bar.set_postfix(tok_s=f"{(stats.computed_prefill_tokens + stats.generated_tokens) / dt:,.0f}",
                                     out_tok_s=f"{stats.generated_tokens / dt:,.0f}", refresh=False)
         try:
-            outs = self.engine.run(requests, progress=progress)
+            outs = self.engine.run(requests, progress=progress, on_output=on_output)
         finally:
             if bar is not None:
                 bar.update(bar.total - bar.n)
@@ -140,8 +140,12 @@ class LLM:
 
     def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
                  sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
-                 priority: Optional[Sequence[int]] = None, use_tqdm: bool = True) -> list[RequestOutput]:
-        """Complete every prompt; outputs come back in input order, one per prompt."""
+                 priority: Optional[Sequence[int]] = None, use_tqdm: bool = True,
+                 on_output=None) -> list[RequestOutput]:
+        """Complete every prompt; outputs come back in input order, one per prompt.
+
+        `on_output(index, RequestOutput)` is called as each request finishes (for streaming results
+        to disk as they come)."""
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, Sequence) and prompts
                                                 and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -151,7 +155,7 @@ class LLM:
         if len(prios) != len(prompts):
             raise ValueError(f"priority has {len(prios)} entries for {len(prompts)} prompts")
         reqs = [self._to_request(i, p, sp, pr) for i, (p, sp, pr) in enumerate(zip(prompts, params, prios))]
-        return self._run(reqs, use_tqdm)
+        return self._run(reqs, use_tqdm, on_output)
 
     def chat(self, conversations, sampling_params=None, priority=None, use_tqdm: bool = True,
              add_generation_prompt: bool = True) -> list[RequestOutput]:

@@ -164,7 +164,10 @@ class Engine:
             return f"field 'min_tokens' with more than {NUM_BANNED} stop token ids is not supported"
         return None
 
-    def run(self, requests: list[Request], progress: Optional[Callable] = None) -> list[RequestOutput]:
+    def run(self, requests: list[Request], progress: Optional[Callable] = None,
+            on_output: Optional[Callable[[int, RequestOutput], None]] = None) -> list[RequestOutput]:
+        """Run every request to completion. `on_output(index, output)` is called as soon as each
+        request's output is final (errors first, then in finishing order), e.g. to persist it."""
         t_start = time.perf_counter()
         pool = PagePool(self.num_pages, self.ecfg.page_size)
         sched = Scheduler(pool, self.ecfg.max_num_batched_tokens, self.ecfg.max_num_seqs,
@@ -178,6 +181,8 @@ class Engine:
                 outputs[i] = RequestOutput(req.request_id, req.prompt, list(req.prompt_ids), "", [],
                                            "error", error=err)
                 stats.num_errors += 1
+                if on_output is not None:
+                    on_output(i, outputs[i])
                 continue
             p = req.params
             seed = p.seed if p.seed is not None else int(
@@ -241,6 +246,8 @@ class Engine:
                 outputs[seq.index] = RequestOutput(req.request_id, req.prompt, seq.prompt_ids, text,
                                                    list(seq.output_ids), seq.finish_reason,
                                                    metrics=seq.metrics)
+                if on_output is not None:
+                    on_output(seq.index, outputs[seq.index])
             stats.trace.append((now - t_start, plan.num_tokens * plan.decode_steps, gen_step, padded))
             if progress is not None:
                 progress(len(finished), plan.num_tokens * plan.decode_steps, stats)

@@ -34,13 +34,17 @@ flags.DEFINE_float("min_p", 0.0, "default min_p")
 flags.DEFINE_integer("seed", 0, "engine seed; requests without their own seed derive one from it")
 flags.DEFINE_bool("ignore_eos", False, "generate max_tokens regardless of EOS")
 flags.DEFINE_bool("use_tqdm", True, "progress bar")
+flags.DEFINE_bool("ordered_output", True, "write the final output in input order (else in the "
+                  "order requests finished)")
+flags.DEFINE_bool("resume", True, "skip requests already finished by an earlier, interrupted run "
+                  "of the same command (recorded in OUTPUT.partial)")
 define_engine_flags(max_num_batched_tokens=256, max_num_seqs=64, max_model_len=1024)
 
 
 def main(argv):
     del argv
     from jaxserve import LLM
-    from jaxserve.io import read_batch, result_record, write_jsonl_atomic
+    from jaxserve.io import ResultsLog, read_batch, result_record, write_jsonl_atomic
 
     defaults = dict(max_tokens=FLAGS.max_tokens, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
                     top_k=FLAGS.top_k, min_p=FLAGS.min_p, ignore_eos=FLAGS.ignore_eos)
@@ -52,13 +56,31 @@ def main(argv):
     n_bad = sum(it.error is not None for it in items)
     logging.info("read %d requests from %s (%d invalid)", len(items), FLAGS.input, n_bad)
 
+    log = ResultsLog(FLAGS.output)
+    done = log.load() if FLAGS.resume else {}
+    if not FLAGS.resume:
+        log.close(remove=True)
+    keys = [ResultsLog.key(it.line_no, it.id) for it in items]
+    todo = [i for i, k in enumerate(keys) if k not in done]
+    if done:
+        logging.info("resuming: %d of %d requests already done (%s)", len(items) - len(todo),
+                     len(items), log.path)
+        print(f"resuming: {len(items) - len(todo)} of {len(items)} requests already done")
+
+    if not todo:   # everything was done by an earlier run: only the final file is missing
+        write_jsonl_atomic(FLAGS.output, (done[k] for k in keys))
+        log.close(remove=True)
+        print(f"wrote {len(done)} results to {FLAGS.output} (all from the earlier run)")
+        return 0
+
     t0 = time.perf_counter()
     llm = LLM(FLAGS.model, seed=FLAGS.seed, **engine_kwargs(FLAGS))
     logging.info("model loaded and %d programs compiled in %.1fs", llm.engine.runner.num_compiled,
                  time.perf_counter() - t0)
 
     prompts, params, prios = [], [], []
-    for it in items:
+    for i in todo:
+        it = items[i]
         if it.error:
             prompts.append({"error": it.error})
         elif it.messages is not None:
@@ -69,11 +91,23 @@ def main(argv):
             prompts.append({"prompt": it.prompt})
         params.append(it.params if it.params is not None else defaults)
         prios.append(it.priority)
-    outs = llm.generate(prompts, params, priority=prios, use_tqdm=FLAGS.use_tqdm)
-    write_jsonl_atomic(FLAGS.output, (result_record(it, o) for it, o in zip(items, outs)))
+    finish_order = [keys[i] for i in range(len(items)) if keys[i] in done]
+
+    def persist(j, out):
+        i = todo[j]
+        done[keys[i]] = result_record(items[i], out)
+        log.append(keys[i], done[keys[i]])
+        finish_order.append(keys[i])
+
+    outs = llm.generate(prompts, params, priority=prios, use_tqdm=FLAGS.use_tqdm,
+                        on_output=persist)
+    log.close()
+    order = keys if FLAGS.ordered_output else finish_order
+    write_jsonl_atomic(FLAGS.output, (done[k] for k in order))
+    log.close(remove=True)   # the output now holds everything
     stats = llm.stats()
-    n_err = sum(o.finish_reason == "error" for o in outs)
-    print(f"wrote {len(outs)} results ({n_err} errors) to {FLAGS.output}")
+    n_err = sum(r.get("finish_reason") == "error" for r in done.values())
+    print(f"wrote {len(done)} results ({n_err} errors; {len(outs)} run now) to {FLAGS.output}")
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats.items()},
                      indent=1))
     return 0
