@@ -364,3 +364,140 @@ def test_work_items_built_once_per_step(interpret):
     ref0 = reference.ragged_paged_attention(c.q, c.k_cache, c.v_cache, c.md, page_offset=0,
                                             sm_scale=c.sm_scale)
     assert_close(out[0], ref0, c, jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host work-list builder: vectorised form == loop form
+# ---------------------------------------------------------------------------------------------
+
+def random_step_metadata(rng, *, page_size, max_rows=40):
+    """Random step metadata with groups (only the fields the work-list builder reads): ragged
+    query lengths (1, prefill chunks, decode-only steps), groups of 2..64 members whose prefix
+    lengths may differ, empty suffixes, pad rows with seq_len 0 (some in the middle), rows with
+    a group id but prefix 0, and trailing pad tokens."""
+    mode = rng.choice(["decode", "prefill", "mixed"])
+    n_groups = int(rng.integers(0, 4))
+    sizes = [int(rng.integers(2, 65)) if rng.random() < 0.3 else int(rng.integers(2, 9))
+             for _ in range(n_groups)]
+    s_real = max(sum(sizes) + int(rng.integers(0, 6)), 1)
+    s_count = s_real + int(rng.integers(0, 4))                # + pad rows
+    group_len = [int(rng.integers(1, 300)) for _ in range(n_groups)]
+    seq_group = np.full(s_count, -1, np.int32)
+    prefix_lens = np.zeros(s_count, np.int32)
+    perm = rng.permutation(s_real)
+    at = 0
+    for gi, n in enumerate(sizes):
+        for m in perm[at:at + n]:
+            seq_group[m] = gi
+            # Members usually share the group's length; some use a shorter (page-cut) one, a
+            # few none at all.
+            u = rng.random()
+            prefix_lens[m] = (group_len[gi] if u < 0.7 else
+                              (group_len[gi] // page_size) * page_size if u < 0.9 else 0)
+        at += n
+    seq_lens = np.zeros(s_count, np.int32)
+    qlen = np.zeros(s_count, np.int64)
+    pad = set(rng.choice(s_count, s_count - s_real, replace=False).tolist())
+    for s in range(s_count):
+        if s in pad:
+            seq_group[s], prefix_lens[s] = -1, 0
+            qlen[s] = int(rng.integers(0, 3))                  # pad tokens may sit on pad rows
+            continue
+        base = int(prefix_lens[s])
+        if mode == "decode" or (mode == "mixed" and rng.random() < 0.5):
+            q = 1
+        else:
+            q = int(rng.choice([1, int(rng.integers(1, 20)), int(rng.integers(1, 300))]))
+        own = int(rng.choice([0, 1, int(rng.integers(0, 40)), int(rng.integers(0, 700))]))
+        kv = max(base + own, q, 1)
+        seq_lens[s] = kv
+        qlen[s] = q
+    qs = np.concatenate([[0], np.cumsum(qlen)]).astype(np.int32)
+    positions = np.zeros(int(qs[-1]), np.int32)
+    for s in range(s_count):
+        if seq_lens[s] > 0:
+            positions[qs[s]:qs[s + 1]] = np.arange(seq_lens[s] - qlen[s], seq_lens[s])
+    t = int(qs[-1]) + int(rng.integers(0, 5))
+    positions = np.concatenate([positions, np.zeros(t - qs[-1], np.int32)])
+    qs[-1] = t                                                 # trailing pad tokens: last row
+    pages = int(-(-max(int(seq_lens.max()), 1) // page_size))
+    page_table = rng.integers(0, 1000, (s_count, pages)).astype(np.int32)
+    md = AttentionMetadata(positions=positions, token_seq=np.zeros(t, np.int32),
+                           slot_mapping=np.zeros(t, np.int32), query_start=qs,
+                           seq_lens=seq_lens, page_table=page_table)
+    if n_groups:
+        pg = max(1, -(-max(group_len) // page_size))
+        md = dataclasses.replace(
+            md, seq_group=seq_group, prefix_lens=prefix_lens,
+            group_page_table=rng.integers(0, 1000, (n_groups, pg)).astype(np.int32),
+            group_lens=np.asarray(group_len, np.int32))
+    return md
+
+
+def test_cascade_builder_vectorised_matches_loops():
+    from pallas_kernels import cascade
+    rng = np.random.default_rng(1234)
+    for case in range(300):
+        page_size = int(rng.choice([8, 16, 32]))
+        g = int(rng.choice([1, 4, 8]))
+        hkv = int(rng.choice([1, 2, 8]))
+        md = random_step_metadata(rng, page_size=page_size)
+        kw = dict(num_q_heads=g * hkv, num_kv_heads=hkv, page_size=page_size,
+                  block_rows=int(rng.choice([16, 32, 64, 128])),
+                  block_kv=int(rng.choice([page_size, 64, 128])),
+                  num_sms=int(rng.choice([4, 132])))
+        u = rng.random()
+        if u < 0.2:
+            kw["chunk_len"] = int(rng.choice([8, 16, 32, 100, 256]))   # incl. < block_kv
+        elif u < 0.4:
+            kw["num_items"] = 4096
+            kw["num_partials"] = 64
+        want = cascade._build_cascade_metadata_loops(md, **kw).work
+        got = cascade.build_cascade_metadata(md, **kw).work
+        assert got.pt_width == want.pt_width, case
+        for f in ("page_table", "pt_base", "kv_start", "kv_end", "rows", "row_hi", "merge_idx"):
+            a, b = getattr(got, f), getattr(want, f)
+            assert a.dtype == b.dtype and a.shape == b.shape, (case, f, a.shape, b.shape)
+            assert np.array_equal(a, b), (case, f, kw)
+
+
+def test_chunk_bounds_matches_chunks():
+    from pallas_kernels import cascade
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        align = int(rng.choice([8, 16, 32, 64, 128]))
+        length = int(rng.choice([align, 2 * align, 256, int(rng.integers(1, 600))]))
+        lo = rng.integers(0, 500, 20)
+        hi = lo + rng.integers(-3, 3000, 20)
+        want = [(i, a, b) for i in range(20)
+                for a, b in cascade._chunks(int(lo[i]), int(hi[i]), length, align)]
+        src, c0, c1 = cascade._chunk_bounds(lo, hi, length, align)
+        assert list(zip(src.tolist(), c0.tolist(), c1.tolist())) == want, (length, align)
+
+
+def test_cascade_builder_vectorised_matches_loops_engine_layout():
+    """A full decode bucket with the engine's static sizes (`cascade_layout`): 16 groups of 16
+    members sharing a 2000-token prefix, G=4."""
+    from pallas_kernels import cascade
+    t = s = 256
+    p, ps, plen = 152, 16, 2000
+    rng = np.random.default_rng(3)
+    seq_lens = np.full(s, plen + 300, np.int32)
+    pt = rng.integers(1, 10 ** 5, (s, p)).astype(np.int32)
+    md = AttentionMetadata(
+        positions=seq_lens - 1, token_seq=np.arange(s, dtype=np.int32),
+        slot_mapping=np.zeros(t, np.int32), query_start=np.arange(s + 1, dtype=np.int32),
+        seq_lens=seq_lens, page_table=pt,
+        seq_group=np.repeat(np.arange(16), 16).astype(np.int32),
+        prefix_lens=np.full(s, plen, np.int32),
+        group_page_table=np.pad(pt[::16, :plen // ps], ((0, s - 16), (0, p - plen // ps))),
+        group_lens=np.pad(np.full(16, plen, np.int32), (0, s - 16)))
+    lay = pallas_kernels.cascade_layout(t, s, p, num_q_heads=32, num_kv_heads=8, page_size=ps,
+                                        head_dim=128)
+    kw = dict(num_q_heads=32, num_kv_heads=8, page_size=ps, block_rows=lay["block_rows"],
+              block_kv=lay["block_kv"], num_sms=lay["num_sms"], waves=lay["waves"],
+              num_items=lay["num_items"], num_partials=lay["num_partials"])
+    want = cascade._build_cascade_metadata_loops(md, **kw).work
+    got = cascade.build_cascade_metadata(md, **kw).work
+    for f in ("page_table", "pt_base", "kv_start", "kv_end", "rows", "row_hi", "merge_idx"):
+        assert np.array_equal(getattr(got, f), getattr(want, f)), f
