@@ -36,6 +36,9 @@ flags.DEFINE_bool("ignore_eos", False, "generate max_tokens regardless of EOS")
 flags.DEFINE_bool("use_tqdm", True, "progress bar")
 flags.DEFINE_bool("ordered_output", True, "write the final output in input order (else in the "
                   "order requests finished)")
+flags.DEFINE_bool("dry_run", False, "analyse the input without running the model: counts, prefix "
+                  "tree, KV memory, projected time; a table on screen, JSON to OUTPUT.dryrun.json")
+flags.DEFINE_enum("dry_run_device", "h100", ["h100", "h200"], "device the dry run projects onto")
 flags.DEFINE_bool("resume", True, "skip requests already finished by an earlier, interrupted run "
                   "of the same command (recorded in OUTPUT.partial)")
 define_engine_flags(max_num_batched_tokens=256, max_num_seqs=64, max_model_len=1024)
@@ -55,6 +58,9 @@ def main(argv):
         return 2
     n_bad = sum(it.error is not None for it in items)
     logging.info("read %d requests from %s (%d invalid)", len(items), FLAGS.input, n_bad)
+
+    if FLAGS.dry_run:
+        return dry_run(items, defaults)
 
     log = ResultsLog(FLAGS.output)
     done = log.load() if FLAGS.resume else {}
@@ -110,6 +116,44 @@ def main(argv):
     print(f"wrote {len(done)} results ({n_err} errors; {len(outs)} run now) to {FLAGS.output}")
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats.items()},
                      indent=1))
+    return 0
+
+
+def dry_run(items, defaults) -> int:
+    from jaxserve.dry_run import analyse, format_table
+    from jaxserve.sampling_params import SamplingParams
+    from jaxserve.weights import load_config_and_tokenizer
+
+    cfg, tok = load_config_and_tokenizer(FLAGS.model)
+    prompts, params, n_err = [], [], 0
+    for it in items:
+        try:
+            if it.error:
+                raise ValueError(it.error)
+            if it.prompt_token_ids is not None:
+                ids = it.prompt_token_ids
+            elif tok is None:
+                raise ValueError("text prompt but the model has no tokenizer")
+            elif it.messages is not None:
+                ids = tok.encode(tok.apply_chat_template(it.messages), add_special_tokens=False)
+            else:
+                ids = tok.encode(it.prompt)
+            if not ids:
+                raise ValueError("empty prompt")
+        except Exception:  # noqa: BLE001  (counted, as the real run would report it)
+            n_err += 1
+            continue
+        prompts.append(ids)
+        params.append(it.params or SamplingParams(**defaults))
+    d = analyse(cfg, prompts, params, device=FLAGS.dry_run_device, page_size=FLAGS.page_size,
+                max_num_batched_tokens=FLAGS.max_num_batched_tokens, max_num_seqs=FLAGS.max_num_seqs,
+                policy=FLAGS.schedule_policy, num_errors=n_err)
+    print(format_table(d))
+    path = FLAGS.output + ".dryrun.json"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(d, f, indent=1)
+    print(f"wrote {path}")
     return 0
 
 

@@ -138,3 +138,53 @@ def test_sigkill_mid_run_then_resume_gives_every_result_once(tiny_models, tmp_pa
     assert [r["id"] for r in recs] == [json.loads(x)["id"] for x in lines]
     assert recs == [json.loads(x) for x in full.read_text().splitlines()]
     assert not partial.exists()
+
+
+def _stats_from_stdout(stdout: str) -> dict:
+    return json.loads(stdout[stdout.index("{"):])
+
+
+def test_dry_run_projects_the_same_sharing_as_the_real_run(tiny_models, tmp_path):
+    """Issue #7, acceptance 3: the dry run's optimal reuse equals what the planner of a real run
+    reports (and computes), without touching the weights."""
+    from jaxserve import workloads
+
+    path, _ = tiny_models["qwen2"]
+    reqs = workloads.generate("groups", vocab_size=384, seed=2, num_groups=3, share=4,
+                              shared_len=30, unique_len=6, output_len=3)
+    reqs += workloads.generate("system", vocab_size=384, seed=3, num_requests=5, system_len=20,
+                               unique_len=4, output_len=2)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in reqs) + "{broken\n")
+    common = [sys.executable, os.path.join(ROOT, "scripts", "run_batch.py"), f"--model={path}",
+              f"--input={inp}", f"--output={tmp_path / 'o.jsonl'}", "--use_tqdm=false",
+              "--max_num_batched_tokens=32", "--max_num_seqs=8", "--max_model_len=64",
+              "--page_size=8", "--num_pages=128", "--attention_impl=reference"]
+    dry = subprocess.run(common + ["--dry_run"], capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert "optimal reuse ratio" in dry.stdout and "projected time on h100" in dry.stdout
+    assert not (tmp_path / "o.jsonl").exists()
+    d = json.loads((tmp_path / "o.jsonl.dryrun.json").read_text())
+    assert d["num_valid"] == len(reqs) and d["num_errors"] == 1
+    real = subprocess.run(common, capture_output=True, text=True, timeout=600)
+    assert real.returncode == 0, real.stderr[-2000:]
+    st = _stats_from_stdout(real.stdout)
+    assert d["optimal_prefill_tokens"] == st["optimal_prefill_tokens"] == st["computed_prefill_tokens"]
+    assert d["prompt_tokens"] == st["prompt_tokens"]
+    assert abs(d["optimal_reuse_ratio"] - st["reuse_ratio"]) < 1e-4 and d["optimal_reuse_ratio"] > 0.5  # printed rounded
+    assert d["num_groups"] == st["num_groups"]
+
+
+def test_dry_run_on_the_examples_prints_the_table(tmp_path):
+    from tests.helpers_weights import smollm2_gguf
+
+    smollm2_gguf()   # skips when the default model is not installed
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "run_batch.py"), "--dry_run",
+                          f"--output={tmp_path / 'x.jsonl'}"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    d = json.loads((tmp_path / "x.jsonl.dryrun.json").read_text())
+    assert d["num_requests"] == 18 and d["optimal_reuse_ratio"] > 0.5   # long shared instructions
+    for row in ("prompt tokens", "optimal reuse ratio", "shared prefixes / groups",
+                "KV if all ran at once", "projected time on h100"):
+        assert row in res.stdout

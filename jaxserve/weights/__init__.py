@@ -118,3 +118,27 @@ def load_model(model: Optional[str] = None, dtype=None, load_format: str = "auto
         raise WeightError(f"{model}: file or directory not found")
     raise ConfigError(f"{model!r} is not a checkpoint directory, a .gguf file or a preset "
                       f"(presets: {', '.join(presets.list_presets())})")
+
+
+def load_config_and_tokenizer(model: Optional[str] = None):
+    """(ModelConfig, Tokenizer | None) without loading any weights: for dry runs."""
+    model = default_model_path() if model is None else os.fspath(model)
+    if os.path.isdir(model):
+        return ModelConfig.from_json_file(os.path.join(model, "config.json")), _tokenizer_for_dir(model)
+    if model.endswith(".gguf") or os.path.isfile(model):
+        from jaxserve.tokenizer import Tokenizer
+        from jaxserve.weights.gguf_loader import GGUFCheckpoint
+
+        ck = GGUFCheckpoint(model)
+        return ck.config, (Tokenizer.from_gguf(ck) if ck.has("tokenizer.ggml.model") else None)
+    if presets.is_preset(model):
+        tok = None
+        if model in _PRESET_TOKENIZERS:
+            from jaxserve.tokenizer import Tokenizer
+
+            try:
+                tok = Tokenizer.from_gguf(_PRESET_TOKENIZERS[model]())
+            except WeightError:
+                tok = None
+        return presets.load_preset(model), tok
+    raise ConfigError(f"{model!r} is not a checkpoint directory, a .gguf file or a preset")
