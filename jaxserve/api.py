@@ -70,10 +70,8 @@ class LLM:
             shared_prefix_attention=shared_prefix_attention, schedule_policy=schedule_policy,
             admission_control=admission_control, seed=seed, compile_on_init=compile_on_init)
         eos = tuple(self.tokenizer.eos_token_ids) if self.tokenizer is not None else ()
-        detok = ((lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True))
-                 if self.tokenizer is not None else None)
         self.engine = Engine(self.model_config, model_obj, self.engine_config,
-                             eos_token_ids=eos, detokenize=detok)
+                             eos_token_ids=eos, tokenizer=self.tokenizer)
 
     # -- inputs -> requests ---------------------------------------------------------------------
     def _to_request(self, i: int, prompt: PromptType, params, priority: int) -> Request:

@@ -112,7 +112,7 @@ def size_kv_pages(cfg: ModelConfig, ecfg: EngineConfig, kv_dtype, max_model_len:
 class Engine:
     def __init__(self, model_cfg: ModelConfig, model, ecfg: EngineConfig, *,
                  eos_token_ids: tuple[int, ...] = (), kv_dtype=None,
-                 detokenize: Optional[Callable[[list[int]], str]] = None):
+                 detokenize: Optional[Callable[[list[int]], str]] = None, tokenizer=None):
         self.cfg = model_cfg
         self.ecfg = ecfg
         self.max_model_len = ecfg.max_model_len or model_cfg.max_position_embeddings
@@ -121,7 +121,9 @@ class Engine:
             raise ConfigError(f"engine: max_model_len={self.max_model_len} exceeds the model's "
                               f"max_position_embeddings={model_cfg.max_position_embeddings}")
         self.eos_token_ids = tuple(eos_token_ids) or tuple(model_cfg.eos_token_ids)
-        self.detokenize = detokenize
+        self.tokenizer = tokenizer
+        self.detokenize = detokenize or (
+            (lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer else None)
         kv_dtype = kv_dtype or model.embed.value.dtype
         self.attention_impl = resolve_attention_impl(ecfg.attention_impl)
         self.num_pages = size_kv_pages(model_cfg, ecfg, kv_dtype, self.max_model_len)
@@ -160,6 +162,8 @@ class Engine:
                     f"{pool.num_usable}; lower max_tokens or raise num_pages")
         stops = set(req.params.stop_token_ids) | (set() if req.params.ignore_eos
                                                    else set(self.eos_token_ids))
+        if req.params.stop and self.tokenizer is None:
+            return "field 'stop': stop strings need a tokenizer; this model has none"
         if req.params.min_tokens and len(stops) > NUM_BANNED:
             return f"field 'min_tokens' with more than {NUM_BANNED} stop token ids is not supported"
         return None
@@ -192,6 +196,11 @@ class Engine:
             seq = Sequence(index=i, prompt_ids=list(req.prompt_ids), params=p, seed=seed,
                            stop_ids=stop_ids, max_len=self.max_model_len, priority=req.priority,
                            metrics=RequestMetrics(arrival_time=t_start))
+            if p.stop:
+                from jaxserve.stop_strings import StopStringChecker
+
+                seq.stop_checker = StopStringChecker(self.tokenizer, p.stop,
+                                                     p.include_stop_str_in_output)
             stats.prompt_tokens += len(seq.prompt_ids)
             seqs.append(seq)
         plan = plan_batch(seqs, sharing=self.ecfg.global_prefix_sharing,
@@ -242,7 +251,10 @@ class Engine:
             for seq in finished:
                 seq.metrics.finished_time = now
                 req = requests[seq.index]
-                text = self.detokenize(seq.output_ids) if self.detokenize else ""
+                if seq.stop_text is not None:
+                    text = seq.stop_text
+                else:
+                    text = self.detokenize(seq.output_ids) if self.detokenize else ""
                 outputs[seq.index] = RequestOutput(req.request_id, req.prompt, seq.prompt_ids, text,
                                                    list(seq.output_ids), seq.finish_reason,
                                                    metrics=seq.metrics)

@@ -19,6 +19,8 @@ class SamplingParams:
     min_p: float = 0.0
     seed: Optional[int] = None
     stop_token_ids: Sequence[int] = ()
+    stop: Sequence[str] = ()             # stop strings, cut from the text
+    include_stop_str_in_output: bool = False
     min_tokens: int = 0
     ignore_eos: bool = False
 
@@ -53,6 +55,11 @@ class SamplingParams:
         if isinstance(self.stop_token_ids, (str, bytes)) or not all(
                 isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "must be a list of non-negative integers")
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        if not all(isinstance(x, str) and x for x in self.stop):
+            bad("stop", "must be a string or a list of non-empty strings")
+        self.stop = tuple(self.stop)
         self.stop_token_ids = tuple(self.stop_token_ids)
         self.temperature = float(self.temperature)
         self.top_p = float(self.top_p)

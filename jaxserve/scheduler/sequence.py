@@ -43,6 +43,8 @@ class Sequence:
     reserved_pages: int = 0         # admission control: own pages this sequence may grow to
     members_left: int = 0           # prefixes: unfinished requests below
     finish_reason: Optional[str] = None
+    stop_checker: Optional[object] = None   # stop strings (jaxserve.stop_strings), if any
+    stop_text: Optional[str] = None         # final text when a stop string ended the request
     metrics: RequestMetrics = dataclasses.field(default_factory=RequestMetrics)
     _chain: Optional[list[int]] = None    # prefixes: cached full page list once computed
 
@@ -98,5 +100,12 @@ class Sequence:
         n_out = len(self.output_ids)
         if token in self.stop_ids and n_out >= self.params.min_tokens:
             self.finish_reason = "stop"
-        elif n_out >= self.params.max_tokens or self.num_tokens >= self.max_len:
+            return
+        if self.stop_checker is not None:
+            text = self.stop_checker.add(token, active=n_out >= self.params.min_tokens)
+            if text is not None:
+                self.finish_reason = "stop"
+                self.stop_text = text
+                return
+        if n_out >= self.params.max_tokens or self.num_tokens >= self.max_len:
             self.finish_reason = "length"
