@@ -98,10 +98,11 @@ def main(argv):
         params.append(it.params if it.params is not None else defaults)
         prios.append(it.priority)
     finish_order = [keys[i] for i in range(len(items)) if keys[i] in done]
+    model_name = os.path.basename(FLAGS.model or "SmolLM2-135M-Instruct")
 
     def persist(j, out):
         i = todo[j]
-        done[keys[i]] = result_record(items[i], out)
+        done[keys[i]] = result_record(items[i], out, model_name)
         log.append(keys[i], done[keys[i]])
         finish_order.append(keys[i])
 

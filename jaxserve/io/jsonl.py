@@ -13,6 +13,7 @@ import os
 import tempfile
 from typing import Any, Iterable, Optional
 
+from jaxserve.io.openai_batch import is_openai_line, openai_record, parse_openai
 from jaxserve.sampling_params import InvalidRequest, SamplingParams
 
 SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
@@ -31,6 +32,8 @@ class BatchItem:
     priority: int = 0
     metadata: Any = None
     error: Optional[str] = None
+    fmt: str = "plain"                  # "plain" | "openai" (output in the matching format)
+    url: Optional[str] = None           # OpenAI batch endpoint
 
 
 def parse_line(line_no: int, text: str, defaults: dict) -> BatchItem:
@@ -41,6 +44,10 @@ def parse_line(line_no: int, text: str, defaults: dict) -> BatchItem:
         return BatchItem(line_no, None, error=f"{where}: malformed JSON ({e.msg} at column {e.colno})")
     if not isinstance(obj, dict):
         return BatchItem(line_no, None, error=f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if is_openai_line(obj):
+        item = BatchItem(line_no, None)
+        parse_openai(item, obj, defaults)
+        return item
     item = BatchItem(line_no, obj.get("id", line_no), metadata=obj.get("metadata"))
     unknown = sorted(set(obj) - SAMPLING_FIELDS - set(PROMPT_FIELDS) - OTHER_FIELDS)
     if unknown:
@@ -91,8 +98,10 @@ def read_batch(path: str, defaults: Optional[dict] = None) -> list[BatchItem]:
     return items
 
 
-def result_record(item: BatchItem, out) -> dict:
+def result_record(item: BatchItem, out, model_name: str = "jaxserve") -> dict:
     """The output line for one input line (`out` is a RequestOutput, or None for a parse error)."""
+    if item.fmt == "openai":
+        return openai_record(item, out, model_name)
     rec: dict[str, Any] = {"id": item.id}
     if item.metadata is not None:
         rec["metadata"] = item.metadata
