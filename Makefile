@@ -16,7 +16,7 @@ example: install
 
 # torch (CPU) is the reference implementation the tests compare against.
 test: install
-	$(PIP) install -q torch==2.13.0 pytest accelerate
+	$(PIP) install -q torch==2.13.0 pytest accelerate matplotlib
 	$(PYTHON) -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: the suite is misconfigured"; exit 1; fi; \
 	exit $$rc

@@ -126,8 +126,12 @@ class LLM:
                 bar.update(n_done)
                 dt = time.perf_counter() - t0
                 if dt > 0:
+                    # Reuse so far: prompt tokens of the requests started that sharing saved.
+                    started = stats.computed_prefill_tokens + stats.reused_prompt_tokens
+                    reuse = stats.reused_prompt_tokens / started if started else 0.0
                     bar.set_postfix(tok_s=f"{(stats.computed_prefill_tokens + stats.generated_tokens) / dt:,.0f}",
-                                    out_tok_s=f"{stats.generated_tokens / dt:,.0f}", refresh=False)
+                                    out_tok_s=f"{stats.generated_tokens / dt:,.0f}",
+                                    reuse=f"{reuse:.2f}", refresh=False)
         try:
             outs = self.engine.run(requests, progress=progress, on_output=on_output)
         finally:

@@ -44,6 +44,7 @@ class RunStats:
     prompt_tokens: int = 0
     computed_prefill_tokens: int = 0
     optimal_prefill_tokens: int = 0
+    reused_prompt_tokens: int = 0   # prompt tokens of started requests that came from shared KV
     num_groups: int = 0
     num_shared_prefixes: int = 0
     generated_tokens: int = 0
@@ -223,6 +224,8 @@ class Engine:
                 m = row.seq.metrics
                 if m.first_scheduled_time is None:
                     m.first_scheduled_time = now
+                    if not row.seq.is_prefix:
+                        stats.reused_prompt_tokens += row.seq.base
                 if row.start < len(row.seq.prompt_ids) or row.num_tokens > 1:
                     stats.computed_prefill_tokens += row.num_tokens
                     m.num_computed_prompt_tokens += row.num_tokens

@@ -153,33 +153,6 @@ def run_hf(cfg_holder: dict, reqs: list[dict]) -> dict:
                 hf_batch_size=bs, transformers_version=transformers.__version__, trace=trace)
 
 
-def plot(trace, path, title):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    if not trace:
-        return None
-    t = [x[0] for x in trace]
-    fill = [x[1] / x[3] if x[3] else 0 for x in trace]
-    dts = [t[0]] + [b - a for a, b in zip(t, t[1:])]
-    tput = [x[1] / dt if dt > 0 else 0 for x, dt in zip(trace, dts)]
-    fig, ax = plt.subplots(2, 1, figsize=(9, 5), sharex=True)
-    ax[0].plot(t, fill, lw=0.8)
-    ax[0].set_ylabel("token fill")
-    ax[0].set_ylim(0, 1.05)
-    ax[1].plot(t, tput, lw=0.8)
-    ax[1].set_ylabel("tokens/s per step")
-    ax[1].set_xlabel("seconds")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
-
-
 def main(argv):
     del argv
     if FLAGS.engine == "hf":
@@ -236,7 +209,9 @@ def main(argv):
     stem = f"e2e_{name}_{FLAGS.model}_{FLAGS.engine}{FLAGS.tag}"
     with open(os.path.join(FLAGS.results_dir, stem + ".json"), "w") as f:
         json.dump(rec, f, indent=1)
-    plot(trace, os.path.join(FLAGS.results_dir, stem + ".png"),
+    from jaxserve.plotting import plot_trace
+
+    plot_trace(trace, os.path.join(FLAGS.results_dir, stem + ".png"),
          f"{stem}: {rec['total_tokens_per_s']:,.0f} tok/s")
     print(json.dumps(rec, indent=1))
 

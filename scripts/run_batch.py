@@ -39,6 +39,9 @@ flags.DEFINE_bool("ordered_output", True, "write the final output in input order
 flags.DEFINE_bool("dry_run", False, "analyse the input without running the model: counts, prefix "
                   "tree, KV memory, projected time; a table on screen, JSON to OUTPUT.dryrun.json")
 flags.DEFINE_enum("dry_run_device", "h100", ["h100", "h200"], "device the dry run projects onto")
+flags.DEFINE_bool("strict", False, "refuse the whole file, before any compute, if any line is "
+                  "invalid (default: invalid lines get error records and the rest runs)")
+flags.DEFINE_string("plot", None, "save a PNG of throughput and token fill over time here")
 flags.DEFINE_bool("resume", True, "skip requests already finished by an earlier, interrupted run "
                   "of the same command (recorded in OUTPUT.partial)")
 define_engine_flags(max_num_batched_tokens=256, max_num_seqs=64, max_model_len=1024)
@@ -58,6 +61,12 @@ def main(argv):
         return 2
     n_bad = sum(it.error is not None for it in items)
     logging.info("read %d requests from %s (%d invalid)", len(items), FLAGS.input, n_bad)
+    if FLAGS.strict and n_bad:
+        for it in items:
+            if it.error:
+                print(it.error, file=sys.stderr)
+        print(f"--strict: {n_bad} invalid lines in {FLAGS.input}; nothing was run", file=sys.stderr)
+        return 3
 
     if FLAGS.dry_run:
         return dry_run(items, defaults)
@@ -113,6 +122,11 @@ def main(argv):
     write_jsonl_atomic(FLAGS.output, (done[k] for k in order))
     log.close(remove=True)   # the output now holds everything
     stats = llm.stats()
+    if FLAGS.plot:
+        from jaxserve.plotting import plot_trace
+
+        if plot_trace(llm.engine.last_stats.trace, FLAGS.plot, os.path.basename(FLAGS.input)):
+            print(f"plot: {FLAGS.plot}")
     n_err = sum(r.get("finish_reason") == "error" for r in done.values())
     print(f"wrote {len(done)} results ({n_err} errors; {len(outs)} run now) to {FLAGS.output}")
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats.items()},

@@ -60,9 +60,10 @@ def test_bad_lines_cost_only_themselves(tiny_models, tmp_path):
         [sys.executable, os.path.join(ROOT, "scripts", "run_batch.py"), f"--model={path}",
          f"--input={inp}", f"--output={out}", "--max_num_batched_tokens=32", "--max_num_seqs=8",
          "--max_model_len=64", "--page_size=8", "--num_pages=64", "--use_tqdm=false",
-         "--attention_impl=reference"],
+         "--attention_impl=reference", f"--plot={tmp_path / 'run.png'}"],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run.png").stat().st_size > 1000   # throughput / token fill plot
     recs = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(recs) == len(expect)
     line_of = [i + 1 for i, x in enumerate(lines) if x.strip()]
@@ -188,3 +189,15 @@ def test_dry_run_on_the_examples_prints_the_table(tmp_path):
     for row in ("prompt tokens", "optimal reuse ratio", "shared prefixes / groups",
                 "KV if all ran at once", "projected time on h100"):
         assert row in res.stdout
+
+
+def test_strict_refuses_the_file_before_any_compute(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"id": 1, "prompt_token_ids": [1, 2]}\n{"id": 2, "prompt_token_ids": [1], "top_p": 3}\n')
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "run_batch.py"), "--strict",
+                          "--model=/nonexistent/model/dir", f"--input={inp}",
+                          f"--output={tmp_path / 'o.jsonl'}"], capture_output=True, text=True, timeout=300)
+    # The model is never loaded (its path does not even exist): the file is refused first.
+    assert res.returncode == 3
+    assert "line 2: field 'top_p'" in res.stderr and "nothing was run" in res.stderr
+    assert not (tmp_path / "o.jsonl").exists()
