@@ -18,7 +18,7 @@ import numpy as np
 import pallas_kernels
 from jaxserve.cache import PagePool
 from jaxserve.config import ConfigError, EngineConfig, ModelConfig
-from jaxserve.outputs import RequestMetrics, RequestOutput
+from jaxserve.outputs import RequestMetrics, RequestOutput, SampleOutput
 from jaxserve.runner.buckets import BucketSet
 from jaxserve.runner.model_runner import ModelRunner
 from jaxserve.runner.sampler import NUM_BANNED
@@ -179,6 +179,7 @@ class Engine:
                           reserve=self.ecfg.admission_control)
         stats = RunStats(num_requests=len(requests), kv_pages_total=pool.num_usable)
         outputs: list[Optional[RequestOutput]] = [None] * len(requests)
+        pending: dict[int, list] = {}   # request -> its samples' outputs as they finish
         seqs: list[Sequence] = []
         for i, req in enumerate(requests):
             err = self._validate(req, pool)
@@ -190,20 +191,26 @@ class Engine:
                     on_output(i, outputs[i])
                 continue
             p = req.params
-            seed = p.seed if p.seed is not None else int(
-                np.random.SeedSequence([self.ecfg.seed, i]).generate_state(1)[0])
             stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos
                                                       else frozenset(self.eos_token_ids))
-            seq = Sequence(index=i, prompt_ids=list(req.prompt_ids), params=p, seed=seed,
-                           stop_ids=stop_ids, max_len=self.max_model_len, priority=req.priority,
-                           metrics=RequestMetrics(arrival_time=t_start))
-            if p.stop:
-                from jaxserve.stop_strings import StopStringChecker
+            pending[i] = [None] * p.n
+            for k in range(p.n):
+                # Sample k of a request draws its own stream: from the request's seed when given,
+                # else from the engine seed and the request's position (sample 0 as with n=1).
+                base = [p.seed % 2 ** 64] if p.seed is not None else [self.ecfg.seed, i]
+                seed = (p.seed if (p.seed is not None and k == 0) else
+                        int(np.random.SeedSequence(base + ([k] if k else [])).generate_state(1)[0]))
+                seq = Sequence(index=len(seqs), prompt_ids=list(req.prompt_ids), params=p,
+                               seed=seed, stop_ids=stop_ids, max_len=self.max_model_len,
+                               priority=req.priority, request=i, sample=k,
+                               metrics=RequestMetrics(arrival_time=t_start))
+                if p.stop:
+                    from jaxserve.stop_strings import StopStringChecker
 
-                seq.stop_checker = StopStringChecker(self.tokenizer, p.stop,
-                                                     p.include_stop_str_in_output)
-            stats.prompt_tokens += len(seq.prompt_ids)
-            seqs.append(seq)
+                    seq.stop_checker = StopStringChecker(self.tokenizer, p.stop,
+                                                         p.include_stop_str_in_output)
+                stats.prompt_tokens += len(seq.prompt_ids)
+                seqs.append(seq)
         plan = plan_batch(seqs, sharing=self.ecfg.global_prefix_sharing,
                           policy=self.ecfg.schedule_policy, model_cfg=self.cfg)
         stats.optimal_prefill_tokens = (plan.optimal_prefill_tokens
@@ -253,16 +260,24 @@ class Engine:
                                        and row.num_tokens == 1) * plan.decode_steps
             for seq in finished:
                 seq.metrics.finished_time = now
-                req = requests[seq.index]
                 if seq.stop_text is not None:
                     text = seq.stop_text
                 else:
                     text = self.detokenize(seq.output_ids) if self.detokenize else ""
-                outputs[seq.index] = RequestOutput(req.request_id, req.prompt, seq.prompt_ids, text,
-                                                   list(seq.output_ids), seq.finish_reason,
-                                                   metrics=seq.metrics)
-                if on_output is not None:
-                    on_output(seq.index, outputs[seq.index])
+                i = seq.request
+                pending[i][seq.sample] = (seq, SampleOutput(text, list(seq.output_ids),
+                                                            seq.finish_reason))
+                if all(x is not None for x in pending[i]):
+                    parts = pending.pop(i)
+                    first = parts[0][0]
+                    samples = [x[1] for x in parts]
+                    req = requests[i]
+                    outputs[i] = RequestOutput(req.request_id, req.prompt, first.prompt_ids,
+                                               samples[0].text, samples[0].token_ids,
+                                               samples[0].finish_reason, metrics=first.metrics,
+                                               samples=samples)
+                    if on_output is not None:
+                        on_output(i, outputs[i])
             stats.trace.append((now - t_start, plan.num_tokens * plan.decode_steps, gen_step, padded))
             if progress is not None:
                 progress(len(finished), plan.num_tokens * plan.decode_steps, stats)

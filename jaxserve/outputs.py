@@ -16,6 +16,15 @@ class RequestMetrics:
 
 
 @dataclasses.dataclass
+class SampleOutput:
+    """One of the `n` samples of a request."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: Optional[str]
+
+
+@dataclasses.dataclass
 class RequestOutput:
     request_id: str
     prompt: Optional[str]
@@ -25,6 +34,8 @@ class RequestOutput:
     finish_reason: Optional[str]          # "stop" | "length" | "error"
     error: Optional[str] = None
     metrics: RequestMetrics = dataclasses.field(default_factory=RequestMetrics)
+    # All n samples (text / token_ids / finish_reason above are the first one's).
+    samples: list[SampleOutput] = dataclasses.field(default_factory=list)
 
     @property
     def finished(self) -> bool:

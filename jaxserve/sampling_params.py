@@ -12,6 +12,7 @@ class InvalidRequest(ValueError):
 
 @dataclasses.dataclass
 class SamplingParams:
+    n: int = 1               # samples per prompt; they share the prompt's KV (the prefix tree)
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
@@ -28,7 +29,7 @@ class SamplingParams:
         def bad(field, why):
             raise InvalidRequest(f"field '{field}': {why} (got {getattr(self, field)!r})")
 
-        for field in ("max_tokens", "min_tokens", "top_k"):
+        for field in ("n", "max_tokens", "min_tokens", "top_k"):
             v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, int):
                 bad(field, "must be an integer")
@@ -36,6 +37,8 @@ class SamplingParams:
             v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 bad(field, "must be a number")
+        if not 1 <= self.n <= 1024:
+            bad("n", "must be in [1, 1024]")
         if self.max_tokens < 1:
             bad("max_tokens", "must be >= 1")
         if self.min_tokens < 0:

@@ -188,3 +188,23 @@ def test_fused_decode_blocks_equal_single_steps(n_fused, tiny_models):
     assert out_f[1].finish_reason == "length" or out_f[1].token_ids[-1] in stops1
     # Fused blocks really ran.
     assert fused.last_stats.fused_blocks > 0 and single.last_stats.fused_blocks == 0
+
+
+def test_n_samples_share_the_prompt_and_differ(tiny_models):
+    """n > 1: the samples share the prompt's KV (all but each one's last prompt token is computed
+    once), greedy samples equal the n=1 output, seeded samples are distinct and reproducible."""
+    path, hf = tiny_models["tied"]
+    eng = make_engine(path)
+    prompt = list(range(7, 47))
+    greedy = eng.run([Request("g", prompt, SamplingParams(max_tokens=8, temperature=0, n=3))])[0]
+    assert [s.token_ids for s in greedy.samples] == [hf_greedy(hf, Request("x", prompt, SamplingParams(
+        max_tokens=8, temperature=0)))] * 3
+    assert eng.last_stats.computed_prefill_tokens == len(prompt) - 1 + 3
+    sp = SamplingParams(max_tokens=12, temperature=1.0, seed=11, n=4)
+    a = eng.run([Request("a", prompt, sp)])[0]
+    b = eng.run([Request("z", [3, 4, 5], SamplingParams(max_tokens=5)), Request("a", prompt, sp)])[1]
+    assert len({tuple(s.token_ids) for s in a.samples}) == 4
+    assert [s.token_ids for s in a.samples] == [s.token_ids for s in b.samples]
+    # Sample 0 of n=4 is the same stream as n=1 with that seed.
+    one = eng.run([Request("o", prompt, SamplingParams(max_tokens=12, temperature=1.0, seed=11))])[0]
+    assert one.token_ids == a.samples[0].token_ids == a.token_ids

@@ -51,7 +51,7 @@ def test_openai_batch_file_round_trips(vocab_model_dir, tmp_path):
         {"custom_id": "c1", "method": "POST", "url": "/v1/chat/completions", "body": chat("Hi there")},
         {"custom_id": "t1", "method": "POST", "url": "/v1/completions",
          "body": {"model": "m", "prompt": "Once upon a time", "max_tokens": 9, "temperature": 0}},
-        {"custom_id": "bad-n", "method": "POST", "url": "/v1/chat/completions", "body": {**chat("x"), "n": 3}},
+        {"custom_id": "bad-n", "method": "POST", "url": "/v1/chat/completions", "body": {**chat("x"), "n": 0}},
         {"custom_id": "c2", "method": "POST", "url": "/v1/chat/completions",
          "body": {**chat("Name a colour"), "stop": ["\n"], "seed": 3, "temperature": 0.8}},
         {"custom_id": "bad-url", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}},

@@ -113,7 +113,11 @@ def result_record(item: BatchItem, out, model_name: str = "jaxserve") -> dict:
         return rec
     rec.update(text=out.text, token_ids=out.token_ids, finish_reason=out.finish_reason, error=None,
                usage={"prompt_tokens": len(out.prompt_token_ids),
-                      "completion_tokens": len(out.token_ids)})
+                      "completion_tokens": sum(len(x.token_ids) for x in out.samples)
+                      if out.samples else len(out.token_ids)})
+    if len(out.samples) > 1:
+        rec["samples"] = [{"text": x.text, "token_ids": x.token_ids, "finish_reason": x.finish_reason}
+                          for x in out.samples]
     return rec
 
 

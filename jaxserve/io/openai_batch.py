@@ -71,8 +71,6 @@ def parse_openai(item, obj: dict, defaults: dict) -> None:
             item.prompt_token_ids = prompt
         else:
             return refuse("prompt", "must be a string or a list of token ids")
-    if body.get("n", 1) != 1:
-        return refuse("n", "only n=1 is supported so far")
     if body.get("stream", False):
         return refuse("stream", "streaming does not apply to batch files")
     if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs"):
@@ -84,13 +82,14 @@ def parse_openai(item, obj: dict, defaults: dict) -> None:
     mt = body.get("max_completion_tokens", body.get("max_tokens"))
     if mt is not None:
         kw["max_tokens"] = mt
-    for f in ("temperature", "top_p", "seed", "stop"):
+    for f in ("temperature", "top_p", "seed", "stop", "n"):
         if body.get(f) is not None:
             kw[f] = body[f]
     try:
         item.params = SamplingParams(**kw)
     except InvalidRequest as e:
-        item.error = f"{where}: {str(e).replace(chr(39) + 'max_tokens', chr(39) + 'body.max_tokens')}"
+        # SamplingParams names its fields; in this format they live under "body".
+        item.error = f"{where}: {str(e).replace('field ' + chr(39), 'field ' + chr(39) + 'body.')}"
 
 
 def openai_record(item, out, model_name: str) -> dict[str, Any]:
@@ -100,15 +99,19 @@ def openai_record(item, out, model_name: str) -> dict[str, Any]:
         return {"id": rid, "custom_id": item.id, "response": None,
                 "error": {"code": "invalid_request", "message": err}}
     chat = item.url == "/v1/chat/completions"
-    choice: dict[str, Any] = {"index": 0, "finish_reason": out.finish_reason, "logprobs": None}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": out.text}
-    else:
-        choice["text"] = out.text
-    n_in, n_out = len(out.prompt_token_ids), len(out.token_ids)
+    choices = []
+    for k, smp in enumerate(out.samples or [out]):
+        choice: dict[str, Any] = {"index": k, "finish_reason": smp.finish_reason, "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": smp.text}
+        else:
+            choice["text"] = smp.text
+        choices.append(choice)
+    n_in = len(out.prompt_token_ids)
+    n_out = sum(len(smp.token_ids) for smp in (out.samples or [out]))
     body = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
             "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()), "model": model_name, "choices": [choice],
+            "created": int(time.time()), "model": model_name, "choices": choices,
             "usage": {"prompt_tokens": n_in, "completion_tokens": n_out,
                       "total_tokens": n_in + n_out}}
     return {"id": rid, "custom_id": item.id,

@@ -36,6 +36,8 @@ class Sequence:
     is_prefix: bool = False
     group: Optional["Sequence"] = None    # shared prefix used for cascade attention (requests)
     order: int = 0                  # position in the plan's scheduling order
+    request: int = -1               # the user's request this is a sample of (-1: same as index)
+    sample: int = 0                 # which of the request's n samples
     output_ids: list[int] = dataclasses.field(default_factory=list)
     status: Status = Status.WAITING
     num_computed: int = 0           # positions whose K/V are in the cache (from 0, incl. the prefix)
