@@ -40,20 +40,16 @@ def generate(family: str, *, vocab_size: int, seed: int = 0, reserved: int = 256
             head = [reserved + i % (vocab_size - reserved), reserved + i // (vocab_size - reserved)]
             out.append(_req(i, head + _ids(rng, kw["input_len"] - 2, vocab_size, reserved),
                             kw["output_len"]))
-    elif family == "groups":
+    elif family in ("groups", "document"):
+        # A long document shared by many questions is a group whose shared part is the document.
+        if family == "document":
+            kw = dict(num_groups=kw["num_docs"], share=kw["questions"], shared_len=kw["doc_len"],
+                      unique_len=kw["question_len"], output_len=kw["output_len"])
         i = 0
         for _ in range(kw["num_groups"]):
             shared = _ids(rng, kw["shared_len"], vocab_size, reserved)
             for _ in range(kw["share"]):
                 out.append(_req(i, shared + _ids(rng, kw["unique_len"], vocab_size, reserved),
-                                kw["output_len"]))
-                i += 1
-    elif family == "document":
-        i = 0
-        for _ in range(kw["num_docs"]):
-            doc = _ids(rng, kw["doc_len"], vocab_size, reserved)
-            for _ in range(kw["questions"]):
-                out.append(_req(i, doc + _ids(rng, kw["question_len"], vocab_size, reserved),
                                 kw["output_len"]))
                 i += 1
     elif family == "system":
