@@ -158,8 +158,9 @@ class Engine:
         if bad:
             return f"prompt token id {bad[0]} is outside the vocabulary (size {self.cfg.vocab_size})"
         longest = min(n + req.params.max_tokens, self.max_model_len)
-        if pool.pages_for(longest) > pool.num_usable:
-            return (f"request needs up to {pool.pages_for(longest)} KV pages but the pool has "
+        # +1: a request below a shared prefix holds its own copy of the prefix's partial page.
+        if pool.pages_for(longest) + 1 > pool.num_usable:
+            return (f"request needs up to {pool.pages_for(longest) + 1} KV pages but the pool has "
                     f"{pool.num_usable}; lower max_tokens or raise num_pages")
         stops = set(req.params.stop_token_ids) | (set() if req.params.ignore_eos
                                                    else set(self.eos_token_ids))
