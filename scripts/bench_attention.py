@@ -332,29 +332,10 @@ def main(argv):
                 record(impl, lambda q, md: gpu.ragged_paged_attention(
                     q, k_cache, v_cache, md, sm_scale=sm_scale, block_kv=64),
                     list(zip(qs, mdw)), f"no sharing; host work list bm={bm}")
-            elif impl == "pallas_gpu_cascade":
+            elif impl in ("pallas_gpu_cascade", "pallas_gpu_cascade_variants"):
                 if mdgs[0] is None:
                     continue
-                for v in [""]:
-                    c = parse_cfg(v) if v else {}
-                    bk = c.get("bk", 64)
-                    mdw = [jax.tree.map(jnp.asarray, pallas_kernels.build_cascade_metadata(
-                        m, num_q_heads=HQ, num_kv_heads=HKV, page_size=ps,
-                        block_rows=c.get("bm", 64), block_kv=bk, chunk_len=c.get("chunk"),
-                        num_sms=getattr(dev, "core_count", 132)))
-                        for m in mdgs]
-                    w = mdw[0].work
-                    note = (f"shared prefix; items={int(np.sum(np.asarray(w.kv_end) > np.asarray(w.kv_start)))}"
-                            f" bm={w.rows.shape[1]} partials/row<={w.merge_idx.shape[1]}")
-                    record(impl + (f"[{v}]" if v else ""), lambda q, md, bk=bk, c=c:
-                           gpu.ragged_paged_attention(q, k_cache, v_cache, md,
-                                                      sm_scale=sm_scale, block_kv=bk,
-                                                      num_warps=c.get("warps")),
-                           list(zip(qs, mdw)), note)
-            elif impl == "pallas_gpu_cascade_variants":
-                if mdgs[0] is None:
-                    continue
-                for v in FLAGS.cascade_variants:
+                for v in ([""] if impl == "pallas_gpu_cascade" else FLAGS.cascade_variants):
                     c = parse_cfg(v) if v else {}
                     bk = c.get("bk", 64)
                     mdw = [jax.tree.map(jnp.asarray, pallas_kernels.build_cascade_metadata(
