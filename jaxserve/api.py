@@ -48,7 +48,8 @@ class LLM:
                  kv_cache_memory_fraction: float = 0.9, attention_impl: str = "auto",
                  fused_decode_steps: Optional[int] = None, global_prefix_sharing: bool = True,
                  shared_prefix_attention: bool = False, schedule_policy: str = "batchllm",
-                 admission_control: bool = True, seed: int = 0, compile_on_init: bool = True):
+                 admission_control: bool = True, seed: int = 0, compile_on_init: bool = True,
+                 layer_loop: str = "auto"):
         from jaxserve.weights import default_model_path, load_model
 
         self.dtype = _parse_dtype(dtype)
@@ -68,7 +69,8 @@ class LLM:
             kv_cache_memory_fraction=kv_cache_memory_fraction, attention_impl=attention_impl,
             fused_decode_steps=fused_decode_steps, global_prefix_sharing=global_prefix_sharing,
             shared_prefix_attention=shared_prefix_attention, schedule_policy=schedule_policy,
-            admission_control=admission_control, seed=seed, compile_on_init=compile_on_init)
+            admission_control=admission_control, seed=seed, compile_on_init=compile_on_init,
+            layer_loop=layer_loop)
         eos = tuple(self.tokenizer.eos_token_ids) if self.tokenizer is not None else ()
         self.engine = Engine(self.model_config, model_obj, self.engine_config,
                              eos_token_ids=eos, tokenizer=self.tokenizer)

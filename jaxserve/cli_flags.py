@@ -8,7 +8,7 @@ from absl import flags
 _LLM_ARGS = ("dtype", "load_format", "page_size", "max_num_batched_tokens", "max_num_seqs",
              "max_model_len", "num_pages", "attention_impl", "fused_decode_steps",
              "global_prefix_sharing", "shared_prefix_attention", "schedule_policy",
-             "admission_control")
+             "admission_control", "layer_loop")
 
 
 def define_engine_flags(*, load_formats=("auto", "dummy", "safetensors", "gguf"),
@@ -30,6 +30,9 @@ def define_engine_flags(*, load_formats=("auto", "dummy", "safetensors", "gguf")
                       "(cascade work lists; off by default until faster, see benchmarks/README.md)")
     flags.DEFINE_enum("schedule_policy", "batchllm", ["fifo", "batchllm", "blendserve"],
                       "admission order")
+    flags.DEFINE_enum("layer_loop", "auto", ["auto", "scan", "unrolled"],
+                      "decoder layer loop: scan over stacked weights (CPU default) or unrolled "
+                      "over per-layer arrays (accelerator default: no per-step weight copies)")
     flags.DEFINE_bool("admission_control", True,
                       "admit only what fits at full length (no preemption)")
 

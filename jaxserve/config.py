@@ -203,6 +203,10 @@ class EngineConfig:
     admission_control: bool = True        # admit only what fits at full length: no preemption
     seed: int = 0
     compile_on_init: bool = True
+    # "scan": lax.scan over stacked layers (compile time independent of depth; CPU default).
+    # "unrolled": a Python loop over per-layer weight arrays (accelerator default): no per-step
+    # copies of each layer's weights, at the price of a longer compile.
+    layer_loop: str = "auto"
 
     def __post_init__(self):
         def pos_int(name):
@@ -224,6 +228,9 @@ class EngineConfig:
         if self.schedule_policy not in ("fifo", "batchllm", "blendserve"):
             raise ConfigError(f"engine: field 'schedule_policy'={self.schedule_policy!r} must be one "
                               "of fifo, batchllm, blendserve")
+        if self.layer_loop not in ("auto", "scan", "unrolled"):
+            raise ConfigError(f"engine: field 'layer_loop'={self.layer_loop!r} must be one of "
+                              "auto, scan, unrolled")
         if not 0 < self.kv_cache_memory_fraction <= 1:
             raise ConfigError("engine: field 'kv_cache_memory_fraction' must be in (0, 1], got "
                               f"{self.kv_cache_memory_fraction!r}")

@@ -351,7 +351,8 @@ def main(argv):
                     record("pallas_gpu_cascade" + (f"[{v}]" if v else ""), lambda kc, vc, q, md, bk=bk, c=c:
                            gpu.ragged_paged_attention(q, kc, vc, md,
                                                       sm_scale=sm_scale, block_kv=bk,
-                                                      num_warps=c.get("warps")),
+                                                      num_warps=c.get("warps"),
+                                                      num_stages=c.get("stages", 2)),
                            list(zip(qs, mdw)), note)
             elif impl == "xla_reference":
                 record(impl, lambda kc, vc, q, md: reference.ragged_paged_attention(
@@ -372,7 +373,10 @@ def main(argv):
                     bt = np.zeros((m.num_seqs, pp), np.int32)
                     bt[:, :p] = m.page_table
                     args.append((q, jnp.asarray(bt), jnp.asarray(m.seq_lens)))
-                record(impl, lambda kc, vc, q, bt, ln: paged_attention(q, kc, vc, bt, ln),
+                # It has no softmax-scale argument: scale q (part of the timed program, as
+                # a user of it would have to).
+                record(impl, lambda kc, vc, q, bt, ln: paged_attention(
+                    (q * sm_scale).astype(q.dtype), kc, vc, bt, ln),
                        args, "jax.experimental.pallas.ops.gpu.paged_attention, defaults; "
                        "reads every request's KV (no sharing)")
             elif impl in ("cudnn_dense", "xla_dense") and decode_only:
