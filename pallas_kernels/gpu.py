@@ -58,7 +58,7 @@ def _num_sms() -> int:
 
 def _kernel(pt_ref, base_ref, kvs_ref, kve_ref, off_ref, rows_ref, hi_ref, q_ref, k_ref, v_ref,
             o_ref, lse_ref, *, g: int, hq: int, ppb: int, page_size: int, scale_log2: float,
-            window: Optional[int], prec, masked_store: bool):
+            window: Optional[int], prec, masked_store: bool, prefetch_pages: bool = False):
     h = pl.program_id(1)
     bk = ppb * page_size
     kv_start = kvs_ref[0]
@@ -78,9 +78,21 @@ def _kernel(pt_ref, base_ref, kvs_ref, kve_ref, off_ref, rows_ref, hi_ref, q_ref
     else:
         lo_e = jnp.maximum(hi - window, kv_start)
 
+    first = lax.div(kv_start, bk)
+    last = lax.div(kv_end + bk - 1, bk)
+
+    def load_pages(i):
+        return pt_ref[pl.ds(base + i * ppb, ppb)] + off    # [ppb] global page ids
+
     def body(i, carry):
-        acc, m, l = carry
-        pages = pt_ref[pl.ds(base + i * ppb, ppb)] + off   # [ppb] global page ids
+        if prefetch_pages:
+            # The next block's page ids are loaded one iteration ahead, so the K/V gather does
+            # not wait behind a dependent page-table load (short items are latency-bound).
+            acc, m, l, pages = carry
+            nxt = load_pages(jnp.minimum(i + 1, jnp.maximum(last - 1, first)))
+        else:
+            acc, m, l = carry
+            pages = load_pages(i)
         k = k_ref[pages].reshape(bk, d)
         v = v_ref[pages].reshape(bk, d)
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=prec,
@@ -95,14 +107,17 @@ def _kernel(pt_ref, base_ref, kvs_ref, kve_ref, off_ref, rows_ref, hi_ref, q_ref
         acc = acc * alpha[:, None] + lax.dot_general(
             p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=prec,
             preferred_element_type=jnp.float32)
+        if prefetch_pages:
+            return acc, m_new, l, nxt
         return acc, m_new, l
 
     acc = jnp.zeros((bm, d), jnp.float32)
     m = jnp.full((bm,), MASK_VALUE, jnp.float32)
     l = jnp.zeros((bm,), jnp.float32)
-    first = lax.div(kv_start, bk)
-    last = lax.div(kv_end + bk - 1, bk)
-    acc, m, l = lax.fori_loop(first, last, body, (acc, m, l))
+    if prefetch_pages:
+        acc, m, l, _ = lax.fori_loop(first, last, body, (acc, m, l, load_pages(first)))
+    else:
+        acc, m, l = lax.fori_loop(first, last, body, (acc, m, l))
 
     nonempty = hi_e > lo_e
     l_safe = jnp.where(l > 0, l, 1.0)
@@ -122,7 +137,7 @@ def _kernel(pt_ref, base_ref, kvs_ref, kve_ref, off_ref, rows_ref, hi_ref, q_ref
 def attention_partials(q2, k_cache, v_cache, work: WorkItems, page_offset, *, g: int, hq: int,
                        sm_scale: float, window: Optional[int], pages_per_block: int,
                        num_warps: int, num_stages: int, interpret: bool,
-                       partial_dtype=None):
+                       partial_dtype=None, prefetch_pages: bool = False):
     """Run the kernel over every item x KV head.
 
     q2: [T * Hq, D]. Returns o [W, Hkv, BM, D] (partial_dtype), lse float32 [W, Hkv, BM].
@@ -137,7 +152,7 @@ def attention_partials(q2, k_cache, v_cache, work: WorkItems, page_offset, *, g:
     off = jnp.asarray(page_offset, jnp.int32).reshape(1)
     kernel = functools.partial(
         _kernel, g=g, hq=hq, ppb=ppb, page_size=ps, scale_log2=sm_scale * LOG2E, window=window,
-        prec=prec, masked_store=hasattr(pltriton, "store"))
+        prec=prec, masked_store=hasattr(pltriton, "store"), prefetch_pages=prefetch_pages)
     npt = work.page_table.shape[0]
     item = lambda i, h: (i,)                                   # noqa: E731
     o, lse = pl.pallas_call(
@@ -316,7 +331,8 @@ def ragged_paged_attention(q, k_cache, v_cache, md: AttentionMetadata, *, page_o
                            sm_scale: float, sliding_window: Optional[int] = None,
                            interpret: bool = False, block_rows: Optional[int] = None,
                            block_kv: Optional[int] = None, kv_splits: Optional[int] = None,
-                           num_warps: Optional[int] = None, num_stages: int = 2) -> jax.Array:
+                           num_warps: Optional[int] = None, num_stages: int = 2,
+                           prefetch_pages: bool = False) -> jax.Array:
     """Causal attention of a ragged token batch over the paged cache (GPU Pallas, Triton).
 
     Uses `md.work` when set (host-built, e.g. with shared-prefix groups); otherwise builds a
@@ -359,6 +375,6 @@ def ragged_paged_attention(q, k_cache, v_cache, md: AttentionMetadata, *, page_o
     o, lse = attention_partials(
         q.reshape(t * hq, dp), k_cache, v_cache, work, page_offset, g=g, hq=hq,
         sm_scale=sm_scale, window=sliding_window, pages_per_block=ppb, num_warps=num_warps,
-        num_stages=num_stages, interpret=interpret)
+        num_stages=num_stages, interpret=interpret, prefetch_pages=prefetch_pages)
     out = merge(o, lse, work.merge_idx, t, hkv, g, q.dtype)
     return out[..., :d] if dp != d else out

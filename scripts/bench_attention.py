@@ -319,7 +319,7 @@ def main(argv):
                     c = parse_cfg(v)
                     kw = dict(block_kv=c.get("bk"), kv_splits=c.get("splits"),
                               num_warps=c.get("warps"), num_stages=c.get("stages", 2),
-                              block_rows=c.get("bm"))
+                              block_rows=c.get("bm"), prefetch_pages=bool(c.get("pf", 0)))
                     record(f"pallas_gpu[{v}]", lambda kc, vc, q, md, kw=kw: gpu.ragged_paged_attention(
                         q, kc, vc, md, sm_scale=sm_scale, **kw),
                         list(zip(qs, mds_j)), "no sharing; variant")
@@ -352,7 +352,8 @@ def main(argv):
                            gpu.ragged_paged_attention(q, kc, vc, md,
                                                       sm_scale=sm_scale, block_kv=bk,
                                                       num_warps=c.get("warps"),
-                                                      num_stages=c.get("stages", 2)),
+                                                      num_stages=c.get("stages", 2),
+                                                      prefetch_pages=bool(c.get("pf", 0))),
                            list(zip(qs, mdw)), note)
             elif impl == "xla_reference":
                 record(impl, lambda kc, vc, q, md: reference.ragged_paged_attention(

@@ -301,6 +301,20 @@ def test_pallas_cascade(interpret, name, seqs, groups, page_size, g, dtype, chun
 
 
 @pytest.mark.parametrize("interpret", MODES)
+def test_pallas_prefetch_pages(interpret):
+    """Page ids loaded one block ahead: same output, with and without groups, on items of one
+    block, several blocks and empty items (chunked prefixes, members with empty suffixes)."""
+    c = make_case(31, seqs=MIXED, page_size=16, g=4, d=64)
+    assert_close(run_kernel(c, interpret=interpret, prefetch_pages=True, block_kv=32,
+                            kv_splits=2), reference_out(c), c, jnp.float32)
+    name, seqs, groups, ps, g, dtype, chunk, bm = CASCADE_KERNEL[2]
+    c = make_case(32, seqs=seqs, groups=groups, page_size=ps, g=g, d=64, dtype=DT[dtype])
+    out = run_kernel(c, interpret=interpret, cascade=True, chunk_len=chunk, block_rows=bm,
+                     block_kv=32, prefetch_pages=True)
+    assert_close(out, reference_out(c), c, DT[dtype])
+
+
+@pytest.mark.parametrize("interpret", MODES)
 def test_pallas_cascade_window(interpret):
     c = make_case(7, seqs=[(40, 1), (36, 3)], groups=[(32, [0, 1])], page_size=8, g=4, d=64)
     out = run_kernel(c, interpret=interpret, cascade=True, sliding_window=11, block_kv=32,
