@@ -26,10 +26,14 @@ def analyse(cfg: ModelConfig, prompts: list[list[int]], params: list[SamplingPar
         raise ValueError(f"unknown device {device!r} (known: {', '.join(DEVICES)})")
     dev = DEVICES[device]
     seqs = [Sequence(index=i, prompt_ids=list(p), params=sp) for i, (p, sp) in enumerate(zip(prompts, params))]
-    plan = plan_batch(seqs, sharing=True, policy=policy, model_cfg=cfg)
+    # As the engine does: a request asking for prompt logprobs prefills its whole prompt itself.
+    own = [s for s in seqs if s.params.prompt_logprobs is not None]
+    plan = plan_batch([s for s in seqs if s.params.prompt_logprobs is None] if own else seqs,
+                      sharing=True, policy=policy, model_cfg=cfg)
     tree = plan.tree
     prompt_tokens = sum(len(p) for p in prompts)
-    optimal = tree.optimal_prefill_tokens if tree is not None else prompt_tokens
+    optimal = (tree.optimal_prefill_tokens + sum(len(s.prompt_ids) for s in own)
+               if tree is not None else prompt_tokens)
     out_tokens = [sp.max_tokens for sp in params]
     group_sizes: dict = {}
     for s in seqs:

@@ -20,6 +20,7 @@ from jaxserve.cache import PagePool
 from jaxserve.config import ConfigError, EngineConfig, ModelConfig
 from jaxserve.outputs import RequestMetrics, RequestOutput, SampleOutput
 from jaxserve.runner.buckets import BucketSet
+from jaxserve.runner.extras import ExtrasContext, wants_prompt_logprobs
 from jaxserve.runner.model_runner import ModelRunner
 from jaxserve.runner.sampler import NUM_BANNED
 from jaxserve.sampling_params import SamplingParams
@@ -127,6 +128,10 @@ class Engine:
             (lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer else None)
         kv_dtype = kv_dtype or model.embed.value.dtype
         self.attention_impl = resolve_attention_impl(ecfg.attention_impl)
+        self.layer_loop = (ecfg.layer_loop if ecfg.layer_loop != "auto" else
+                           "scan" if jax.default_backend() == "cpu" else "unrolled")
+        if self.layer_loop == "unrolled" and hasattr(model, "unstack_layers"):
+            model.unstack_layers()   # before the KV cache is sized from the memory left
         self.num_pages = size_kv_pages(model_cfg, ecfg, kv_dtype, self.max_model_len)
         max_pages_per_seq = -(-self.max_model_len // ecfg.page_size)
         # Page-width buckets only pay where attention cost grows with the page-table width: the
@@ -212,13 +217,28 @@ class Engine:
                                                          p.include_stop_str_in_output)
                 stats.prompt_tokens += len(seq.prompt_ids)
                 seqs.append(seq)
-        plan = plan_batch(seqs, sharing=self.ecfg.global_prefix_sharing,
+        # Prompt logprobs need logits at every prompt position, so the sample that reports them
+        # prefills its whole prompt in its own rows: it stays out of the prefix-sharing plan and
+        # is admitted after the planned requests (in input order under fifo or without sharing).
+        own = [s for s in seqs if wants_prompt_logprobs(s)]
+        planned = [s for s in seqs if not wants_prompt_logprobs(s)] if own else seqs
+        plan = plan_batch(planned, sharing=self.ecfg.global_prefix_sharing,
                           policy=self.ecfg.schedule_policy, model_cfg=self.cfg)
-        stats.optimal_prefill_tokens = (plan.optimal_prefill_tokens
-                                        if plan.tree is not None else stats.prompt_tokens)
+        in_order = plan.tree is None or self.ecfg.schedule_policy == "fifo"
+        next_order = max((s.order for s in planned), default=-1) + 1
+        for j, s in enumerate(own):
+            s.order = s.index if in_order else next_order + j
+        stats.optimal_prefill_tokens = (
+            plan.optimal_prefill_tokens + sum(len(s.prompt_ids) for s in own)
+            if plan.tree is not None else stats.prompt_tokens)
         stats.num_groups = plan.num_groups
         stats.num_shared_prefixes = len(plan.prefixes)
         sched.add_all(seqs)
+        # Logprobs / penalties: their programs are compiled now, before the first step, and only
+        # when this batch asks for them; steps without such rows keep the plain programs.
+        extras = ExtrasContext.for_batch(seqs, self.cfg.vocab_size)
+        if extras is not None:
+            self.runner.compile_extras(extras.spec, self.ecfg.fused_decode_steps)
 
         n_fused = self.ecfg.fused_decode_steps
         while sched.has_work:
@@ -240,13 +260,22 @@ class Engine:
             sampling_rows = [row.seq for row in plan.rows if row.samples]
             gen_step = 0
             before = {id(s): len(s.output_ids) for s in sampling_rows}
+            use_extras = extras is not None and extras.step_needs(plan)
             if plan.decode_steps > 1:
-                tokens = self.runner.execute_block(plan)
+                if use_extras:
+                    tokens, ex_out = self.runner.execute_block_extras(plan, extras)
+                else:
+                    tokens = self.runner.execute_block(plan)
                 stats.fused_blocks += 1
                 finished = sched.commit_block(plan, tokens)
             else:
-                tokens, _ = self.runner.execute(plan)
+                if use_extras:
+                    tokens, ex_out = self.runner.execute_extras(plan, extras)
+                else:
+                    tokens, _ = self.runner.execute(plan)
                 finished = sched.commit(plan, tokens)
+            if use_extras:
+                extras.collect(plan, ex_out, fused=plan.decode_steps > 1)
             stats.num_steps += plan.decode_steps
             padded = self.buckets.pick(plan.num_tokens, 1)[0] * plan.decode_steps
             stats.padded_tokens += padded
@@ -266,8 +295,9 @@ class Engine:
                 else:
                     text = self.detokenize(seq.output_ids) if self.detokenize else ""
                 i = seq.request
+                lp, plp = extras.finish(seq) if extras is not None else (None, None)
                 pending[i][seq.sample] = (seq, SampleOutput(text, list(seq.output_ids),
-                                                            seq.finish_reason))
+                                                            seq.finish_reason, logprobs=lp), plp)
                 if all(x is not None for x in pending[i]):
                     parts = pending.pop(i)
                     first = parts[0][0]
@@ -276,7 +306,8 @@ class Engine:
                     outputs[i] = RequestOutput(req.request_id, req.prompt, first.prompt_ids,
                                                samples[0].text, samples[0].token_ids,
                                                samples[0].finish_reason, metrics=first.metrics,
-                                               samples=samples)
+                                               samples=samples, prompt_logprobs=parts[0][2],
+                                               logprobs=samples[0].logprobs)
                     if on_output is not None:
                         on_output(i, outputs[i])
             stats.trace.append((now - t_start, plan.num_tokens * plan.decode_steps, gen_step, padded))

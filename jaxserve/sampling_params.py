@@ -3,7 +3,10 @@ error for that request alone, found before any compute."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional, Sequence
+
+MAX_LOGPROBS = 20   # top log-probabilities per token (OpenAI's top_logprobs limit, vLLM's default)
 
 
 class InvalidRequest(ValueError):
@@ -24,6 +27,19 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     min_tokens: int = 0
     ignore_eos: bool = False
+    # Log-probabilities (vLLM semantics): for each generated token, its own logprob plus the top
+    # `logprobs` tokens'; for each prompt token after the first, the same with `prompt_logprobs`.
+    # Both are of the model's raw distribution (log_softmax of the logits before penalties,
+    # temperature and top-k/top-p/min-p: vLLM's default "raw_logprobs"). None = not returned.
+    logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
+    # Penalties (vLLM/OpenAI semantics), applied to the logits before temperature and filtering,
+    # greedy included: repetition over prompt + generated tokens (logit > 0 -> logit / r, else
+    # logit * r; 1 = off), then frequency * count and presence * (count > 0) over this sample's
+    # generated tokens (0 = off).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self):
         def bad(field, why):
@@ -33,10 +49,24 @@ class SamplingParams:
             v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, int):
                 bad(field, "must be an integer")
-        for field in ("temperature", "top_p", "min_p"):
+        for field in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                      "repetition_penalty"):
             v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 bad(field, "must be a number")
+            if not math.isfinite(v):
+                bad(field, "must be finite")
+        for field in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, field)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                bad(field, "must be an integer or null")
+            if v is not None and not 0 <= v <= MAX_LOGPROBS:
+                bad(field, f"must be in [0, {MAX_LOGPROBS}]")
+        for field in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, field) <= 2:
+                bad(field, "must be in [-2, 2]")
+        if self.repetition_penalty <= 0:
+            bad("repetition_penalty", "must be > 0 (1 = off)")
         if not 1 <= self.n <= 1024:
             bad("n", "must be in [1, 1024]")
         if self.max_tokens < 1:
@@ -67,7 +97,15 @@ class SamplingParams:
         self.temperature = float(self.temperature)
         self.top_p = float(self.top_p)
         self.min_p = float(self.min_p)
+        self.presence_penalty = float(self.presence_penalty)
+        self.frequency_penalty = float(self.frequency_penalty)
+        self.repetition_penalty = float(self.repetition_penalty)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)

@@ -108,10 +108,12 @@ def main(argv):
         prios.append(it.priority)
     finish_order = [keys[i] for i in range(len(items)) if keys[i] in done]
     model_name = os.path.basename(FLAGS.model or "SmolLM2-135M-Instruct")
+    tok = llm.tokenizer
+    token_text = (lambda t: tok.decode([t], skip_special_tokens=False)) if tok is not None else str
 
     def persist(j, out):
         i = todo[j]
-        done[keys[i]] = result_record(items[i], out, model_name)
+        done[keys[i]] = result_record(items[i], out, model_name, token_text)
         log.append(keys[i], done[keys[i]])
         finish_order.append(keys[i])
 

@@ -37,6 +37,8 @@ BAD_LINES = {
     "must be a list of integers": '{"id": "i", "prompt_token_ids": [1, "two"]}',
     "outside the vocabulary": '{"id": "v", "prompt_token_ids": [1, 99999]}',
     "field 'priority' must be an integer": '{"id": "r", "prompt_token_ids": [1], "priority": "high"}',
+    "field 'logprobs': must be in [0, 20]": '{"id": "lp", "prompt_token_ids": [1], "logprobs": 21}',
+    "field 'repetition_penalty': must be > 0": '{"id": "rp", "prompt_token_ids": [1], "repetition_penalty": 0}',
 }
 
 
@@ -89,7 +91,11 @@ def test_missing_input_file_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("text,field", [('{"prompt": "a", "seed": 1.5}', "seed"),
                                         ('{"prompt": "a", "stop_token_ids": "x"}', "stop_token_ids"),
-                                        ('{"prompt": "a", "min_tokens": 5, "max_tokens": 2}', "min_tokens")])
+                                        ('{"prompt": "a", "min_tokens": 5, "max_tokens": 2}', "min_tokens"),
+                                        ('{"prompt": "a", "presence_penalty": 3}', "presence_penalty"),
+                                        ('{"prompt": "a", "frequency_penalty": "x"}', "frequency_penalty"),
+                                        ('{"prompt": "a", "prompt_logprobs": -1}', "prompt_logprobs"),
+                                        ('{"prompt": "a", "logprobs": true}', "logprobs")])
 def test_parse_line_names_the_field(text, field):
     item = parse_line(7, text, {})
     assert item.error.startswith("line 7:") and f"'{field}'" in item.error

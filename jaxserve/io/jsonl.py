@@ -2,6 +2,7 @@
 
 Input lines: {"id": ..., "prompt": "..."} or {"id": ..., "messages": [{"role", "content"}, ...]}
 (or "prompt_token_ids": [...]), with optional sampling fields (see SAMPLING_FIELDS) and "priority".
+Output records carry "logprobs" / "prompt_logprobs" only when the line asked for them.
 A line that cannot be used becomes an error record naming the line and the problem; it never stops
 the batch.
 """
@@ -98,10 +99,19 @@ def read_batch(path: str, defaults: Optional[dict] = None) -> list[BatchItem]:
     return items
 
 
-def result_record(item: BatchItem, out, model_name: str = "jaxserve") -> dict:
-    """The output line for one input line (`out` is a RequestOutput, or None for a parse error)."""
+def _logprobs_json(lps):
+    """Logprobs dicts (token id -> logprob) as JSON objects (ids become string keys)."""
+    if lps is None:
+        return None
+    return [None if d is None else {str(t): v for t, v in d.items()} for d in lps]
+
+
+def result_record(item: BatchItem, out, model_name: str = "jaxserve",
+                  token_text=None) -> dict:
+    """The output line for one input line (`out` is a RequestOutput, or None for a parse error).
+    `token_text(id)` names tokens in OpenAI logprobs."""
     if item.fmt == "openai":
-        return openai_record(item, out, model_name)
+        return openai_record(item, out, model_name, token_text)
     rec: dict[str, Any] = {"id": item.id}
     if item.metadata is not None:
         rec["metadata"] = item.metadata
@@ -115,8 +125,17 @@ def result_record(item: BatchItem, out, model_name: str = "jaxserve") -> dict:
                usage={"prompt_tokens": len(out.prompt_token_ids),
                       "completion_tokens": sum(len(x.token_ids) for x in out.samples)
                       if out.samples else len(out.token_ids)})
+    # Only when asked for: one {token id: logprob} object per token (the chosen token's included;
+    # prompt_logprobs starts with null for the first prompt token).
+    first = out.samples[0] if out.samples else out
+    if first.logprobs is not None:
+        rec["logprobs"] = _logprobs_json(first.logprobs)
+    if out.prompt_logprobs is not None:
+        rec["prompt_logprobs"] = _logprobs_json(out.prompt_logprobs)
     if len(out.samples) > 1:
-        rec["samples"] = [{"text": x.text, "token_ids": x.token_ids, "finish_reason": x.finish_reason}
+        rec["samples"] = [{"text": x.text, "token_ids": x.token_ids, "finish_reason": x.finish_reason,
+                           **({"logprobs": _logprobs_json(x.logprobs)} if x.logprobs is not None
+                              else {})}
                           for x in out.samples]
     return rec
 

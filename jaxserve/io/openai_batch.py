@@ -3,20 +3,30 @@
 "status_code", "request_id", "body": {... "choices", "usage"}}, "error"}.
 
 Fields we cannot honour yet are refused per line with a message naming them, never ignored.
+
+Log-probabilities and penalties follow OpenAI's fields: /v1/chat/completions takes `logprobs`
+(bool) and `top_logprobs` (0..20, needs `logprobs`), /v1/completions takes `logprobs` (an int: how
+many top logprobs, 0..20); both take `presence_penalty` and `frequency_penalty` ([-2, 2]) and, as a
+vLLM-style extension, `repetition_penalty` (> 0, 1 = off). Logprobs are of the model's raw
+distribution (before penalties, temperature and top-p; vLLM's default) and come back in OpenAI's
+shape: chat `choices[i].logprobs.content = [{token, logprob, bytes, top_logprobs: [{token, logprob,
+bytes}]}]`; completions `choices[i].logprobs = {tokens, token_logprobs, top_logprobs: [{token:
+logprob}], text_offset}`, with offsets counted from the start of the returned text. Token strings
+are each token decoded on its own (as vLLM does), `bytes` their UTF-8 bytes.
 """
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable, Optional
 
-from jaxserve.sampling_params import InvalidRequest, SamplingParams
+from jaxserve.sampling_params import MAX_LOGPROBS, InvalidRequest, SamplingParams
 
 URLS = ("/v1/completions", "/v1/chat/completions")
 # Body fields we honour; `model` names the served model and is not checked (one model per job).
 _BODY_FIELDS = {"model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature",
                 "top_p", "n", "stop", "seed", "user", "logprobs", "top_logprobs", "stream",
-                "presence_penalty", "frequency_penalty"}
+                "presence_penalty", "frequency_penalty", "repetition_penalty"}
 
 
 def is_openai_line(obj: dict) -> bool:
@@ -73,16 +83,29 @@ def parse_openai(item, obj: dict, defaults: dict) -> None:
             return refuse("prompt", "must be a string or a list of token ids")
     if body.get("stream", False):
         return refuse("stream", "streaming does not apply to batch files")
-    if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs"):
-        return refuse("logprobs", "log-probabilities are not supported yet")
-    for f in ("presence_penalty", "frequency_penalty"):
-        if body.get(f, 0) not in (0, 0.0):
-            return refuse(f, "penalties are not supported yet")
     kw = dict(defaults)
+    lp, top = body.get("logprobs"), body.get("top_logprobs")
+    if url == "/v1/chat/completions":
+        if lp is not None and not isinstance(lp, bool):
+            return refuse("logprobs", "must be a boolean (the number goes in 'top_logprobs')")
+        if top is not None:
+            if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_LOGPROBS:
+                return refuse("top_logprobs", f"must be an integer in [0, {MAX_LOGPROBS}]")
+            if not lp:
+                return refuse("top_logprobs", "needs 'logprobs': true")
+        if lp:
+            kw["logprobs"] = top or 0
+    else:
+        if top is not None:
+            return refuse("top_logprobs", "is a /v1/chat/completions field; /v1/completions "
+                          "takes the number of top logprobs in 'logprobs'")
+        if lp is not None:
+            kw["logprobs"] = lp
     mt = body.get("max_completion_tokens", body.get("max_tokens"))
     if mt is not None:
         kw["max_tokens"] = mt
-    for f in ("temperature", "top_p", "seed", "stop", "n"):
+    for f in ("temperature", "top_p", "seed", "stop", "n", "presence_penalty", "frequency_penalty",
+              "repetition_penalty"):
         if body.get(f) is not None:
             kw[f] = body[f]
     try:
@@ -92,7 +115,33 @@ def parse_openai(item, obj: dict, defaults: dict) -> None:
         item.error = f"{where}: {str(e).replace('field ' + chr(39), 'field ' + chr(39) + 'body.')}"
 
 
-def openai_record(item, out, model_name: str) -> dict[str, Any]:
+def _token_entry(text: str, lp: float) -> dict[str, Any]:
+    return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+
+def _logprobs_block(smp, k: int, chat: bool, token_text: Callable[[int], str]) -> dict[str, Any]:
+    """OpenAI's logprobs object of one choice from SampleOutput.logprobs."""
+    steps = []
+    for tok, d in zip(smp.token_ids, smp.logprobs):
+        top = sorted(d.items(), key=lambda kv: -kv[1])[:k]
+        steps.append((tok, d[tok], top))
+    if chat:
+        return {"content": [{**_token_entry(token_text(tok), lp),
+                             "top_logprobs": [_token_entry(token_text(t), v) for t, v in top]}
+                            for tok, lp, top in steps], "refusal": None}
+    tokens = [token_text(tok) for tok, _, _ in steps]
+    offsets, pos = [], 0
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in steps],
+            "top_logprobs": [{token_text(t): v for t, v in top} for _, _, top in steps],
+            "text_offset": offsets}
+
+
+def openai_record(item, out, model_name: str,
+                  token_text: Optional[Callable[[int], str]] = None) -> dict[str, Any]:
+    """`token_text(id)` names a token in logprobs (default: the id as a string)."""
     rid = f"batch_req_{uuid.uuid4().hex[:24]}"
     if out is None or out.finish_reason == "error":
         err = item.error or f"line {item.line_no}: {out.error if out is not None else 'unknown error'}"
@@ -102,6 +151,8 @@ def openai_record(item, out, model_name: str) -> dict[str, Any]:
     choices = []
     for k, smp in enumerate(out.samples or [out]):
         choice: dict[str, Any] = {"index": k, "finish_reason": smp.finish_reason, "logprobs": None}
+        if getattr(smp, "logprobs", None) is not None and item.params is not None:
+            choice["logprobs"] = _logprobs_block(smp, item.params.logprobs, chat, token_text or str)
         if chat:
             choice["message"] = {"role": "assistant", "content": smp.text}
         else:

@@ -3,11 +3,17 @@
 Every program is compiled ahead of time (`lower().compile()`) at start-up; `execute` only looks the
 program up, so a run can never trigger a compile behind the user's back (a missing bucket is a bug
 and raises). The KV cache is donated to every step and replaced by the step's output.
+
+Sampling extras (logprobs, prompt logprobs, penalties; jaxserve.runner.extras) run in a second set
+of programs, compiled by `compile_extras` at the start of a run whose batch asks for them; the
+plain programs above are untouched by them.
 """
 from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,14 +21,23 @@ from flax import nnx
 
 from jaxserve.config import ModelConfig
 from jaxserve.models.llama import ForwardOptions
+from jaxserve.runner import extras as ex_mod
 from jaxserve.runner.buckets import BucketSet
-from jaxserve.runner.sampler import NUM_BANNED, SamplingInputs, sample
+from jaxserve.runner.extras import ExtrasContext, ExtrasInputs, ExtrasOutputs, ExtrasSpec
+from jaxserve.runner.sampler import (NUM_BANNED, SamplingInputs, apply_penalties, history_to_dense,
+                                     penalize, sample, top_logprobs)
 from jaxserve.runner.step_inputs import (DecodeBlockInputs, StepInputs,
                                          build_decode_block_inputs, build_step_inputs)
 from jaxserve.scheduler import StepPlan
 from jaxserve.scheduler.batcher import MAX_COPIES
 import pallas_kernels
 from pallas_kernels.metadata import AttentionMetadata, WorkItems
+
+
+# Inference programs have no backward pass to trade memory for, and XLA's rematerialization pass
+# counts the donated KV cache twice (input and output), finds the program "over" device memory and
+# spends ~10 s per program failing to shrink it (H100, unrolled Llama-3-8B: 122 s for 12 programs).
+COMPILER_OPTIONS = {"xla_disable_hlo_passes": "rematerialization"}
 
 
 class ModelRunner:
@@ -46,7 +61,13 @@ class ModelRunner:
         self._jit = jax.jit(self._step, donate_argnums=(1, 2), static_argnames=("return_logits",))
         self._jit_block = jax.jit(self._decode_block, donate_argnums=(1, 2),
                                   static_argnames=("n_steps",))
+        self._jit_ex = jax.jit(self._step_extras, donate_argnums=(1, 2), static_argnames=("spec",))
+        self._jit_block_ex = jax.jit(self._decode_block, donate_argnums=(1, 2),
+                                     static_argnames=("n_steps", "spec"))
         self._compiled: dict[tuple, object] = {}
+        # Extras programs use the widest page table only: one per token bucket (page-width
+        # buckets only pay for the gather-based CPU reference, and extras steps are the rare ones).
+        self.extras_buckets = dataclasses.replace(buckets, page_buckets=buckets.page_buckets[-1:])
         self.compile_seconds = 0.0
 
     @property
@@ -73,8 +94,68 @@ class ModelRunner:
         tokens = sample(logits, inputs.sampling)
         return tokens, (logits if return_logits else None), k_cache, v_cache
 
-    def _decode_block(self, params, k_cache, v_cache, bi: DecodeBlockInputs, n_steps: int):
-        """`n_steps` decode steps in one program; returns tokens i32[n_steps, S].
+    # -- extras (only in the programs compiled for them) ---------------------------------------
+    def _sample_extras(self, logits, si: SamplingInputs, ex: ExtrasInputs, spec: ExtrasSpec,
+                       dense=None):
+        """Penalties, then the usual sampler; logprobs of the raw logits. `dense` (fused blocks)
+        is the carried (counts, seen) instead of the step's sparse history."""
+        out = ExtrasOutputs()
+        if spec.logprobs:
+            lp, out.top_lp, out.top_ids = top_logprobs(logits, ex_mod.num_top(logits.shape[-1]))
+        x = logits
+        if spec.hist_width:
+            if dense is None:
+                x = penalize(x, ex.hist_ids, ex.hist_counts, ex.presence, ex.frequency,
+                             ex.repetition)
+            else:
+                active = jnp.any((ex.presence != 0) | (ex.frequency != 0) | (ex.repetition != 1))
+                x = jax.lax.cond(active, lambda y: apply_penalties(y, *dense, ex.presence,
+                                                                   ex.frequency, ex.repetition),
+                                 lambda y: y, x)
+        tokens = sample(x, si)
+        if spec.logprobs:
+            out.sampled_lp = jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0]
+        return tokens, out
+
+    def _prompt_logprobs(self, model, hidden, targets):
+        """Logprobs at every token row (LM head over all T rows, in chunks), only when some row
+        of the step asks (lax.cond); zeros otherwise."""
+        t, d = hidden.shape
+        c = ex_mod.prompt_chunk(t)
+        k = ex_mod.num_top(self.cfg.vocab_size)
+
+        def compute(_):
+            def one(args):
+                h, tg = args
+                lp, vals, ids = top_logprobs(model.compute_logits(h), k)
+                return jnp.take_along_axis(lp, jnp.maximum(tg, 0)[:, None], axis=-1)[:, 0], vals, ids
+
+            a, vals, ids = jax.lax.map(one, (hidden.reshape(t // c, c, d), targets.reshape(t // c, c)))
+            return a.reshape(t), vals.reshape(t, k), ids.reshape(t, k)
+
+        def skip(_):
+            return (jnp.zeros(t, jnp.float32), jnp.zeros((t, k), jnp.float32),
+                    jnp.zeros((t, k), jnp.int32))
+
+        return jax.lax.cond(jnp.any(targets >= 0), compute, skip, None)
+
+    def _step_extras(self, params, k_cache, v_cache, inputs: StepInputs, ex: ExtrasInputs,
+                     spec: ExtrasSpec):
+        model = nnx.merge(self.graphdef, params)
+        k_cache, v_cache = self._copy_pages(k_cache, v_cache, inputs.copy_src, inputs.copy_dst)
+        res = model(inputs.input_ids, inputs.attn, k_cache, v_cache, inputs.logits_indices,
+                    self.opts, return_hidden=spec.prompt_logprobs)
+        logits, k_cache, v_cache = res[:3]
+        tokens, out = self._sample_extras(logits, inputs.sampling, ex, spec)
+        if spec.prompt_logprobs:
+            out.plp_lp, out.plp_top_lp, out.plp_top_ids = self._prompt_logprobs(
+                model, res[3], ex.plp_target)
+        return tokens, out, k_cache, v_cache
+
+    def _decode_block(self, params, k_cache, v_cache, bi: DecodeBlockInputs, ex=None, *,
+                      n_steps: int, spec: Optional[ExtrasSpec] = None):
+        """`n_steps` decode steps in one program; returns tokens i32[n_steps, S] (and, with extras,
+        their ExtrasOutputs stacked over steps).
 
         Rows that have finished (stop id or no tokens left) keep computing (shapes are static) but
         write their K/V into the sink page, so their pages are never touched past their end.
@@ -91,7 +172,7 @@ class ModelRunner:
         p_width = md0.page_table.shape[1]
 
         def body(i, carry):
-            k_cache, v_cache, tokens_in, done, out = carry
+            k_cache, v_cache, tokens_in, done, out, ext = carry
             live_row = (~done) & (i < bi.remaining)                   # [S]
             live = real & live_row[row]                                # [T]
             pos = md0.positions + i
@@ -104,15 +185,38 @@ class ModelRunner:
                                              self.opts)
             si = dataclasses.replace(st.sampling, token_index=st.sampling.token_index + i,
                                      banned=jnp.where((i < bi.min_left)[:, None], bi.stop_ids, -1))
-            tok = sample(logits, si)
+            if spec is None:
+                tok = sample(logits, si)
+            else:
+                dense, outs = ext
+                tok, o = self._sample_extras(logits, si, ex, spec, dense=dense)
+                if dense is not None:   # this step's token joins the history of the next ones
+                    counts, seen = dense
+                    rows = jnp.arange(s_rows)
+                    dense = (counts.at[rows, tok].add(1), seen.at[rows, tok].set(True))
+                outs = jax.tree.map(lambda a, v: a.at[i].set(v), outs, o)
+                ext = (dense, outs)
             is_stop = jnp.any((tok[:, None] == bi.stop_ids) & (bi.stop_ids >= 0), axis=-1)
             done = done | (is_stop & (i + 1 >= bi.min_left)) | (i + 1 >= bi.remaining)
             out = out.at[i].set(tok)
-            return k_cache, v_cache, tok[row], done, out
+            return k_cache, v_cache, tok[row], done, out, ext
 
+        ext = None
+        if spec is not None:
+            dense = (history_to_dense(ex.hist_ids, ex.hist_counts, self.cfg.vocab_size)
+                     if spec.hist_width else None)
+            k = ex_mod.num_top(self.cfg.vocab_size)
+            outs = ExtrasOutputs()
+            if spec.logprobs:
+                outs = ExtrasOutputs(sampled_lp=jnp.zeros((n_steps, s_rows), jnp.float32),
+                                     top_lp=jnp.zeros((n_steps, s_rows, k), jnp.float32),
+                                     top_ids=jnp.zeros((n_steps, s_rows, k), jnp.int32))
+            ext = (dense, outs)
         carry = (k_cache, v_cache, st.input_ids, jnp.zeros(s_rows, bool),
-                 jnp.zeros((n_steps, s_rows), jnp.int32))
-        k_cache, v_cache, _, _, out = jax.lax.fori_loop(0, n_steps, body, carry)
+                 jnp.zeros((n_steps, s_rows), jnp.int32), ext)
+        k_cache, v_cache, _, _, out, ext = jax.lax.fori_loop(0, n_steps, body, carry)
+        if spec is not None:
+            return out, ext[1], k_cache, v_cache
         return out, k_cache, v_cache
 
     def _abstract_inputs(self, T: int, P: int, with_work: bool = True) -> StepInputs:
@@ -141,11 +245,39 @@ class ModelRunner:
         return DecodeBlockInputs(self._abstract_inputs(T, P, with_work=False), i32(S), i32(S),
                                  i32(S, NUM_BANNED))
 
+    def compile_extras(self, spec: ExtrasSpec, decode_steps: int = 1) -> None:
+        """Compile the extras programs of `spec` for every bucket not compiled yet (the engine
+        calls this before a run whose batch asks for extras)."""
+        for T, P in self.extras_buckets.all():
+            if ("extras", T, P, spec) in self._compiled:
+                continue
+            t0 = time.perf_counter()
+            S = self.buckets.seqs_for(T)
+            self._compiled[("extras", T, P, spec)] = self._jit_ex.lower(
+                self.params, self.k_cache, self.v_cache, self._abstract_inputs(T, P),
+                ex_mod.abstract_inputs(spec, T, S), spec=spec).compile(
+                    compiler_options=COMPILER_OPTIONS)
+            self.compile_seconds += time.perf_counter() - t0
+        if decode_steps > 1:
+            bspec = dataclasses.replace(spec, prompt_logprobs=False)   # blocks only decode
+            for T, P in self.extras_buckets.decode_block_keys():
+                key = ("block_extras", T, P, decode_steps, bspec)
+                if key in self._compiled:
+                    continue
+                t0 = time.perf_counter()
+                S = self.buckets.seqs_for(T)
+                self._compiled[key] = self._jit_block_ex.lower(
+                    self.params, self.k_cache, self.v_cache, self._abstract_block_inputs(T, P),
+                    ex_mod.abstract_inputs(bspec, T, S), n_steps=decode_steps, spec=bspec).compile(
+                        compiler_options=COMPILER_OPTIONS)
+                self.compile_seconds += time.perf_counter() - t0
+
     def compile_block(self, key: tuple, n_steps: int):
         t0 = time.perf_counter()
         T, P = key
         exe = self._jit_block.lower(self.params, self.k_cache, self.v_cache,
-                                    self._abstract_block_inputs(T, P), n_steps=n_steps).compile()
+                                    self._abstract_block_inputs(T, P), n_steps=n_steps).compile(
+                                        compiler_options=COMPILER_OPTIONS)
         self.compile_seconds += time.perf_counter() - t0
         self._compiled[("block", T, P, n_steps)] = exe
         return exe
@@ -154,7 +286,8 @@ class ModelRunner:
         t0 = time.perf_counter()
         T, P = key
         exe = self._jit.lower(self.params, self.k_cache, self.v_cache, self._abstract_inputs(T, P),
-                              return_logits=return_logits).compile()
+                              return_logits=return_logits).compile(
+                                  compiler_options=COMPILER_OPTIONS)
         self.compile_seconds += time.perf_counter() - t0
         self._compiled[(T, P, return_logits)] = exe
         return exe
@@ -179,6 +312,34 @@ class ModelRunner:
             raise RuntimeError(f"decode block {key[1:]} was not compiled at start-up")
         out, self.k_cache, self.v_cache = exe(self.params, self.k_cache, self.v_cache, bi)
         return np.asarray(out)[:, :n]
+
+    def execute_block_extras(self, plan: StepPlan, ctx: ExtrasContext):
+        """A fused decode block with extras. Returns (tokens [decode_steps, rows], ExtrasOutputs
+        of numpy arrays [decode_steps, rows, ...])."""
+        bi, n = build_decode_block_inputs(plan, self.extras_buckets, self.page_size)
+        T, P = bi.step.input_ids.shape[0], bi.step.attn.page_table.shape[1]
+        spec = dataclasses.replace(ctx.spec, prompt_logprobs=False)
+        exe = self._compiled.get(("block_extras", T, P, plan.decode_steps, spec))
+        if exe is None:
+            raise RuntimeError(f"extras decode block {(T, P)} was not compiled for this run")
+        ex = ctx.build(plan, T, bi.step.logits_indices.shape[0])
+        out, outs, self.k_cache, self.v_cache = exe(self.params, self.k_cache, self.v_cache, bi, ex)
+        outs = jax.tree.map(lambda a: np.asarray(a)[:, :n], outs)
+        return np.asarray(out)[:, :n], outs
+
+    def execute_extras(self, plan: StepPlan, ctx: ExtrasContext):
+        """One step with extras. Returns (sampled token per row, ExtrasOutputs of numpy arrays)."""
+        inputs, n = build_step_inputs(plan, self.extras_buckets, self.page_size,
+                                      cascade=self.cascade)
+        T, P = inputs.input_ids.shape[0], inputs.attn.page_table.shape[1]
+        exe = self._compiled.get(("extras", T, P, ctx.spec))
+        if exe is None:
+            raise RuntimeError(f"extras bucket {(T, P)} was not compiled for this run")
+        ex = ctx.build(plan, T, inputs.logits_indices.shape[0])
+        tokens, outs, self.k_cache, self.v_cache = exe(self.params, self.k_cache, self.v_cache,
+                                                       inputs, ex)
+        outs = jax.tree.map(np.asarray, outs)
+        return np.asarray(tokens)[:n], outs
 
     @property
     def num_compiled(self) -> int:
