@@ -1,0 +1,73 @@
+"""Memory of one compiled step program (argument / output / alias / temp bytes) and the large
+copies in its optimised HLO, for the layer-loop variants. Diagnoses a KV-cache-sized temporary
+(the unrolled loop's step program asked for 19.23 GiB = one K cache at the BatchLLM settings).
+
+  python3 scripts/diag_program_memory.py --num_pages=3000 --tokens=2048
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "llama-3-8b", "preset")
+flags.DEFINE_integer("num_pages", 3000, "KV pages per layer")
+flags.DEFINE_integer("tokens", 2048, "token bucket to compile")
+flags.DEFINE_list("variants", ["scan", "unrolled", "unrolled+nocond"], "variants")
+flags.DEFINE_string("dump", "", "write each variant's optimised HLO here")
+
+
+def main(argv):
+    del argv
+    import jax
+    import jax.numpy as jnp
+
+    from jaxserve import LLM
+    from jaxserve.runner import model_runner
+
+    orig_copy = model_runner.ModelRunner._copy_pages
+
+    def copy_nocond(self, k_cache, v_cache, src, dst):
+        offs = (jnp.arange(self.cfg.num_layers, dtype=jnp.int32) * self.num_pages)[:, None]
+        s_all = (offs + src[None, :]).reshape(-1)
+        d_all = (offs + dst[None, :]).reshape(-1)
+        return (k_cache.at[:, d_all].set(k_cache[:, s_all]),
+                v_cache.at[:, d_all].set(v_cache[:, s_all]))
+
+    for v in FLAGS.variants:
+        loop, _, opt = v.partition("+")
+        model_runner.ModelRunner._copy_pages = copy_nocond if opt == "nocond" else orig_copy
+        llm = LLM(FLAGS.model, load_format="dummy", num_pages=FLAGS.num_pages,
+                  max_num_batched_tokens=FLAGS.tokens, max_num_seqs=256, max_model_len=2432,
+                  compile_on_init=False, layer_loop=loop, fused_decode_steps=1)
+        r = llm.engine.runner
+        key = max(r.buckets.all())
+        exe = r.compile(key)
+        ma = exe.memory_analysis()
+        gib = 2 ** 30
+        print(f"{v:18s} bucket {key} kv {r.kv_bytes / gib:.2f} GiB  args {ma.argument_size_in_bytes / gib:.2f}"
+              f"  out {ma.output_size_in_bytes / gib:.2f}  alias {ma.alias_size_in_bytes / gib:.2f}"
+              f"  temp {ma.temp_size_in_bytes / gib:.3f} GiB", flush=True)
+        txt = exe.as_text()
+        if FLAGS.dump:
+            os.makedirs(FLAGS.dump, exist_ok=True)
+            with open(os.path.join(FLAGS.dump, f"{v}.hlo.txt"), "w") as f:
+                f.write(txt)
+        kv_dims = f"{llm.model_config.num_kv_heads},{FLAGS.num_pages * llm.model_config.num_layers}"
+        shown = 0
+        for line in txt.splitlines():
+            head = line.split("(", 1)[0]
+            if kv_dims in head and shown < 40 and not line.strip().startswith("ENTRY"):
+                print("   ", line.strip()[:200])
+                shown += 1
+        del llm, r, exe
+        jax.clear_caches()
+
+
+if __name__ == "__main__":
+    app.run(main)
