@@ -15,7 +15,7 @@ timeout 100 $B --workload=nosharing --max_requests=512 --hf_batch_size=256 --tag
 echo "[$(( $(date +%s) - t0 ))s] hf nosharing done"
 timeout 80 $B --workload=batchllm --max_requests=128 --hf_batch_size=64 --tag=_b64 2>&1 | grep -E "$K|Error"
 echo "[$(( $(date +%s) - t0 ))s] hf batchllm done"
-timeout 80 $B --workload=document --max_requests=128 --hf_batch_size=64 --tag=_b64 2>&1 | grep -E "$K|Error"
+timeout 80 $B --workload=document --max_requests=64 --hf_batch_size=32 --tag=_b32 2>&1 | grep -E "$K|Error"
 echo "[$(( $(date +%s) - t0 ))s] hf document done"
 timeout 100 $B --workload=mixed --max_requests=256 --hf_batch_size=128 --tag=_b128 2>&1 | grep -E "$K|Error"
 echo "[$(( $(date +%s) - t0 ))s] hf mixed done"
