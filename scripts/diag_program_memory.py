@@ -20,6 +20,8 @@ flags.DEFINE_integer("num_pages", 3000, "KV pages per layer")
 flags.DEFINE_integer("tokens", 2048, "token bucket to compile")
 flags.DEFINE_list("variants", ["scan", "unrolled", "unrolled+nocond"], "variants")
 flags.DEFINE_string("dump", "", "write each variant's optimised HLO here")
+flags.DEFINE_bool("execute", False, "also run 4 short requests through the engine")
+flags.DEFINE_integer("show", 40, "KV-shaped HLO lines to print")
 
 
 def main(argv):
@@ -42,7 +44,7 @@ def main(argv):
     for v in FLAGS.variants:
         loop, _, opt = v.partition("+")
         model_runner.ModelRunner._copy_pages = copy_nocond if opt == "nocond" else orig_copy
-        llm = LLM(FLAGS.model, load_format="dummy", num_pages=FLAGS.num_pages,
+        llm = LLM(FLAGS.model, load_format="dummy", num_pages=FLAGS.num_pages or None,
                   max_num_batched_tokens=FLAGS.tokens, max_num_seqs=256, max_model_len=2432,
                   compile_on_init=False, layer_loop=loop, fused_decode_steps=1)
         r = llm.engine.runner
@@ -59,10 +61,24 @@ def main(argv):
             with open(os.path.join(FLAGS.dump, f"{v}.hlo.txt"), "w") as f:
                 f.write(txt)
         kv_dims = f"{llm.model_config.num_kv_heads},{FLAGS.num_pages * llm.model_config.num_layers}"
+        if FLAGS.execute:
+            # One real run: does the step allocate more than the analysis says?
+            try:
+                st = jax.devices()[0].memory_stats() or {}
+                print(f"    before run: in use {st.get('bytes_in_use', 0) / gib:.2f} GiB of "
+                      f"{st.get('bytes_limit', 0) / gib:.2f} GiB", flush=True)
+                from jaxserve import SamplingParams
+                llm.generate([{"prompt_token_ids": list(range(5, 600))}] * 4,
+                             SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
+                             use_tqdm=False)
+                st = jax.devices()[0].memory_stats() or {}
+                print(f"    run ok; peak {st.get('peak_bytes_in_use', 0) / gib:.2f} GiB", flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"    run FAILED: {str(e).splitlines()[0][:200]}", flush=True)
         shown = 0
         for line in txt.splitlines():
             head = line.split("(", 1)[0]
-            if kv_dims in head and shown < 40 and not line.strip().startswith("ENTRY"):
+            if kv_dims in head and shown < FLAGS.show and not line.strip().startswith("ENTRY"):
                 print("   ", line.strip()[:200])
                 shown += 1
         del llm, r, exe
