@@ -20,7 +20,7 @@ flags.DEFINE_integer("num_pages", 3000, "KV pages per layer")
 flags.DEFINE_integer("tokens", 2048, "token bucket to compile")
 flags.DEFINE_list("variants", ["scan", "unrolled", "unrolled+nocond"], "variants")
 flags.DEFINE_string("dump", "", "write each variant's optimised HLO here")
-flags.DEFINE_bool("execute", False, "also run 4 short requests through the engine")
+flags.DEFINE_bool("execute", False, "also run one 1785-token prefill step (3 requests, 1 token each) through the engine")
 flags.DEFINE_integer("show", 40, "KV-shaped HLO lines to print")
 
 
@@ -68,8 +68,8 @@ def main(argv):
                 print(f"    before run: in use {st.get('bytes_in_use', 0) / gib:.2f} GiB of "
                       f"{st.get('bytes_limit', 0) / gib:.2f} GiB", flush=True)
                 from jaxserve import SamplingParams
-                llm.generate([{"prompt_token_ids": list(range(5, 600))}] * 4,
-                             SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
+                llm.generate([{"prompt_token_ids": list(range(5, 600))}] * 3,
+                             SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
                              use_tqdm=False)
                 st = jax.devices()[0].memory_stats() or {}
                 print(f"    run ok; peak {st.get('peak_bytes_in_use', 0) / gib:.2f} GiB", flush=True)
