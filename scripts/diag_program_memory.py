@@ -68,7 +68,7 @@ def main(argv):
                 print(f"    before run: in use {st.get('bytes_in_use', 0) / gib:.2f} GiB of "
                       f"{st.get('bytes_limit', 0) / gib:.2f} GiB", flush=True)
                 from jaxserve import SamplingParams
-                llm.generate([{"prompt_token_ids": list(range(5, 600))}] * 3,
+                llm.generate([{"prompt_token_ids": list(range(5 + 1000 * i, 600 + 1000 * i))} for i in range(3)],
                              SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
                              use_tqdm=False)
                 st = jax.devices()[0].memory_stats() or {}
