@@ -128,8 +128,10 @@ class Engine:
             (lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer else None)
         kv_dtype = kv_dtype or model.embed.value.dtype
         self.attention_impl = resolve_attention_impl(ecfg.attention_impl)
-        self.layer_loop = (ecfg.layer_loop if ecfg.layer_loop != "auto" else
-                           "scan" if jax.default_backend() == "cpu" else "unrolled")
+        # "auto" is the scan for now: the unrolled loop (no per-step weight copies: 37.7 s vs
+        # ~47 s on the no-sharing workload, H100) fails with an out-of-memory error when the KV
+        # cache fills the device (a second KV-sized buffer at the first step; benchmarks/README.md).
+        self.layer_loop = ecfg.layer_loop if ecfg.layer_loop != "auto" else "scan"
         if self.layer_loop == "unrolled" and hasattr(model, "unstack_layers"):
             model.unstack_layers()   # before the KV cache is sized from the memory left
         self.num_pages = size_kv_pages(model_cfg, ecfg, kv_dtype, self.max_model_len)

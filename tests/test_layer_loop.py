@@ -2,7 +2,6 @@
 what the scan over stacked weights computes, against transformers too."""
 from __future__ import annotations
 
-import jax
 import pytest
 
 from tests.test_engine import hf_greedy, make_engine, ragged_requests
@@ -27,8 +26,6 @@ def test_unrolled_layers_equal_scan_and_transformers(kind, tiny_models):
         assert b.token_ids == hf_greedy(hf, r), r.request_id
 
 
-def test_layer_loop_auto_is_scan_on_cpu(tiny_models):
-    if jax.default_backend() != "cpu":
-        pytest.skip("the CPU default")
+def test_layer_loop_auto_is_scan(tiny_models):
     path, _ = tiny_models["llama3"]
     assert make_engine(path).layer_loop == "scan"
