@@ -210,6 +210,8 @@ def parse_cfg(s: str) -> dict:
 def commit_id():
     if FLAGS.commit:
         return FLAGS.commit
+    if os.environ.get("JAXSERVE_COMMIT", "unknown") != "unknown":   # stale .git on the device
+        return os.environ["JAXSERVE_COMMIT"]
     try:
         c = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                            text=True, check=True).stdout.strip()

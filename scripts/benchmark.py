@@ -42,6 +42,10 @@ flags.DEFINE_integer("seed", 0, "workload seed")
 
 
 def _commit() -> str:
+    # The device machine's copy of the tree carries a stale .git (the session's first HEAD):
+    # device scripts pass the real commit in JAXSERVE_COMMIT, which wins.
+    if os.environ.get("JAXSERVE_COMMIT", "unknown") != "unknown":
+        return os.environ["JAXSERVE_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                        text=True, stderr=subprocess.DEVNULL).strip()
