@@ -276,12 +276,18 @@ class ModelRunner:
                         compiler_options=COMPILER_OPTIONS)
                 self.compile_seconds += time.perf_counter() - t0
 
+    def _lower_step(self, T: int, P: int, return_logits: bool = False):
+        return self._jit.lower(self.params, self.k_cache, self.v_cache,
+                               self._abstract_inputs(T, P), return_logits=return_logits)
+
+    def _lower_block(self, T: int, P: int, n_steps: int):
+        return self._jit_block.lower(self.params, self.k_cache, self.v_cache,
+                                     self._abstract_block_inputs(T, P), n_steps=n_steps)
+
     def compile_block(self, key: tuple, n_steps: int):
         t0 = time.perf_counter()
         T, P = key
-        exe = self._jit_block.lower(self.params, self.k_cache, self.v_cache,
-                                    self._abstract_block_inputs(T, P), n_steps=n_steps).compile(
-                                        compiler_options=COMPILER_OPTIONS)
+        exe = self._lower_block(T, P, n_steps).compile(compiler_options=COMPILER_OPTIONS)
         self.compile_seconds += time.perf_counter() - t0
         self._compiled[("block", T, P, n_steps)] = exe
         return exe
@@ -289,9 +295,7 @@ class ModelRunner:
     def compile(self, key: tuple, return_logits: bool = False):
         t0 = time.perf_counter()
         T, P = key
-        exe = self._jit.lower(self.params, self.k_cache, self.v_cache, self._abstract_inputs(T, P),
-                              return_logits=return_logits).compile(
-                                  compiler_options=COMPILER_OPTIONS)
+        exe = self._lower_step(T, P, return_logits).compile(compiler_options=COMPILER_OPTIONS)
         self.compile_seconds += time.perf_counter() - t0
         self._compiled[(T, P, return_logits)] = exe
         return exe
@@ -304,19 +308,14 @@ class ModelRunner:
 
         t0 = time.perf_counter()
         todo = []
-        for key in self.buckets.all():
-            if (*key, False) not in self._compiled:
-                T, P = key
-                todo.append(((T, P, False), self._jit.lower(
-                    self.params, self.k_cache, self.v_cache, self._abstract_inputs(T, P),
-                    return_logits=False)))
+        for T, P in self.buckets.all():
+            if (T, P, False) not in self._compiled:
+                todo.append(((T, P, False), self._lower_step(T, P)))
         if decode_steps > 1:
-            for key in self.buckets.decode_block_keys():
-                if ("block", *key, decode_steps) not in self._compiled:
-                    T, P = key
-                    todo.append((("block", T, P, decode_steps), self._jit_block.lower(
-                        self.params, self.k_cache, self.v_cache, self._abstract_block_inputs(T, P),
-                        n_steps=decode_steps)))
+            for T, P in self.buckets.decode_block_keys():
+                if ("block", T, P, decode_steps) not in self._compiled:
+                    todo.append((("block", T, P, decode_steps),
+                                 self._lower_block(T, P, decode_steps)))
         if todo:
             workers = max(1, min(len(todo), 8, (os.cpu_count() or 2) // 2))
             with cf.ThreadPoolExecutor(workers) as pool:
