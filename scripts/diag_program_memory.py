@@ -64,6 +64,12 @@ def main(argv):
         if FLAGS.execute:
             # One real run: does the step allocate more than the analysis says?
             try:
+                # Is each KV buffer really there (memory in use was one KV buffer short before the
+                # failing first step, session 2)?
+                jax.block_until_ready((r.k_cache, r.v_cache))
+                print(f"    k/v buffers distinct: "
+                      f"{r.k_cache.unsafe_buffer_pointer() != r.v_cache.unsafe_buffer_pointer()}, "
+                      f"deleted: {r.k_cache.is_deleted()}/{r.v_cache.is_deleted()}", flush=True)
                 st = jax.devices()[0].memory_stats() or {}
                 print(f"    before run: in use {st.get('bytes_in_use', 0) / gib:.2f} GiB of "
                       f"{st.get('bytes_limit', 0) / gib:.2f} GiB", flush=True)
