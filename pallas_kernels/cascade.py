@@ -78,6 +78,34 @@ def _chunk_bounds(lo: np.ndarray, hi: np.ndarray, length: int, align: int):
     return src, c0, c1
 
 
+def host_inputs(md: AttentionMetadata, ppb: int):
+    """The builder's numpy view of `md`: positions, query starts, row lengths, each row's group and
+    prefix length (-1 / 0 without groups), and one page table holding the rows' tables and then
+    the groups' (width padded to a multiple of `ppb` pages). Shared with the loop oracle in tests.
+    """
+    pos = np.asarray(md.positions, np.int64)
+    qs = np.asarray(md.query_start, np.int64)
+    seq_lens = np.asarray(md.seq_lens, np.int64)
+    pt = np.asarray(md.page_table, np.int32)
+    s_count, p = pt.shape
+    if md.seq_group is not None:
+        seq_group = np.asarray(md.seq_group, np.int64)
+        plen = np.where(seq_group >= 0, np.asarray(md.prefix_lens, np.int64), 0)
+        gpt = np.asarray(md.group_page_table, np.int32)
+        n_groups, pg = gpt.shape
+    else:
+        seq_group = np.full((s_count,), -1, np.int64)
+        plen = np.zeros((s_count,), np.int64)
+        gpt = np.zeros((0, 1), np.int32)
+        n_groups, pg = 0, 1
+    pw = -(-max(p, pg) // ppb) * ppb
+    table = np.zeros((s_count + n_groups, pw), np.int32)
+    table[:s_count, :p] = pt
+    if n_groups:
+        table[s_count:, :pg] = gpt
+    return pos, qs, seq_lens, seq_group, plen, table, pos.shape[0], s_count, n_groups, pw
+
+
 def build_cascade_metadata(md: AttentionMetadata, *, num_q_heads: int, num_kv_heads: int,
                            page_size: int, block_rows: int = 64, block_kv: int = 64,
                            num_sms: int = 132, waves: float = 2.0, min_chunk: int = 256,
@@ -102,27 +130,8 @@ def build_cascade_metadata(md: AttentionMetadata, *, num_q_heads: int, num_kv_he
         raise ValueError(f"block_rows must be a power of two >= 16, got {bm}")
     block_kv = max(block_kv, page_size)
     ppb = block_kv // page_size
-    pos = np.asarray(md.positions, np.int64)
-    qs = np.asarray(md.query_start, np.int64)
-    seq_lens = np.asarray(md.seq_lens, np.int64)
-    pt = np.asarray(md.page_table, np.int32)
-    t = pos.shape[0]
-    s_count, p = pt.shape
-    if md.seq_group is not None:
-        seq_group = np.asarray(md.seq_group, np.int64)
-        plen = np.where(seq_group >= 0, np.asarray(md.prefix_lens, np.int64), 0)
-        gpt = np.asarray(md.group_page_table, np.int32)
-        n_groups, pg = gpt.shape
-    else:
-        seq_group = np.full((s_count,), -1, np.int64)
-        plen = np.zeros((s_count,), np.int64)
-        gpt = np.zeros((0, 1), np.int32)
-        n_groups, pg = 0, 1
-    pw = -(-max(p, pg) // ppb) * ppb
-    table = np.zeros((s_count + n_groups, pw), np.int32)
-    table[:s_count, :p] = pt
-    if n_groups:
-        table[s_count:, :pg] = gpt
+    (pos, qs, seq_lens, seq_group, plen, table, t, s_count, n_groups,
+     pw) = host_inputs(md, ppb)
 
     # Every query token, row by row in order: its row `ts`, its index within the row `toff`, and
     # its causal limit min(pos + 1, seq_len) (the item's KV range does the clipping to prefix or

@@ -7,7 +7,7 @@ from typing import Optional
 
 import numpy as np
 
-from pallas_kernels.cascade import _chunks, _pow2_at_least
+from pallas_kernels.cascade import _chunks, _pow2_at_least, host_inputs
 from pallas_kernels.metadata import AttentionMetadata, WorkItems
 
 
@@ -30,29 +30,8 @@ def build_cascade_metadata_loops(md: AttentionMetadata, *, num_q_heads: int,
         raise ValueError(f"block_rows must be a power of two >= 16, got {bm}")
     block_kv = max(block_kv, page_size)
     ppb = block_kv // page_size
-    pos = np.asarray(md.positions, np.int64)
-    tseq = np.asarray(md.token_seq, np.int64)
-    qs = np.asarray(md.query_start, np.int64)
-    seq_lens = np.asarray(md.seq_lens, np.int64)
-    pt = np.asarray(md.page_table, np.int32)
-    t = pos.shape[0]
-    s_count, p = pt.shape
-    has_groups = md.seq_group is not None
-    if has_groups:
-        seq_group = np.asarray(md.seq_group, np.int64)
-        plen = np.where(seq_group >= 0, np.asarray(md.prefix_lens, np.int64), 0)
-        gpt = np.asarray(md.group_page_table, np.int32)
-        n_groups, pg = gpt.shape
-    else:
-        seq_group = np.full((s_count,), -1, np.int64)
-        plen = np.zeros((s_count,), np.int64)
-        gpt = np.zeros((0, 1), np.int32)
-        n_groups, pg = 0, 1
-    pw = -(-max(p, pg) // ppb) * ppb
-    table = np.zeros((s_count + n_groups, pw), np.int32)
-    table[:s_count, :p] = pt
-    if n_groups:
-        table[s_count:, :pg] = gpt
+    (pos, qs, seq_lens, seq_group, plen, table, t, s_count, n_groups,
+     pw) = host_inputs(md, ppb)
 
     # Candidate items before chunking: (table row, kv_lo, kv_hi, rows[], his[]).
     raw = []
