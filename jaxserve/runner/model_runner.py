@@ -76,19 +76,20 @@ class ModelRunner:
         return 2 * self.k_cache.size * self.k_cache.dtype.itemsize
 
     def _copy_pages(self, k_cache, v_cache, src, dst):
-        """Copy-on-write: duplicate pages `src` into `dst` in every layer. Unused slots are
-        0 -> 0 (the sink page onto itself, a no-op).
+        """Copy-on-write: duplicate pages `src` into `dst` in every layer (skipped when none).
 
-        Unconditional on purpose: under a `lax.cond` (copy / pass through) the unrolled layer
-        loop's step program got a temporary the size of one whole KV cache (H100, BatchLLM
-        settings: a 19.23 GiB allocation failed; without the cond 0.37 GiB, scripts/
-        diag_program_memory.py). The copy costs MAX_COPIES pages x layers (~64 MB moved) a step.
-        """
-        offs = (jnp.arange(self.cfg.num_layers, dtype=jnp.int32) * self.num_pages)[:, None]
-        s_all = (offs + src[None, :]).reshape(-1)
-        d_all = (offs + dst[None, :]).reshape(-1)
-        return (k_cache.at[:, d_all].set(k_cache[:, s_all]),
-                v_cache.at[:, d_all].set(v_cache[:, s_all]))
+        (Session 2 tried an unconditional copy, suspecting this cond of the unrolled loop's
+        KV-sized allocation; the allocation stayed, so the cond, which costs nothing on steps
+        without copies, is back.)"""
+        def copy(kv):
+            k_cache, v_cache = kv
+            offs = (jnp.arange(self.cfg.num_layers, dtype=jnp.int32) * self.num_pages)[:, None]
+            s_all = (offs + src[None, :]).reshape(-1)
+            d_all = (offs + dst[None, :]).reshape(-1)
+            return (k_cache.at[:, d_all].set(k_cache[:, s_all]),
+                    v_cache.at[:, d_all].set(v_cache[:, s_all]))
+
+        return jax.lax.cond(jnp.any(dst != 0), copy, lambda kv: kv, (k_cache, v_cache))
 
     def _step(self, params, k_cache, v_cache, inputs: StepInputs, return_logits: bool = False):
         model = nnx.merge(self.graphdef, params)
