@@ -55,6 +55,13 @@ flags.DEFINE_integer("reps", 7, "timed repeats (median)")
 flags.DEFINE_integer("sets", 0, "input sets per timed program (0: per-case default)")
 flags.DEFINE_string("out", "", "JSON output path (list of records)")
 flags.DEFINE_string("commit", "", "commit id to record (default: git rev-parse)")
+flags.DEFINE_enum("timing", "program", ["program", "dispatch"],
+                  "program: all input sets inside one jitted program (kernel time, as in the "
+                  "engine's step); dispatch: one call per set (adds host dispatch per call)")
+flags.DEFINE_bool("also_dispatch", False, "also record the per-call dispatch time")
+flags.DEFINE_list("trace_cases", [], "cases whose implementations also get a per-kernel GPU "
+                  "time breakdown from a device trace")
+flags.DEFINE_string("trace_dir", "/tmp/bench_attention_trace", "raw traces go here")
 flags.DEFINE_float("scale", 1.0, "shrink factor for smoke runs on CPU (context lengths)")
 
 HQ, HKV, D = 32, 8, 128
@@ -168,24 +175,45 @@ def numpy_oracle(q, k_cache, v_cache, md, sm_scale, tokens):
 # Timing
 # ---------------------------------------------------------------------------------------------
 
-def time_sets(fn, arg_sets, reps, consts=()):
-    """Median seconds per call of jit(fn) over R distinct input sets, dispatched back to back
-    (asynchronously: the host enqueues call i+1 while the GPU runs call i) and synchronised once.
+def time_sets(fn, arg_sets, reps, consts=(), mode="program"):
+    """Median seconds per set of `fn` over R distinct input sets.
+
+    mode "program": one jitted program evaluates all R sets one after another, so each set's time
+    is the kernels' own (the engine calls attention inside a 32-layer step program, where nothing
+    is dispatched per call). mode "dispatch": one call per set, enqueued back to back and
+    synchronised once; for a ~80 us kernel this also counts the host's per-call dispatch of a
+    dozen metadata arrays.
 
     `consts` (the KV caches) are passed as arguments, never closed over: a closed-over array is
     embedded in the program as a constant (4.3 GB for case a), which made each compile take
     minutes on the H100 machine.
     """
-    f = jax.jit(fn)
-    out = [f(*consts, *a) for a in arg_sets]
+    if mode == "program":
+        f = jax.jit(lambda c, sets: [fn(*c, *a) for a in sets])
+        run = lambda: f(tuple(consts), list(arg_sets))            # noqa: E731
+    else:
+        f = jax.jit(fn)
+        run = lambda: [f(*consts, *a) for a in arg_sets]          # noqa: E731
+    out = run()
     jax.block_until_ready(out)
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        out = [f(*consts, *a) for a in arg_sets]
+        out = run()
         jax.block_until_ready(out)
         times.append((time.perf_counter() - t0) / len(arg_sets))
-    return float(np.median(times)), float(np.min(times)), out
+    return float(np.median(times)), float(np.min(times)), out, run
+
+
+def kernel_breakdown(run, nsets: int, trace_dir: str) -> list:
+    """GPU time per kernel name per set, from a device trace of one more `run()`."""
+    from jaxserve.trace_summary import summarise
+
+    jax.profiler.start_trace(trace_dir)
+    jax.block_until_ready(run())
+    jax.profiler.stop_trace()
+    summ = summarise(trace_dir, 12)
+    return [(k, s / nsets, n // max(1, nsets)) for k, s, n in summ["kernels"]]
 
 
 def hbm_bandwidth(reps):
@@ -193,7 +221,7 @@ def hbm_bandwidth(reps):
     n = (FLAGS.bw_mib << 20) // 2
     keys = jax.random.split(jax.random.key(1), 4)
     xs = [jax.random.normal(k, (n,), jnp.bfloat16) for k in keys]
-    sec, _, out = time_sets(lambda x: x * 2 + 1, [(x,) for x in xs], reps)
+    sec, _, out, _ = time_sets(lambda x: x * 2 + 1, [(x,) for x in xs], reps, mode="dispatch")
     del out, xs
     return 2 * n * 2 / sec
 
@@ -283,8 +311,15 @@ def main(argv):
             t_start = time.perf_counter()
             print(f"{case:2s} {impl:34s} ... (t={t_start - T0:.1f}s)", flush=True)
             try:
-                sec, best, out = time_sets(fn, arg_sets, reps,
-                                           (k_cache, v_cache) if consts is None else consts)
+                cs = (k_cache, v_cache) if consts is None else consts
+                sec, best, out, run = time_sets(fn, arg_sets, reps, cs, FLAGS.timing)
+                extra = {}
+                if FLAGS.also_dispatch and FLAGS.timing != "dispatch":
+                    extra["seconds_dispatch"] = time_sets(fn, arg_sets, reps, cs, "dispatch")[0]
+                if case in FLAGS.trace_cases:
+                    extra["gpu_kernels"] = kernel_breakdown(
+                        run, len(arg_sets), os.path.join(FLAGS.trace_dir, f"{case}_{len(records)}"))
+                    extra["gpu_kernel_seconds"] = sum(x[1] for x in extra["gpu_kernels"])
             except Exception as e:  # record failures instead of dying mid-run
                 msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                 print(f"{case:2s} {impl:34s} FAILED {msg}", flush=True)
@@ -301,12 +336,17 @@ def main(argv):
                        unique_kv_bytes=ukv, hbm_bandwidth_measured=bw, bw_fraction=frac,
                        rel_err_vs_reference=rel, sets=len(arg_sets), page_size=ps,
                        num_tokens=t, num_seqs=len(batch.seqs), commit=commit,
-                       jax_version=jax.__version__, note=note, wall_incl_compile_s=wall)
+                       jax_version=jax.__version__, note=note, wall_incl_compile_s=wall,
+                       timing=FLAGS.timing, **extra)
             records.append(rec)
             table.append((case, impl, sec, frac, rel))
             flush_json()
             print(f"{case:2s} {impl:34s} {sec * 1e3:8.4f} ms  {frac * 100:6.1f}% BW  "
                   f"rel_err {rel:.2e}  (compile+check+timing {wall:.1f}s)", flush=True)
+            if "seconds_dispatch" in extra:
+                print(f"   dispatch-per-call timing {extra['seconds_dispatch'] * 1e3:.4f} ms", flush=True)
+            for kname, ksec, kn in extra.get("gpu_kernels", []):
+                print(f"   gpu {ksec * 1e6:9.2f} us x{kn:<3d} {kname[:90]}", flush=True)
 
         mds_j = [jax.tree.map(jnp.asarray, m) for m in mds]
         for impl in FLAGS.impls:
