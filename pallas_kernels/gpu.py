@@ -3,9 +3,10 @@
 One kernel serves every case. Its unit of work is an *item*: a block of BM query rows and one
 KV range `[kv_start, kv_end)` over one page-table row. A query row is (token t, q head j of the G
 q heads that share a KV head), so GQA heads are stacked into the matmul M dimension. The grid is
-(items, KV heads); each program streams its KV range page-block by page-block (gathering pages
-through the page table, `ref[int_vector]`) with an online softmax and writes a partial
-(output normalised over its range, log-sum-exp) per row. A merge (one XLA fusion) combines the
+(KV heads, items), heads fastest, so the list's longest-first order holds across heads; each
+program streams its KV range page-block by page-block (gathering pages through the page table,
+`ref[int_vector]`) with an online softmax and writes a partial (output normalised over its range,
+log-sum-exp) per row. A merge (one XLA fusion) combines the
 partials of each query row by log-sum-exp. Items cover, in one launch (horizontal fusion):
 
   * prefill chunks and decode tokens (rows of one request, causal mask per row),
@@ -59,7 +60,7 @@ def _num_sms() -> int:
 def _kernel(pt_ref, base_ref, kvs_ref, kve_ref, off_ref, rows_ref, hi_ref, q_ref, k_ref, v_ref,
             o_ref, lse_ref, *, g: int, hq: int, ppb: int, page_size: int, scale_log2: float,
             window: Optional[int], prec, masked_store: bool, prefetch_pages: bool = False):
-    h = pl.program_id(1)
+    h = pl.program_id(0)
     bk = ppb * page_size
     kv_start = kvs_ref[0]
     kv_end = kve_ref[0]
@@ -154,25 +155,28 @@ def attention_partials(q2, k_cache, v_cache, work: WorkItems, page_offset, *, g:
         _kernel, g=g, hq=hq, ppb=ppb, page_size=ps, scale_log2=sm_scale * LOG2E, window=window,
         prec=prec, masked_store=hasattr(pltriton, "store"), prefetch_pages=prefetch_pages)
     npt = work.page_table.shape[0]
-    item = lambda i, h: (i,)                                   # noqa: E731
+    # Grid (KV heads, items): the launch runs the first grid axis fastest, so programs start in
+    # list order for all heads together. With (items, heads) every item of head 0 started before
+    # any of head 1, and the last head's longest items (a shared prefix) ran alone at the end.
+    item = lambda h, i: (i,)                                   # noqa: E731
     o, lse = pl.pallas_call(
         kernel,
-        grid=(w, hkv),
+        grid=(hkv, w),
         in_specs=[
-            pl.BlockSpec((npt,), lambda i, h: (0,)),           # page table (flat)
+            pl.BlockSpec((npt,), lambda h, i: (0,)),           # page table (flat)
             pl.BlockSpec((1,), item),                          # pt_base
             pl.BlockSpec((1,), item),                          # kv_start
             pl.BlockSpec((1,), item),                          # kv_end
-            pl.BlockSpec((1,), lambda i, h: (0,)),             # page offset of the layer
-            pl.BlockSpec((None, bm), lambda i, h: (i, 0)),     # rows
-            pl.BlockSpec((None, bm), lambda i, h: (i, 0)),     # row_hi
-            pl.BlockSpec(q2.shape, lambda i, h: (0, 0)),       # q, gathered by row in-kernel
-            pl.BlockSpec((None, total_pages, ps, d), lambda i, h: (h, 0, 0, 0)),
-            pl.BlockSpec((None, total_pages, ps, d), lambda i, h: (h, 0, 0, 0)),
+            pl.BlockSpec((1,), lambda h, i: (0,)),             # page offset of the layer
+            pl.BlockSpec((None, bm), lambda h, i: (i, 0)),     # rows
+            pl.BlockSpec((None, bm), lambda h, i: (i, 0)),     # row_hi
+            pl.BlockSpec(q2.shape, lambda h, i: (0, 0)),       # q, gathered by row in-kernel
+            pl.BlockSpec((None, total_pages, ps, d), lambda h, i: (h, 0, 0, 0)),
+            pl.BlockSpec((None, total_pages, ps, d), lambda h, i: (h, 0, 0, 0)),
         ],
         out_specs=[
-            pl.BlockSpec((None, None, bm, d), lambda i, h: (i, h, 0, 0)),
-            pl.BlockSpec((None, None, bm), lambda i, h: (i, h, 0)),
+            pl.BlockSpec((None, None, bm, d), lambda h, i: (i, h, 0, 0)),
+            pl.BlockSpec((None, None, bm), lambda h, i: (i, h, 0)),
         ],
         out_shape=[jax.ShapeDtypeStruct((w, hkv, bm, d), partial_dtype),
                    jax.ShapeDtypeStruct((w, hkv, bm), jnp.float32)],

@@ -46,6 +46,25 @@ class WorkItems:
         return self.rows.shape[1]
 
 
+def advance_work_items(work: WorkItems, steps, page_size: int) -> WorkItems:
+    """The work list of a decode step `steps` tokens later, from the list built for a decode step
+    (one token per row): every row's causal limit moves by `steps`, and so does the end of each
+    item that reaches its rows' limits (the item holding the rows' newest tokens); items that end
+    before (a shared prefix, an earlier chunk of a split range) are unchanged, and so are the
+    partials each row merges. Lets a fused block of decode steps keep the host-built shared-prefix
+    list of its first step instead of falling back to reading every row's whole context.
+    Limits are capped at the page-table width (rows that finished inside the block keep
+    computing into discarded outputs)."""
+    cap = work.pt_width * page_size
+    live = work.row_hi > 0
+    item_hi = jnp.max(work.row_hi, axis=1)
+    tail = (work.kv_end > work.kv_start) & (work.kv_end >= item_hi)
+    return dataclasses.replace(
+        work,
+        kv_end=jnp.where(tail, jnp.minimum(work.kv_end + steps, cap), work.kv_end),
+        row_hi=jnp.where(live, jnp.minimum(work.row_hi + steps, cap), 0))
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class AttentionMetadata:

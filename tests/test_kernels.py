@@ -322,6 +322,40 @@ def test_pallas_cascade_window(interpret):
     assert_close(out, reference_out(c, 11), c, jnp.float32)
 
 
+@pytest.mark.parametrize("interpret", MODES)
+def test_pallas_cascade_list_advanced_over_fused_decode_steps(interpret):
+    """A fused decode block keeps its first step's host-built list and advances it on device
+    (`advance_work_items`): at every later step the kernel must equal the reference on that
+    step's metadata. Chunked prefixes and suffixes (chunk 16), two groups beside ungrouped rows,
+    suffixes that cross pages during the block."""
+    from pallas_kernels import gpu
+    from pallas_kernels.metadata import advance_work_items
+
+    n_adv = 5
+    final = [(70, 1), (66, 1), (41, 1), (45, 1), (19, 1), (90, 1)]
+    c = make_case(41, seqs=final, groups=[(48, [0, 1]), (32, [2, 3])], page_size=8, g=4, d=64)
+    real = np.asarray(c.md.seq_lens) > 0
+
+    def at_step(i):     # metadata of block step i: every real row n_adv - i tokens short
+        back = n_adv - i
+        return dataclasses.replace(
+            c.md, positions=jnp.maximum(c.md.positions - back, 0),
+            seq_lens=jnp.where(jnp.asarray(real), c.md.seq_lens - back, 0))
+
+    md0 = pallas_kernels.build_cascade_metadata(
+        jax.device_get(at_step(0)), num_q_heads=c.hq, num_kv_heads=c.hkv, page_size=8,
+        block_rows=16, block_kv=16, chunk_len=16, num_sms=4)
+    fn = jax.jit(lambda q, kc, vc, md, off: gpu.ragged_paged_attention(
+        q, kc, vc, md, page_offset=off, sm_scale=c.sm_scale, interpret=interpret, block_kv=16))
+    for i in range(n_adv + 1):
+        md_i = dataclasses.replace(md0, work=advance_work_items(
+            jax.tree.map(jnp.asarray, md0.work), jnp.int32(i), 8))
+        out = fn(c.q, c.k_cache, c.v_cache, md_i, jnp.int32(c.page_offset))
+        ref = reference.ragged_paged_attention(c.q, c.k_cache, c.v_cache, at_step(i),
+                                               page_offset=c.page_offset, sm_scale=c.sm_scale)
+        assert_close(out, ref, c, jnp.float32)
+
+
 def test_cascade_work_list_reads_prefix_once_per_row_block():
     """64 decode members x G=8 rows = 512 rows: 8 row blocks of 64, each reading the prefix
     (split in chunks) once, instead of 64 per-request reads."""

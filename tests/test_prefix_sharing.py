@@ -143,31 +143,55 @@ def test_input_order_does_not_change_prefill_work(engines):
     assert out_sorted == out_shuf
 
 
-@pytest.mark.parametrize("cascade", [False, True])
-def test_pallas_kernel_path_matches_reference(cascade, tiny_models, engines, monkeypatch):
+@pytest.mark.parametrize("cascade,fused", [(False, 1), (True, 1), (True, 4)])
+def test_pallas_kernel_path_matches_reference(cascade, fused, tiny_models, engines, monkeypatch):
     """The engine through the GPU kernel (interpret mode on CPU): with host-built shared-prefix
-    work lists (cascade) or the device-built plain list, greedy outputs equal the reference's."""
+    work lists (cascade) or the device-built plain list, greedy outputs equal the reference's.
+    fused=4: decode steps run in fused blocks that advance the first step's shared-prefix list on
+    device (members finish inside blocks: output lengths 1-6)."""
+    from jaxserve.runner import model_runner
+
     path, _ = tiny_models["qwen2"]
     reqs = groups_workload(np.random.default_rng(13), n_groups=3, share=4, shared_len=37,
                            unique_len=9, out_len=6)
+    advanced = []
+    advance = model_runner.advance_work_items
+    monkeypatch.setattr(model_runner, "advance_work_items",
+                        lambda *a: advanced.append(1) or advance(*a))
     eng = make_engine(path, attention_impl="pallas_gpu_interpret", shared_prefix_attention=cascade,
-                      max_num_batched_tokens=48, max_num_seqs=16, num_pages=300)
+                      max_num_batched_tokens=48, max_num_seqs=16, num_pages=300,
+                      fused_decode_steps=fused)
     assert (eng.runner.cascade is not None) == cascade
     ref = make_engine(path, max_num_batched_tokens=48, max_num_seqs=16, num_pages=300)
     import pallas_kernels
 
-    grouped_rows = []
+    grouped_rows = []       # (rows in a group, built for a fused block)
     build = pallas_kernels.build_cascade_metadata
+    in_block = []
 
     def spy(md, **kw):
-        grouped_rows.append(int((md.seq_group >= 0).sum()))
+        grouped_rows.append((int((md.seq_group >= 0).sum()), bool(in_block)))
         return build(md, **kw)
 
     monkeypatch.setattr(pallas_kernels, "build_cascade_metadata", spy)
+    execute_block = eng.runner.execute_block
+
+    def spy_block(plan):
+        in_block.append(1)
+        try:
+            return execute_block(plan)
+        finally:
+            in_block.pop()
+
+    monkeypatch.setattr(eng.runner, "execute_block", spy_block)
     out = eng.run(reqs)
     if cascade:   # steps really ran with several members reading one prefix
-        assert max(grouped_rows) >= 4
+        assert max(n for n, _ in grouped_rows) >= 4
     else:
         assert grouped_rows == []
+    if fused > 1:   # ... and so did fused blocks, through the on-device advance of the list
+        assert eng.last_stats.fused_blocks >= 1
+        assert max(n for n, blk in grouped_rows if blk) >= 4
+        assert advanced
     assert eng.last_stats.computed_prefill_tokens == eng.last_stats.optimal_prefill_tokens
     assert [o.token_ids for o in out] == [o.token_ids for o in ref.run(reqs)]

@@ -77,13 +77,29 @@ class LlamaForCausalLM(nnx.Module):
 
     def unstack_layers(self) -> None:
         """Replace each stacked layer parameter [L, ...] by a tuple of L arrays, in place, one
-        parameter at a time (peak extra memory: the largest one). The forward pass then runs an
-        unrolled layer loop instead of `lax.scan`: faster on GPU (no weight copies), slower to
-        compile. Call before the KV cache is sized."""
+        parameter at a time. The forward pass then runs an unrolled layer loop instead of
+        `lax.scan`: faster on GPU (no weight copies), slower to compile. Call before the KV cache
+        is sized.
+
+        On an accelerator each parameter goes through host memory: its device buffer is freed
+        before the L slices are placed, so they fill exactly the hole it leaves. Slicing on device
+        instead puts the slices elsewhere and leaves a hole per parameter: on the H100 the free
+        memory then summed to the KV budget but had no contiguous block for the second KV cache
+        (19.23 GiB out of memory in `jnp.zeros`, session 3). Costs one copy of the weights each
+        way over PCIe; peak extra host memory is the largest parameter."""
         for name, var in vars(self.layers).items():
             if isinstance(var, nnx.Param) and not isinstance(var.value, (tuple, list)):
                 stacked = var.value
-                var.value = tuple(stacked[i] for i in range(stacked.shape[0]))
+                n = stacked.shape[0]
+                sharding = stacked.sharding
+                if (isinstance(sharding, jax.sharding.SingleDeviceSharding)
+                        and stacked.device.platform != "cpu"):
+                    host = np.asarray(jax.device_get(stacked))
+                    stacked.delete()
+                    var.value = tuple(jax.device_put(host[i], sharding) for i in range(n))
+                    del host
+                else:
+                    var.value = tuple(stacked[i] for i in range(n))
                 del stacked
                 jax.block_until_ready(var.value)
 

@@ -32,7 +32,7 @@ from jaxserve.runner.step_inputs import (DecodeBlockInputs, StepInputs,
 from jaxserve.scheduler import StepPlan
 from jaxserve.scheduler.batcher import MAX_COPIES
 import pallas_kernels
-from pallas_kernels.metadata import AttentionMetadata, WorkItems
+from pallas_kernels.metadata import AttentionMetadata, WorkItems, advance_work_items
 
 
 # Inference programs have no backward pass to trade memory for, and XLA's rematerialization pass
@@ -186,6 +186,8 @@ class ModelRunner:
             seq_lens = jnp.where(md0.seq_lens > 0, jnp.minimum(md0.seq_lens + i, p_width * ps), 0)
             md = dataclasses.replace(md0, positions=jnp.where(real, pos, 0), slot_mapping=slot,
                                      seq_lens=seq_lens)
+            if md0.work is not None:
+                md.work = advance_work_items(md0.work, i, ps)
             logits, k_cache, v_cache = model(tokens_in, md, k_cache, v_cache, st.logits_indices,
                                              self.opts)
             si = dataclasses.replace(st.sampling, token_index=st.sampling.token_index + i,
@@ -246,8 +248,9 @@ class ModelRunner:
     def _abstract_block_inputs(self, T: int, P: int) -> DecodeBlockInputs:
         S = self.buckets.seqs_for(T)
         i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
-        # Fused decode steps change positions on device: the work list is built there, per step.
-        return DecodeBlockInputs(self._abstract_inputs(T, P, with_work=False), i32(S), i32(S),
+        # With shared-prefix attention the host builds the first step's work list and the block
+        # advances it on device; otherwise the kernel builds a plain list per step.
+        return DecodeBlockInputs(self._abstract_inputs(T, P), i32(S), i32(S),
                                  i32(S, NUM_BANNED))
 
     def compile_extras(self, spec: ExtrasSpec, decode_steps: int = 1) -> None:
@@ -329,7 +332,8 @@ class ModelRunner:
 
     def execute_block(self, plan: StepPlan) -> np.ndarray:
         """Run a fused decode block. Returns tokens [decode_steps, rows] as numpy."""
-        bi, n = build_decode_block_inputs(plan, self.buckets, self.page_size)
+        bi, n = build_decode_block_inputs(plan, self.buckets, self.page_size,
+                                          cascade=self.cascade)
         key = ("block", bi.step.input_ids.shape[0], bi.step.attn.page_table.shape[1],
                plan.decode_steps)
         exe = self._compiled.get(key)
@@ -341,7 +345,8 @@ class ModelRunner:
     def execute_block_extras(self, plan: StepPlan, ctx: ExtrasContext):
         """A fused decode block with extras. Returns (tokens [decode_steps, rows], ExtrasOutputs
         of numpy arrays [decode_steps, rows, ...])."""
-        bi, n = build_decode_block_inputs(plan, self.extras_buckets, self.page_size)
+        bi, n = build_decode_block_inputs(plan, self.extras_buckets, self.page_size,
+                                          cascade=self.cascade)
         T, P = bi.step.input_ids.shape[0], bi.step.attn.page_table.shape[1]
         spec = dataclasses.replace(ctx.spec, prompt_logprobs=False)
         exe = self._compiled.get(("block_extras", T, P, plan.decode_steps, spec))

@@ -114,8 +114,11 @@ class DecodeBlockInputs:
     stop_ids: jax.Array    # i32[S, NUM_BANNED] -1 padded
 
 
-def build_decode_block_inputs(plan: StepPlan, buckets: BucketSet, page_size: int):
-    step, n = build_step_inputs(plan, buckets, page_size)
+def build_decode_block_inputs(plan: StepPlan, buckets: BucketSet, page_size: int,
+                              cascade: Optional[dict] = None):
+    """`cascade`: the first step's shared-prefix work list is built here as for a single step; the
+    block advances it on device (`advance_work_items`)."""
+    step, n = build_step_inputs(plan, buckets, page_size, cascade=cascade)
     S = step.logits_indices.shape[0]
     remaining = np.zeros(S, np.int32)
     min_left = np.zeros(S, np.int32)
