@@ -31,7 +31,7 @@ def union_ns(intervals) -> float:
     return tot
 
 
-def summarise(trace_dir: str, top: int) -> dict:
+def summarise(trace_dir: str, top: int, events: bool = False) -> dict:
     from jax.profiler import ProfileData
 
     files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True),
@@ -59,9 +59,9 @@ def summarise(trace_dir: str, top: int) -> dict:
                         key = e.name
                     kernels[key][0] += e.duration_ns
                     kernels[key][1] += 1
-                    intervals.append((e.start_ns, e.end_ns))
-    span = (max(e for _, e in intervals) - min(s for s, _ in intervals)) if intervals else 0.0
-    busy = union_ns(intervals)
+                    intervals.append((e.start_ns, e.end_ns, key))
+    span = (max(e for _, e, _ in intervals) - min(s for s, _, _ in intervals)) if intervals else 0.0
+    busy = union_ns([(s, e) for s, e, _ in intervals])
     cats = collections.defaultdict(float)
     for k, (ns, _) in kernels.items():
         cats[category(k)] += ns
@@ -73,4 +73,6 @@ def summarise(trace_dir: str, top: int) -> dict:
                         sorted(modules.items(), key=lambda x: -x[1][0])[:top]],
                kernels=[(k[:120], v[0] / 1e9, v[1]) for k, v in
                         sorted(kernels.items(), key=lambda x: -x[1][0])[:top]])
+    if events:   # every kernel / copy on the GPU streams, in time order: (start_ns, end_ns, name)
+        out["events"] = sorted(intervals)
     return out

@@ -205,15 +205,23 @@ def time_sets(fn, arg_sets, reps, consts=(), mode="dispatch"):
     return float(np.median(times)), float(np.min(times)), out, run
 
 
-def kernel_breakdown(run, nsets: int, trace_dir: str) -> list:
-    """GPU time per kernel name per set, from a device trace of one more `run()`."""
+def kernel_breakdown(run, nsets: int, trace_dir: str) -> dict:
+    """From a device trace of one more `run()`: GPU time per kernel name per set, GPU busy time
+    (union of kernel intervals) and span (first start to last end) per set, and the idle gaps
+    between consecutive kernels (where the GPU waited for the host)."""
     from jaxserve.trace_summary import summarise
 
     jax.profiler.start_trace(trace_dir)
     jax.block_until_ready(run())
     jax.profiler.stop_trace()
-    summ = summarise(trace_dir, 12)
-    return [(k, s / nsets, n // max(1, nsets)) for k, s, n in summ["kernels"]]
+    summ = summarise(trace_dir, 12, events=True)
+    ev = summ["events"]
+    gaps = np.asarray([max(0, b[0] - a[1]) for a, b in zip(ev, ev[1:])], np.float64) / 1e9
+    return dict(
+        kernels=[(k, s / nsets, n // max(1, nsets)) for k, s, n in summ["kernels"]],
+        busy=summ["gpu_busy_s"] / nsets, span=summ["gpu_span_s"] / nsets,
+        gaps_total=float(gaps.sum()) / nsets, gap_median=float(np.median(gaps)) if gaps.size else 0.0,
+        gap_max=float(gaps.max()) if gaps.size else 0.0, kernels_per_set=len(ev) / nsets)
 
 
 def hbm_bandwidth(reps):
@@ -317,9 +325,14 @@ def main(argv):
                 if FLAGS.also_dispatch and FLAGS.timing != "dispatch":
                     extra["seconds_dispatch"] = time_sets(fn, arg_sets, reps, cs, "dispatch")[0]
                 if case in FLAGS.trace_cases:
-                    extra["gpu_kernels"] = kernel_breakdown(
-                        run, len(arg_sets), os.path.join(FLAGS.trace_dir, f"{case}_{len(records)}"))
-                    extra["gpu_kernel_seconds"] = sum(x[1] for x in extra["gpu_kernels"])
+                    kb = kernel_breakdown(run, len(arg_sets),
+                                          os.path.join(FLAGS.trace_dir, f"{case}_{len(records)}"))
+                    extra["gpu_kernels"] = kb["kernels"]
+                    extra["gpu_kernel_seconds"] = sum(x[1] for x in kb["kernels"])
+                    extra["gpu_busy_seconds"] = kb["busy"]
+                    extra["gpu_span_seconds"] = kb["span"]
+                    extra["gpu_idle_gaps"] = {k: kb[k] for k in ("gaps_total", "gap_median",
+                                                                 "gap_max", "kernels_per_set")}
             except Exception as e:  # record failures instead of dying mid-run
                 msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                 print(f"{case:2s} {impl:34s} FAILED {msg}", flush=True)
@@ -345,6 +358,13 @@ def main(argv):
                   f"rel_err {rel:.2e}  (compile+check+timing {wall:.1f}s)", flush=True)
             if "seconds_dispatch" in extra:
                 print(f"   dispatch-per-call timing {extra['seconds_dispatch'] * 1e3:.4f} ms", flush=True)
+            if "gpu_busy_seconds" in extra:
+                gi = extra["gpu_idle_gaps"]
+                print(f"   gpu busy {extra['gpu_busy_seconds'] * 1e6:.2f} us/set, span "
+                      f"{extra['gpu_span_seconds'] * 1e6:.2f} us/set, idle gaps "
+                      f"{gi['gaps_total'] * 1e6:.2f} us/set (median {gi['gap_median'] * 1e6:.2f}, "
+                      f"max {gi['gap_max'] * 1e6:.2f} us), {gi['kernels_per_set']:.1f} kernels/set",
+                      flush=True)
             for kname, ksec, kn in extra.get("gpu_kernels", []):
                 print(f"   gpu {ksec * 1e6:9.2f} us x{kn:<3d} {kname[:90]}", flush=True)
 

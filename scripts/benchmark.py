@@ -35,6 +35,8 @@ flags.DEFINE_integer("max_requests", None, "run only the first N requests (e.g. 
 define_engine_flags(load_formats=("auto", "dummy"), load_format="dummy",
                     max_num_batched_tokens=2048, max_num_seqs=256, max_model_len=4608)
 flags.DEFINE_integer("hf_batch_size", 64, "HF peer: requests per generate() call")
+flags.DEFINE_string("hf_cache_implementation", "dynamic", "HF peer: generate()'s KV cache "
+                    "(dynamic is its default; static preallocates)")
 flags.DEFINE_bool("hf_group_by_shape", True, "HF peer: batch requests of the same (prompt length, "
                   "output length) together, the peer's best case (a generate() batch pads every "
                   "row to its longest prompt and runs to its longest output)")
@@ -140,8 +142,10 @@ def run_hf(cfg_holder: dict, reqs: list[dict]) -> dict:
             mask[i, n - len(p):] = 1
         out_len = min(max(r["max_tokens"] for r in batch), max_out or 1 << 30)
         with torch.no_grad():
+            kw = ({} if FLAGS.hf_cache_implementation == "dynamic"
+                  else dict(cache_implementation=FLAGS.hf_cache_implementation))
             model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=out_len,
-                           min_new_tokens=out_len, do_sample=False, pad_token_id=0)
+                           min_new_tokens=out_len, do_sample=False, pad_token_id=0, **kw)
         torch.cuda.synchronize()
 
     t1 = time.perf_counter()
@@ -160,6 +164,7 @@ def run_hf(cfg_holder: dict, reqs: list[dict]) -> dict:
     return dict(run_seconds=run_s, compile_seconds=0.0, warmup_seconds=warm_s, load_seconds=load_s,
                 computed_prefill_tokens=sum(len(r["prompt_token_ids"]) for r in reqs),
                 hf_batch_size=bs, hf_group_by_shape=FLAGS.hf_group_by_shape,
+                hf_cache_implementation=FLAGS.hf_cache_implementation,
                 transformers_version=transformers.__version__, trace=trace)
 
 
