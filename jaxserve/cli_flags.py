@@ -31,8 +31,8 @@ def define_engine_flags(*, load_formats=("auto", "dummy", "safetensors", "gguf")
     flags.DEFINE_enum("schedule_policy", "batchllm", ["fifo", "batchllm", "blendserve"],
                       "admission order")
     flags.DEFINE_enum("layer_loop", "auto", ["auto", "scan", "unrolled"],
-                      "decoder layer loop: scan over stacked weights (default) or unrolled over "
-                      "per-layer arrays (faster on GPU; needs one K cache of free memory)")
+                      "decoder layer loop: scan over stacked weights or unrolled over per-layer "
+                      "arrays (faster on GPU); auto: unrolled on GPU, scan elsewhere")
     flags.DEFINE_bool("admission_control", True,
                       "admit only what fits at full length (no preemption)")
 
