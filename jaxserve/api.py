@@ -47,7 +47,7 @@ class LLM:
                  max_model_len: Optional[int] = None, num_pages: Optional[int] = None,
                  kv_cache_memory_fraction: float = 0.9, attention_impl: str = "auto",
                  fused_decode_steps: Optional[int] = None, global_prefix_sharing: bool = True,
-                 shared_prefix_attention: bool = False, schedule_policy: str = "batchllm",
+                 shared_prefix_attention: bool = True, schedule_policy: str = "batchllm",
                  admission_control: bool = True, seed: int = 0, compile_on_init: bool = True,
                  layer_loop: str = "auto"):
         from jaxserve.weights import default_model_path, load_model

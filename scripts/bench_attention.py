@@ -55,10 +55,13 @@ flags.DEFINE_integer("reps", 7, "timed repeats (median)")
 flags.DEFINE_integer("sets", 0, "input sets per timed program (0: per-case default)")
 flags.DEFINE_string("out", "", "JSON output path (list of records)")
 flags.DEFINE_string("commit", "", "commit id to record (default: git rev-parse)")
-flags.DEFINE_enum("timing", "dispatch", ["program", "dispatch"],
+flags.DEFINE_enum("timing", "dispatch", ["program", "dispatch", "layers"],
                   "dispatch: one call per input set, enqueued back to back (the host stays "
                   "ahead of the GPU); program: all sets inside one jitted program (measured "
-                  "slower on the H100, 0.121 vs 0.076 ms on case b: kept for comparison)")
+                  "slower on the H100, 0.121 vs 0.076 ms on case b: kept for comparison); "
+                  "layers: our kernels run R times in one program on one set's inputs, each "
+                  "call on another set's pages through the page offset, as the engine's step "
+                  "runs one work list through 32 layers (peers: dispatch)")
 flags.DEFINE_bool("also_dispatch", False, "with --timing=program, also record the dispatch time")
 flags.DEFINE_list("trace_cases", [], "cases whose implementations also get a per-kernel GPU "
                   "time breakdown from a device trace")
@@ -205,6 +208,23 @@ def time_sets(fn, arg_sets, reps, consts=(), mode="dispatch"):
     return float(np.median(times)), float(np.min(times)), out, run
 
 
+def time_layers(fn, args, reps, consts, offsets):
+    """Median seconds per call of `fn(*consts, *args, off=o)` for each page offset in `offsets`,
+    all inside one jitted program (the engine's step: one work list, one call per layer at the
+    layer's page offset). The program's fixed launch cost is spread over len(offsets) calls."""
+    f = jax.jit(lambda c, a: [fn(*c, *a, off=o) for o in offsets])
+    run = lambda: f(tuple(consts), tuple(args))                  # noqa: E731
+    out = run()
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = run()
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / len(offsets))
+    return float(np.median(times)), float(np.min(times)), out, run
+
+
 def kernel_breakdown(run, nsets: int, trace_dir: str) -> dict:
     """From a device trace of one more `run()`: GPU time per kernel name per set, GPU busy time
     (union of kernel intervals) and span (first start to last end) per set, and the idle gaps
@@ -301,6 +321,7 @@ def main(argv):
             mds.append(md)
             mdgs.append(mdg)
         total_pages = base + 1
+        pages_per_set = (base - 1) // nsets       # every set has the same layout (layers mode)
         kk, kv_, kq = jax.random.split(jax.random.key(hash(case) % 1000), 3)
         k_cache = jax.random.normal(kk, (HKV, total_pages, ps, D), DTYPE)
         v_cache = jax.random.normal(kv_, (HKV, total_pages, ps, D), DTYPE)
@@ -314,13 +335,19 @@ def main(argv):
         # independent of XLA's GPU compiler and autotuner).
         sample = np.unique(np.linspace(0, t - 1, 12).astype(int))
 
-        def record(impl, fn, arg_sets, note="", consts=None):
+        def record(impl, fn, arg_sets, note="", consts=None, offsettable=False):
             nonlocal ref_out
             t_start = time.perf_counter()
             print(f"{case:2s} {impl:34s} ... (t={t_start - T0:.1f}s)", flush=True)
             try:
                 cs = (k_cache, v_cache) if consts is None else consts
-                sec, best, out, run = time_sets(fn, arg_sets, reps, cs, FLAGS.timing)
+                timing = FLAGS.timing
+                if timing == "layers" and offsettable:
+                    sec, best, out, run = time_layers(fn, arg_sets[0], reps, cs,
+                                                      [j * pages_per_set for j in range(len(arg_sets))])
+                else:
+                    timing = "dispatch" if timing == "layers" else timing
+                    sec, best, out, run = time_sets(fn, arg_sets, reps, cs, timing)
                 extra = {}
                 if FLAGS.also_dispatch and FLAGS.timing != "dispatch":
                     extra["seconds_dispatch"] = time_sets(fn, arg_sets, reps, cs, "dispatch")[0]
@@ -350,7 +377,7 @@ def main(argv):
                        rel_err_vs_reference=rel, sets=len(arg_sets), page_size=ps,
                        num_tokens=t, num_seqs=len(batch.seqs), commit=commit,
                        jax_version=jax.__version__, note=note, wall_incl_compile_s=wall,
-                       timing=FLAGS.timing, **extra)
+                       timing=timing, **extra)
             records.append(rec)
             table.append((case, impl, sec, frac, rel))
             flush_json()
@@ -371,9 +398,9 @@ def main(argv):
         mds_j = [jax.tree.map(jnp.asarray, m) for m in mds]
         for impl in FLAGS.impls:
             if impl == "pallas_gpu":
-                record(impl, lambda kc, vc, q, md: gpu.ragged_paged_attention(
-                    q, kc, vc, md, sm_scale=sm_scale), list(zip(qs, mds_j)),
-                    "no sharing; work list built on device")
+                record(impl, lambda kc, vc, q, md, off=0: gpu.ragged_paged_attention(
+                    q, kc, vc, md, sm_scale=sm_scale, page_offset=off), list(zip(qs, mds_j)),
+                    "no sharing; work list built on device", offsettable=True)
             elif impl == "pallas_gpu_variants":
                 # Tuning variants of the no-sharing kernel (bk=128 at head dim 128 was still
                 # running when a 330 s run timed out: measure it alone).
@@ -410,17 +437,17 @@ def main(argv):
                     w = mdw[0].work
                     note = (f"shared prefix; items={int(np.sum(np.asarray(w.kv_end) > np.asarray(w.kv_start)))}"
                             f" bm={w.rows.shape[1]} partials/row<={w.merge_idx.shape[1]}")
-                    record("pallas_gpu_cascade" + (f"[{v}]" if v else ""), lambda kc, vc, q, md, bk=bk, c=c:
-                           gpu.ragged_paged_attention(q, kc, vc, md,
+                    record("pallas_gpu_cascade" + (f"[{v}]" if v else ""), lambda kc, vc, q, md, off=0, bk=bk, c=c:
+                           gpu.ragged_paged_attention(q, kc, vc, md, page_offset=off,
                                                       sm_scale=sm_scale, block_kv=bk,
                                                       num_warps=c.get("warps"),
                                                       num_stages=c.get("stages", 2),
                                                       prefetch_pages=bool(c.get("pf", 0))),
-                           list(zip(qs, mdw)), note)
+                           list(zip(qs, mdw)), note, offsettable=True)
             elif impl == "xla_reference":
-                record(impl, lambda kc, vc, q, md: reference.ragged_paged_attention(
-                    q, kc, vc, md, sm_scale=sm_scale), list(zip(qs, mds_j)),
-                    "pure jnp gather + einsum, per request")
+                record(impl, lambda kc, vc, q, md, off=0: reference.ragged_paged_attention(
+                    q, kc, vc, md, sm_scale=sm_scale, page_offset=off), list(zip(qs, mds_j)),
+                    "pure jnp gather + einsum, per request", offsettable=True)
             elif impl == "jax_paged_attention" and decode_only:
                 try:
                     from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
