@@ -37,6 +37,8 @@ define_engine_flags(load_formats=("auto", "dummy"), load_format="dummy",
 flags.DEFINE_integer("hf_batch_size", 64, "HF peer: requests per generate() call")
 flags.DEFINE_string("hf_cache_implementation", "dynamic", "HF peer: generate()'s KV cache "
                     "(dynamic is its default; static preallocates)")
+flags.DEFINE_integer("hf_max_batch_tokens", 0, "HF peer: also cap a generate() batch at this many "
+                     "padded tokens (rows x (prompt + output)); 0: only --hf_batch_size")
 flags.DEFINE_bool("hf_group_by_shape", True, "HF peer: batch requests of the same (prompt length, "
                   "output length) together, the peer's best case (a generate() batch pads every "
                   "row to its longest prompt and runs to its longest output)")
@@ -115,6 +117,23 @@ def run_jaxserve(cfg_holder: dict, reqs: list[dict]) -> dict:
         trace=llm.engine.last_stats.trace)
 
 
+def hf_batches(reqs: list[dict], bs: int, max_tokens: int) -> list[list[dict]]:
+    """Consecutive batches of at most `bs` requests and, when `max_tokens` > 0, at most
+    `max_tokens` padded tokens (rows x (longest prompt + longest output)): long-prompt batches
+    stay small enough to fit while short ones keep the large batch."""
+    out, cur = [], []
+    for r in reqs:
+        nxt = cur + [r]
+        width = max(len(x["prompt_token_ids"]) for x in nxt) + max(x["max_tokens"] for x in nxt)
+        if cur and (len(nxt) > bs or (max_tokens > 0 and len(nxt) * width > max_tokens)):
+            out.append(cur)
+            nxt = [r]
+        cur = nxt
+    if cur:
+        out.append(cur)
+    return out
+
+
 def run_hf(cfg_holder: dict, reqs: list[dict]) -> dict:
     """HF transformers generate, bf16, batched (left padding), on the same GPU: the peer users run
     without a serving engine. Same shape, random weights, fixed output lengths."""
@@ -155,8 +174,7 @@ def run_hf(cfg_holder: dict, reqs: list[dict]) -> dict:
         reqs = sorted(reqs, key=lambda r: (len(r["prompt_token_ids"]), r["max_tokens"]))
     trace = []
     t2 = time.perf_counter()
-    for i in range(0, len(reqs), bs):
-        batch = reqs[i:i + bs]
+    for batch in hf_batches(reqs, bs, FLAGS.hf_max_batch_tokens):
         gen(batch)
         n_tok = sum(len(r["prompt_token_ids"]) + r["max_tokens"] for r in batch)
         trace.append((time.perf_counter() - t2, n_tok, sum(r["max_tokens"] for r in batch), n_tok))
@@ -165,6 +183,7 @@ def run_hf(cfg_holder: dict, reqs: list[dict]) -> dict:
                 computed_prefill_tokens=sum(len(r["prompt_token_ids"]) for r in reqs),
                 hf_batch_size=bs, hf_group_by_shape=FLAGS.hf_group_by_shape,
                 hf_cache_implementation=FLAGS.hf_cache_implementation,
+                hf_max_batch_tokens=FLAGS.hf_max_batch_tokens,
                 transformers_version=transformers.__version__, trace=trace)
 
 
