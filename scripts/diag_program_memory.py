@@ -1,6 +1,8 @@
 """Memory of one compiled step program (argument / output / alias / temp bytes) and the large
-copies in its optimised HLO, for the layer-loop variants. Diagnoses a KV-cache-sized temporary
-(the unrolled loop's step program asked for 19.23 GiB = one K cache at the BatchLLM settings).
+copies in its optimised HLO, for the layer-loop variants; with --execute, one real step. Written
+to chase the unrolled loop's 19.23 GiB out-of-memory error with a memory-filling KV cache, which
+it showed (session 3) to be the V cache's own `jnp.zeros` failing on a fragmented pool, not the
+step program (fixed in `LlamaForCausalLM.unstack_layers`).
 
   python3 scripts/diag_program_memory.py --num_pages=3000 --tokens=2048
 """

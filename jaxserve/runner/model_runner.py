@@ -79,8 +79,8 @@ class ModelRunner:
         """Copy-on-write: duplicate pages `src` into `dst` in every layer (skipped when none).
 
         (Session 2 tried an unconditional copy, suspecting this cond of the unrolled loop's
-        KV-sized allocation; the allocation stayed, so the cond, which costs nothing on steps
-        without copies, is back.)"""
+        KV-sized allocation; that was allocator fragmentation from unstacking the weights, see
+        `LlamaForCausalLM.unstack_layers`. The cond costs nothing on steps without copies.)"""
         def copy(kv):
             k_cache, v_cache = kv
             offs = (jnp.arange(self.cfg.num_layers, dtype=jnp.int32) * self.num_pages)[:, None]
