@@ -197,6 +197,12 @@ def time_sets(fn, arg_sets, reps, consts=(), mode="dispatch"):
     else:
         f = jax.jit(fn)
         run = lambda: [f(*consts, *a) for a in arg_sets]          # noqa: E731
+    return _timed(run, reps, len(arg_sets))
+
+
+def _timed(run, reps: int, calls: int):
+    """(median, min) seconds per call over `reps` runs of `run` (each `calls` calls) after one
+    warm-up run, the last run's outputs, and `run` itself (for a traced pass)."""
     out = run()
     jax.block_until_ready(out)
     times = []
@@ -204,7 +210,7 @@ def time_sets(fn, arg_sets, reps, consts=(), mode="dispatch"):
         t0 = time.perf_counter()
         out = run()
         jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / len(arg_sets))
+        times.append((time.perf_counter() - t0) / calls)
     return float(np.median(times)), float(np.min(times)), out, run
 
 
@@ -214,15 +220,7 @@ def time_layers(fn, args, reps, consts, offsets):
     layer's page offset). The program's fixed launch cost is spread over len(offsets) calls."""
     f = jax.jit(lambda c, a: [fn(*c, *a, off=o) for o in offsets])
     run = lambda: f(tuple(consts), tuple(args))                  # noqa: E731
-    out = run()
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        out = run()
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / len(offsets))
-    return float(np.median(times)), float(np.min(times)), out, run
+    return _timed(run, reps, len(offsets))
 
 
 def kernel_breakdown(run, nsets: int, trace_dir: str) -> dict:
