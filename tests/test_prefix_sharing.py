@@ -148,7 +148,10 @@ def test_pallas_kernel_path_matches_reference(cascade, fused, tiny_models, engin
     """The engine through the GPU kernel (interpret mode on CPU): with host-built shared-prefix
     work lists (cascade) or the device-built plain list, greedy outputs equal the reference's.
     fused=4: decode steps run in fused blocks that advance the first step's shared-prefix list on
-    device (members finish inside blocks: output lengths 1-6)."""
+    device (members finish inside blocks: output lengths 1-6). This checks the wiring (blocks run
+    with groups, through `advance_work_items`); the tiny model's greedy tokens barely depend on
+    the newest keys, so a wrong advance is caught numerically by
+    `test_pallas_cascade_list_advanced_over_fused_decode_steps` in test_kernels.py."""
     from jaxserve.runner import model_runner
 
     path, _ = tiny_models["qwen2"]

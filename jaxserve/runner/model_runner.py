@@ -226,13 +226,13 @@ class ModelRunner:
             return out, ext[1], k_cache, v_cache
         return out, k_cache, v_cache
 
-    def _abstract_inputs(self, T: int, P: int, with_work: bool = True) -> StepInputs:
+    def _abstract_inputs(self, T: int, P: int) -> StepInputs:
         S = self.buckets.seqs_for(T)
         i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
         f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
         md = AttentionMetadata(positions=i32(T), token_seq=i32(T), slot_mapping=i32(T),
                                query_start=i32(S + 1), seq_lens=i32(S), page_table=i32(S, P))
-        if self.cascade is not None and with_work:
+        if self.cascade is not None:
             lay = pallas_kernels.cascade_layout(T, S, P, page_size=self.page_size, **self.cascade)
             g = self.cfg.num_heads // self.cfg.num_kv_heads
             w, bm = lay["num_items"], lay["block_rows"]
