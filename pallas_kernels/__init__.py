@@ -1,90 +1,109 @@
 """Attention over the paged KV cache behind one interface.
 
-`ragged_paged_attention(q, k_cache, v_cache, md, impl=...)` computes causal attention for one
-step's ragged token batch (prefill chunks and decode tokens of many requests). Implementations:
-  - "reference": pure jnp (gather pages); the oracle for every test and the CPU path.
-  - "pallas_gpu": GPU Pallas kernel (Triton lowering), `pallas_kernels.gpu`; one launch over
-    work items covers prefill chunks, decode tokens and shared-prefix (cascade) groups. The
-    groups are used when `md.work` was built by `build_cascade_metadata` (host, numpy); without
-    it the kernel builds a no-sharing work list on device (still correct, since `page_table`
-    also covers the prefix pages).
+`ragged_paged_attention(q, k_cache, v_cache, md, spec=...)` computes causal attention for one step's
+ragged token batch (prefill chunks and decode tokens of many requests). Implementations
+(`IMPLEMENTATIONS`):
+  - "reference": pure jnp (gathers pages); the oracle of every test and the CPU path.
+  - "pallas_gpu": the GPU Pallas kernel (Triton lowering), `pallas_kernels.gpu`: one launch over
+    work items covers prefill chunks, decode tokens and shared-prefix (cascade) groups.
   - "pallas_gpu_interpret": the same kernel in Pallas interpret mode (CPU tests).
-Others register themselves in `IMPLEMENTATIONS`.
+
+Each implementation says what metadata it reads beyond the base fields, and the runner builds it
+through the three functions here, never anywhere else:
+  - `host_prepare(md, groups, spec)`: on the host, per step, numpy: e.g. the GPU kernel's work
+    list with the step's shared-prefix groups;
+  - `device_prepare(md, spec)`: traced, once per step before the layer loop: e.g. the GPU kernel's
+    no-sharing work list when the host built none;
+  - `advance(md0, md, steps, spec)`: traced, for decode step `steps` of a fused block, given the
+    block's first-step metadata `md0` and the advanced base fields in `md`.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional
 
 import jax
 
-from pallas_kernels.metadata import AttentionMetadata, layer_slots, write_kv
 from pallas_kernels import reference
-from pallas_kernels.metadata import WorkItems
-from pallas_kernels.cascade import build_cascade_metadata
+from pallas_kernels.metadata import AttentionMetadata, PrefixGroups, WorkItems, layer_slots, write_kv
 
 
-def _pallas_gpu(q, k_cache, v_cache, md, **kw):
-    from pallas_kernels import gpu
-    return gpu.ragged_paged_attention(q, k_cache, v_cache, md, **kw)
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """Static description of a model's attention (part of every compiled program's key)."""
+
+    impl: str
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+    # Use the step's shared-prefix groups (read a group's prefix once per step), where the
+    # implementation supports them.
+    shared_prefix: bool = False
 
 
-def _pallas_gpu_interpret(q, k_cache, v_cache, md, **kw):
-    from pallas_kernels import gpu
-    return gpu.ragged_paged_attention(q, k_cache, v_cache, md, interpret=True, **kw)
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    attention: Callable                        # (q, k, v, md, *, page_offset, sm_scale, sliding_window)
+    supports_groups: bool = False
+    host_prepare: Optional[Callable] = None    # (md, groups, spec) -> md        host, numpy
+    device_prepare: Optional[Callable] = None  # (md, spec) -> md                traced
+    advance: Optional[Callable] = None         # (md0, md, steps, spec) -> md    traced
 
 
-IMPLEMENTATIONS: dict[str, Callable] = {
-    "reference": reference.ragged_paged_attention,
-    "pallas_gpu": _pallas_gpu,
-    "pallas_gpu_interpret": _pallas_gpu_interpret,
+# ---- GPU -------------------------------------------------------------------------------------
+
+def _gpu_attention(interpret: bool):
+    def attention(q, k_cache, v_cache, md, **kw):
+        from pallas_kernels.gpu import kernel
+        return kernel.ragged_paged_attention(q, k_cache, v_cache, md, interpret=interpret, **kw)
+    return attention
+
+
+def _gpu_host_prepare(md: AttentionMetadata, groups, spec: AttentionSpec) -> AttentionMetadata:
+    if not spec.shared_prefix:
+        return md          # the device builds a no-sharing list (device_prepare)
+    from pallas_kernels.gpu import block_sizes, cascade
+
+    lay = block_sizes.host_layout(md.num_tokens, md.num_seqs, md.pages_per_seq,
+                                  num_q_heads=spec.num_q_heads, num_kv_heads=spec.num_kv_heads,
+                                  page_size=spec.page_size, head_dim=spec.head_dim)
+    work = cascade.build_cascade_work(
+        md, groups, num_q_heads=spec.num_q_heads, num_kv_heads=spec.num_kv_heads,
+        page_size=spec.page_size, block_rows=lay["block_rows"], block_kv=lay["block_kv"],
+        num_sms=lay["num_sms"], waves=lay["waves"], num_items=lay["num_items"],
+        num_partials=lay["num_partials"])
+    return dataclasses.replace(md, work=work)
+
+
+def _gpu_device_prepare(md: AttentionMetadata, spec: AttentionSpec) -> AttentionMetadata:
+    if md.work is not None:
+        return md
+    from pallas_kernels.gpu import work_items
+
+    return dataclasses.replace(md, work=work_items.device_work_items(
+        md, num_q_heads=spec.num_q_heads, num_kv_heads=spec.num_kv_heads,
+        page_size=spec.page_size, head_dim=spec.head_dim))
+
+
+def _gpu_advance(md0: AttentionMetadata, md: AttentionMetadata, steps,
+                 spec: AttentionSpec) -> AttentionMetadata:
+    if md0.work is None:
+        return dataclasses.replace(md, work=None)   # device_prepare rebuilds it for this step
+    from pallas_kernels.gpu import work_items
+
+    return dataclasses.replace(md, work=work_items.advance_work_items(md0.work, steps,
+                                                                      spec.page_size))
+
+
+_GPU = dict(supports_groups=True, host_prepare=_gpu_host_prepare,
+            device_prepare=_gpu_device_prepare, advance=_gpu_advance)
+
+IMPLEMENTATIONS: dict[str, Backend] = {
+    "reference": Backend(reference.ragged_paged_attention),
+    "pallas_gpu": Backend(_gpu_attention(False), **_GPU),
+    "pallas_gpu_interpret": Backend(_gpu_attention(True), **_GPU),
 }
-
-
-PALLAS_GPU = ("pallas_gpu", "pallas_gpu_interpret")
-
-
-def prepare_step(md: AttentionMetadata, *, impl: str, num_q_heads: int, num_kv_heads: int,
-                 page_size: int, head_dim: int) -> AttentionMetadata:
-    """Per-step work done once before the layer loop (traceable): the GPU kernel's work list."""
-    if impl in PALLAS_GPU and md.work is None:
-        from pallas_kernels import gpu
-
-        return gpu.with_work_items(md, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
-                                   page_size=page_size, head_dim=head_dim)
-    return md
-
-
-def cascade_layout(num_tokens: int, num_seqs: int, pages_per_seq: int, *, num_q_heads: int,
-                   num_kv_heads: int, page_size: int, head_dim: int, num_sms: int = 132,
-                   waves: float = 2.0) -> dict:
-    """Static sizes of a host-built shared-prefix work list for one step bucket.
-
-    Items: each row's own part in blocks of bm/g tokens (<= T/bq + S), each group's member rows in
-    blocks of bm (<= T*g/bm + groups, groups <= S/2), plus the pieces long ranges are cut into
-    (<= 2 per item longer than a chunk, and chunks are >= total/target, so <= 2*target of them).
-    Partials per query row: the chunks of its prefix and of its suffix (chunks >= 256 tokens).
-    """
-    from pallas_kernels import gpu
-
-    g = num_q_heads // num_kv_heads
-    # 64-row items in every bucket, decode buckets included: a group's prefix is read once per
-    # row block of its members' rows, so 16-row blocks read it 4x as often. H100, document
-    # workload (64 questions x 4 heads = 256 rows per group and KV head): with 16-row blocks the
-    # prefix reads made attention 4.2 s of 6.9 s of GPU time (profile_document_x0.25_*_s3).
-    # Suffix items hold one decode token's G rows either way; their tiles were never the cost.
-    bm = max(64, gpu._pow2_at_least(g))
-    bq = max(1, bm // g)
-    dp = gpu._pow2_at_least(max(head_dim, 16))
-    block_kv = gpu._default_block_kv(dp, page_size)
-    target = max(1, int(waves * num_sms / num_kv_heads))
-    items = (-(-num_tokens // bq) + num_seqs + -(-num_tokens * g // bm) + num_seqs // 2
-             + 2 * target)
-    items = -(-items // 64) * 64
-    partials = -(-pages_per_seq * page_size // 256) + 3
-    ppb = block_kv // page_size
-    pw = -(-pages_per_seq // ppb) * ppb
-    return dict(block_rows=bm, block_kv=block_kv, num_items=items, num_partials=partials,
-                num_groups=num_seqs, pt_width=pw, num_sms=num_sms, waves=waves)
 
 
 def default_impl() -> str:
@@ -97,17 +116,43 @@ def default_impl() -> str:
     return "reference"
 
 
-def ragged_paged_attention(q, k_cache, v_cache, md: AttentionMetadata, *, page_offset=0,
-                           sm_scale: float, sliding_window: Optional[int] = None,
-                           impl: str = "reference") -> jax.Array:
+def backend(impl: str) -> Backend:
     try:
-        fn = IMPLEMENTATIONS[impl]
+        return IMPLEMENTATIONS[impl]
     except KeyError:
         raise ValueError(f"unknown attention implementation {impl!r}; "
                          f"available: {sorted(IMPLEMENTATIONS)}") from None
-    return fn(q, k_cache, v_cache, md, page_offset=page_offset, sm_scale=sm_scale,
-              sliding_window=sliding_window)
 
 
-__all__ = ["AttentionMetadata", "WorkItems", "ragged_paged_attention", "write_kv", "layer_slots",
-           "build_cascade_metadata", "IMPLEMENTATIONS", "default_impl"]
+def uses_groups(spec: AttentionSpec) -> bool:
+    """Whether the runner should hand this step's shared-prefix groups to `host_prepare`."""
+    return spec.shared_prefix and backend(spec.impl).supports_groups
+
+
+def host_prepare(md: AttentionMetadata, groups: Optional[PrefixGroups],
+                 spec: AttentionSpec) -> AttentionMetadata:
+    fn = backend(spec.impl).host_prepare
+    return fn(md, groups if uses_groups(spec) else None, spec) if fn else md
+
+
+def device_prepare(md: AttentionMetadata, spec: AttentionSpec) -> AttentionMetadata:
+    fn = backend(spec.impl).device_prepare
+    return fn(md, spec) if fn else md
+
+
+def advance(md0: AttentionMetadata, md: AttentionMetadata, steps,
+            spec: AttentionSpec) -> AttentionMetadata:
+    fn = backend(spec.impl).advance
+    return fn(md0, md, steps, spec) if fn else md
+
+
+def ragged_paged_attention(q, k_cache, v_cache, md: AttentionMetadata, *, spec: AttentionSpec,
+                           page_offset=0, sm_scale: float,
+                           sliding_window: Optional[int] = None) -> jax.Array:
+    return backend(spec.impl).attention(q, k_cache, v_cache, md, page_offset=page_offset,
+                                        sm_scale=sm_scale, sliding_window=sliding_window)
+
+
+__all__ = ["AttentionMetadata", "AttentionSpec", "PrefixGroups", "WorkItems",
+           "ragged_paged_attention", "host_prepare", "device_prepare", "advance", "uses_groups",
+           "write_kv", "layer_slots", "IMPLEMENTATIONS", "default_impl", "backend"]

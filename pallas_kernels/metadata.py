@@ -1,9 +1,21 @@
-"""Per-step attention metadata: the one description of a ragged token batch that every attention
-implementation (reference, GPU Pallas, TPU Pallas) reads.
+"""Per-step attention metadata: the device-side description of one step's ragged token batch over
+the paged KV cache, read by every attention implementation.
 
-Shapes are static per bucket (T tokens, S sequences, P pages per sequence); the host fills the
-arrays with numpy and pads: pad tokens belong to a pad sequence with `seq_lens == 0` and write their
-K/V into the sink page 0, which is never handed to a request.
+Shapes are static per bucket (T tokens, S sequence rows, P pages per row); the runner fills the
+arrays on the host with numpy and pads them: pad tokens belong to a pad row with `seq_lens == 0`
+and write their K/V into the sink page 0, which is never handed to a request.
+
+Only what a kernel reads on the device lives here. The two optional parts are set by the runner
+for the implementations that read them (`pallas_kernels.host_prepare`):
+  * `groups` (`PrefixGroups`): shared-prefix groups as device arrays, for implementations that
+    split attention into a group prefix part and a per-row suffix part themselves (TPU);
+  * `work` (`WorkItems`): the GPU kernel's precomputed work list, built from the groups on the
+    host or, without sharing, on the device before the layer loop.
+
+KV cache layout (per K and V): `[num_kv_heads, num_layers * num_pages, page_size, head_dim]`.
+Layer `l` owns pages `[l * num_pages, (l + 1) * num_pages)`; page ids here are layer-local and the
+model passes `page_offset = layer * num_pages`, so one array is carried through the layer loop and
+never sliced (a slice would copy every layer's KV into the kernel each step).
 """
 from __future__ import annotations
 
@@ -16,17 +28,33 @@ import jax.numpy as jnp
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
+class PrefixGroups:
+    """One level of shared-prefix groups in a step. Row s's first `prefix_lens[s]` KV tokens are
+    its group's shared prefix, held in the pages `page_table[seq_group[s]]`; the same pages also
+    start the row's own page table, so an implementation that ignores the groups still computes
+    the right answer. Shared prefixes are whole pages."""
+
+    seq_group: jax.Array     # int32[S]     group of row s, -1 for none
+    prefix_lens: jax.Array   # int32[S]     shared KV tokens of row s (0 for none)
+    page_table: jax.Array    # int32[G, Pg] layer-local pages of each group's prefix
+    lens: jax.Array          # int32[G]     prefix length of each group (0: unused group slot)
+
+    @property
+    def num_groups(self) -> int:
+        return self.lens.shape[0]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
 class WorkItems:
-    """Precomputed work list of the GPU attention kernel (`pallas_kernels.gpu`).
+    """Work list of the GPU attention kernel (`pallas_kernels.gpu`).
 
     A work item is (a block of BM query rows, one KV range over one page-table row). A query row is
     (token t, q head j within its KV head's group of G), encoded `t * G + j`; the kernel runs every
     item once per KV head and writes a partial (output, log-sum-exp) per row; `merge_idx` lists,
     for every query row, the partials to merge. Shared-prefix groups become items whose rows are
     all the group members' rows and whose page-table row is the group's prefix (read once per row
-    block instead of once per request). Built on the host by
-    `pallas_kernels.cascade.build_cascade_metadata` (numpy) or on device by
-    `pallas_kernels.gpu.build_work_items` (jnp, no sharing).
+    block instead of once per request).
     """
 
     page_table: jax.Array  # int32[NR * PW] flattened page-table rows (layer-local page ids)
@@ -46,53 +74,19 @@ class WorkItems:
         return self.rows.shape[1]
 
 
-def advance_work_items(work: WorkItems, steps, page_size: int) -> WorkItems:
-    """The work list of a decode step `steps` tokens later, from the list built for a decode step
-    (one token per row): every row's causal limit moves by `steps`, and so does the end of each
-    item that reaches its rows' limits (the item holding the rows' newest tokens); items that end
-    before (a shared prefix, an earlier chunk of a split range) are unchanged, and so are the
-    partials each row merges. Lets a fused block of decode steps keep the host-built shared-prefix
-    list of its first step instead of falling back to reading every row's whole context.
-    Limits are capped at the page-table width (rows that finished inside the block keep
-    computing into discarded outputs)."""
-    cap = work.pt_width * page_size
-    live = work.row_hi > 0
-    item_hi = jnp.max(work.row_hi, axis=1)
-    tail = (work.kv_end > work.kv_start) & (work.kv_end >= item_hi)
-    return dataclasses.replace(
-        work,
-        kv_end=jnp.where(tail, jnp.minimum(work.kv_end + steps, cap), work.kv_end),
-        row_hi=jnp.where(live, jnp.minimum(work.row_hi + steps, cap), 0))
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class AttentionMetadata:
-    """Layout of one step's ragged batch over the paged KV cache.
+    """Layout of one step's ragged batch over the paged KV cache (see the module docstring)."""
 
-    KV cache layout (per K and V): `[num_kv_heads, num_layers * num_pages, page_size, head_dim]`.
-    Layer `l` owns pages `[l * num_pages, (l + 1) * num_pages)`; page ids here are layer-local and the
-    model adds `layer * num_pages` (see `layer_page_offset`), so one array is carried through the
-    layer scan and never sliced (slicing it would copy every layer's KV into the kernel each step).
-    """
-
-    positions: jax.Array      # int32[T]   absolute position of each token in its sequence
-    token_seq: jax.Array      # int32[T]   sequence row of each token (pad tokens -> a pad row)
-    slot_mapping: jax.Array   # int32[T]   layer-local flat slot (page * page_size + offset) for the new K/V
-    query_start: jax.Array    # int32[S+1] tokens of row s are [query_start[s], query_start[s+1])
-    seq_lens: jax.Array       # int32[S]   KV length of row s after this step's tokens (0 for pad rows)
+    positions: jax.Array      # int32[T]    absolute position of each token in its sequence
+    token_seq: jax.Array      # int32[T]    sequence row of each token (pad tokens -> a pad row)
+    slot_mapping: jax.Array   # int32[T]    layer-local flat slot (page * page_size + offset) of the new K/V
+    query_start: jax.Array    # int32[S+1]  tokens of row s are [query_start[s], query_start[s+1])
+    seq_lens: jax.Array       # int32[S]    KV length of row s after this step's tokens (0: pad row)
     page_table: jax.Array     # int32[S, P] layer-local page ids of row s (pad entries -> sink page 0)
-    # Shared-prefix (cascade) groups, all optional: None means no sharing in this step.
-    # Row s's first `prefix_lens[s]` KV tokens are its group's shared prefix, stored in the pages
-    # `group_page_table[seq_group[s]]`; the same pages also start `page_table[s]`, so a kernel that
-    # ignores the groups still computes the right answer.
-    seq_group: Optional[jax.Array] = None         # int32[S]  group id of row s, -1 for none
-    prefix_lens: Optional[jax.Array] = None       # int32[S]  shared KV tokens of row s (0 for none)
-    group_page_table: Optional[jax.Array] = None  # int32[G, Pg] pages of each group's shared prefix
-    group_lens: Optional[jax.Array] = None        # int32[G]  shared prefix length of each group
-    # Precomputed GPU work list (see `WorkItems`); set by `pallas_kernels.build_cascade_metadata`
-    # on the host when groups are used. None: the GPU kernel builds a no-sharing list on device.
-    work: Optional[WorkItems] = None
+    groups: Optional[PrefixGroups] = None   # shared-prefix groups (implementations that read them)
+    work: Optional[WorkItems] = None        # the GPU kernel's work list
 
     @property
     def num_tokens(self) -> int:

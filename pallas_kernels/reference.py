@@ -12,10 +12,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common import MASK_VALUE
 from pallas_kernels.metadata import AttentionMetadata
-
-# Finite mask value: a fully masked row (pad tokens) gives a uniform, finite softmax instead of NaN.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def _precision(dtype):
@@ -154,9 +152,9 @@ def cascade_attention_partials(
     sliding_window: Optional[int] = None):
     """The two cascade partials of every token: (o_prefix, lse_prefix), (o_suffix, lse_suffix).
 
-    Prefix: KV [0, min(pos + 1, prefix_lens[s])) read through `group_page_table[seq_group[s]]`;
-    suffix: KV [prefix_lens[s], min(pos + 1, seq_lens[s])) through `page_table[s]`. Without cascade
-    fields the prefix is empty for every token.
+    Prefix: KV [0, min(pos + 1, prefix_lens[s])) read through `groups.page_table[seq_group[s]]`;
+    suffix: KV [prefix_lens[s], min(pos + 1, seq_lens[s])) through `page_table[s]`. Without
+    `md.groups` the prefix is empty for every token.
     """
     t = q.shape[0]
     seq = md.token_seq
@@ -164,13 +162,13 @@ def cascade_attention_partials(
     hi = jnp.minimum(pos + 1, md.seq_lens[seq])
     lo_win = (jnp.zeros_like(pos) if sliding_window is None
               else jnp.maximum(pos + 1 - sliding_window, 0))
-    if md.seq_group is None:
+    if md.groups is None:
         plen = jnp.zeros((t,), jnp.int32)
         gpages = jnp.zeros((t, 1), jnp.int32) + page_offset
     else:
-        grp = md.seq_group[seq]
-        plen = jnp.where(grp >= 0, md.prefix_lens[seq], 0)
-        gpages = md.group_page_table[jnp.maximum(grp, 0)] + page_offset
+        grp = md.groups.seq_group[seq]
+        plen = jnp.where(grp >= 0, md.groups.prefix_lens[seq], 0)
+        gpages = md.groups.page_table[jnp.maximum(grp, 0)] + page_offset
     pre = paged_attention_partial(q, k_cache, v_cache, gpages, lo_win, jnp.minimum(hi, plen),
                                   sm_scale=sm_scale)
     suf = paged_attention_partial(q, k_cache, v_cache, md.page_table[seq] + page_offset,

@@ -1,24 +1,24 @@
-"""The loop form of `pallas_kernels.cascade.build_cascade_metadata`: slow and plain, kept as the
+"""The loop form of `pallas_kernels.gpu.cascade.build_cascade_work`: slow and plain, kept as the
 oracle the vectorised builder must reproduce array for array (tests/test_kernels.py)."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import numpy as np
 
-from pallas_kernels.cascade import _chunks, _pow2_at_least, host_inputs
-from pallas_kernels.metadata import AttentionMetadata, WorkItems
+from pallas_kernels.common import pow2_at_least
+from pallas_kernels.gpu.cascade import _chunks, host_inputs
+from pallas_kernels.metadata import AttentionMetadata, PrefixGroups, WorkItems
 
 
-def build_cascade_metadata_loops(md: AttentionMetadata, *, num_q_heads: int,
-                                  num_kv_heads: int, page_size: int, block_rows: int = 64,
-                                  block_kv: int = 64, num_sms: int = 132, waves: float = 2.0,
-                                  min_chunk: int = 256, chunk_len: Optional[int] = None,
-                                  num_items: Optional[int] = None,
-                                  num_partials: Optional[int] = None) -> AttentionMetadata:
-    """Original per-row Python-loop builder, kept as the readable specification of
-    `build_cascade_metadata` (which must return identical arrays; tests compare the two).
+def build_cascade_work_loops(md: AttentionMetadata, groups: Optional[PrefixGroups], *,
+                             num_q_heads: int, num_kv_heads: int, page_size: int,
+                             block_rows: int = 64, block_kv: int = 64, num_sms: int = 132,
+                             waves: float = 2.0, min_chunk: int = 256,
+                             chunk_len: Optional[int] = None, num_items: Optional[int] = None,
+                             num_partials: Optional[int] = None) -> WorkItems:
+    """Per-row Python-loop builder, kept as the readable specification of `build_cascade_work`
+    (which must return identical arrays; tests compare the two).
 
     `num_items` / `num_partials` fix the padded sizes (static shapes for jit; default: next power
     of two of what is needed). `block_rows` must be a power of two >= 16; `block_kv` a multiple of
@@ -31,7 +31,7 @@ def build_cascade_metadata_loops(md: AttentionMetadata, *, num_q_heads: int,
     block_kv = max(block_kv, page_size)
     ppb = block_kv // page_size
     (pos, qs, seq_lens, seq_group, plen, table, t, s_count, n_groups,
-     pw) = host_inputs(md, ppb)
+     pw) = host_inputs(md, groups, ppb)
 
     # Candidate items before chunking: (table row, kv_lo, kv_hi, rows[], his[]).
     raw = []
@@ -86,7 +86,7 @@ def build_cascade_metadata_loops(md: AttentionMetadata, *, num_q_heads: int,
     items = [items[i] for i in order]
 
     w_need = max(1, len(items))
-    w = num_items or _pow2_at_least(w_need)
+    w = num_items or pow2_at_least(w_need)
     if w < w_need:
         raise ValueError(f"num_items={w} < {w_need} needed")
     pt_base = np.zeros((w,), np.int32)
@@ -107,12 +107,11 @@ def build_cascade_metadata_loops(md: AttentionMetadata, *, num_q_heads: int,
             if his[i] > c0:
                 parts[r].append(wi * bm + i)
     k_need = max(1, max(len(x) for x in parts) if parts else 1)
-    k = num_partials or _pow2_at_least(k_need)
+    k = num_partials or pow2_at_least(k_need)
     if k < k_need:
         raise ValueError(f"num_partials={k} < {k_need} needed")
     midx = np.full((t * g, k), -1, np.int32)
     for r, lst in enumerate(parts):
         midx[r, :len(lst)] = lst
-    work = WorkItems(page_table=table.reshape(-1), pt_base=pt_base, kv_start=kv_start,
+    return WorkItems(page_table=table.reshape(-1), pt_base=pt_base, kv_start=kv_start,
                      kv_end=kv_end, rows=rows_a, row_hi=hi_a, merge_idx=midx, pt_width=pw)
-    return dataclasses.replace(md, work=work)

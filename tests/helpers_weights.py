@@ -27,7 +27,9 @@ def smollm2_gguf() -> str:
 def prefill_logits(model, cfg, ids, page_size: int = 16) -> np.ndarray:
     """Float32 logits [T, vocab] for every position of one sequence, prefilled in one step."""
     import jax.numpy as jnp
-    from pallas_kernels.metadata import AttentionMetadata
+
+    from jaxserve.models.llama import ForwardOptions
+    from pallas_kernels import AttentionMetadata, AttentionSpec
 
     t = len(ids)
     pages = -(-t // page_size)
@@ -41,7 +43,10 @@ def prefill_logits(model, cfg, ids, page_size: int = 16) -> np.ndarray:
         page_table=jnp.asarray(pt))
     shape = (cfg.num_kv_heads, cfg.num_layers * num_pages, page_size, cfg.head_dim)
     kc = jnp.zeros(shape, jnp.float32)
-    logits, _, _ = model(jnp.asarray(ids, jnp.int32), md, kc, jnp.zeros_like(kc), jnp.arange(t))
+    opts = ForwardOptions(AttentionSpec("reference", cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                        page_size))
+    logits, _, _ = model(jnp.asarray(ids, jnp.int32), md, kc, jnp.zeros_like(kc), jnp.arange(t),
+                         opts)
     return np.asarray(logits)
 
 

@@ -18,7 +18,7 @@ import pytest
 import pallas_kernels
 from pallas_kernels import reference
 from tests import cascade_oracle
-from pallas_kernels.metadata import AttentionMetadata
+from pallas_kernels.metadata import AttentionMetadata, PrefixGroups
 
 NUM_LAYERS = 2          # cases run on layer 1, so the page offset is exercised
 
@@ -127,10 +127,9 @@ def make_case(seed, *, seqs, groups=(), page_size=16, hkv=2, g=4, d=64, dtype=jn
             for m in members:
                 seq_group[m] = gi
                 prefix_lens[m] = plen
-        md = dataclasses.replace(
-            md, seq_group=jnp.asarray(seq_group), prefix_lens=jnp.asarray(prefix_lens),
-            group_page_table=jnp.asarray(gpt),
-            group_lens=jnp.asarray([p for p, _ in groups], jnp.int32))
+        md = dataclasses.replace(md, groups=PrefixGroups(
+            seq_group=jnp.asarray(seq_group), prefix_lens=jnp.asarray(prefix_lens),
+            page_table=jnp.asarray(gpt), lens=jnp.asarray([p for p, _ in groups], jnp.int32)))
     q = rng.standard_normal((t, hkv * g, d), dtype=np.float32)
     valid = np.array([seq_lens[s] > 0 for s in token_seq])
     return Case(q=jnp.asarray(q, dtype), k_cache=jnp.asarray(kc, dtype),
@@ -205,17 +204,30 @@ def test_merge_partials_is_exact_and_handles_empty():
 # GPU Pallas kernel (interpret mode on CPU, compiled with -m gpu)
 # ---------------------------------------------------------------------------------------------
 
-def run_kernel(c: Case, *, interpret, sliding_window=None, cascade=False, **kw):
-    md = c.md
+def host_work(md, *, num_q_heads, num_kv_heads, page_size, **kw):
+    """The host-built (shared-prefix) work list of `md` with its `groups`."""
+    from pallas_kernels.gpu import cascade
+    md = jax.device_get(md)
+    return cascade.build_cascade_work(md, md.groups, num_q_heads=num_q_heads,
+                                      num_kv_heads=num_kv_heads, page_size=page_size, **kw)
+
+
+def run_kernel(c: Case, *, interpret, sliding_window=None, cascade=False, block_rows=None,
+               kv_splits=None, chunk_len=None, block_kv=None, **kw):
+    from pallas_kernels.gpu import kernel, work_items
     if cascade:
-        kw_host = {k: kw.pop(k) for k in ("block_rows", "chunk_len") if k in kw}
-        md = pallas_kernels.build_cascade_metadata(
-            jax.device_get(md), num_q_heads=c.hq, num_kv_heads=c.hkv, page_size=c.page_size,
-            block_kv=kw.get("block_kv", 64), num_sms=4, **kw_host)
-    from pallas_kernels import gpu
-    fn = jax.jit(lambda q, kc, vc, md, off: gpu.ragged_paged_attention(
+        work = host_work(c.md, num_q_heads=c.hq, num_kv_heads=c.hkv, page_size=c.page_size,
+                         block_kv=block_kv or 64, num_sms=4, chunk_len=chunk_len,
+                         **({"block_rows": block_rows} if block_rows else {}))
+    else:
+        work = work_items.device_work_items(c.md, num_q_heads=c.hq, num_kv_heads=c.hkv,
+                                            page_size=c.page_size, head_dim=c.q.shape[-1],
+                                            block_rows=block_rows, kv_splits=kv_splits,
+                                            block_kv=block_kv)
+    md = dataclasses.replace(c.md, work=work)
+    fn = jax.jit(lambda q, kc, vc, md, off: kernel.ragged_paged_attention(
         q, kc, vc, md, page_offset=off, sm_scale=c.sm_scale, sliding_window=sliding_window,
-        interpret=interpret, **kw))
+        interpret=interpret, block_kv=block_kv, **kw))
     # page_offset traced, as inside the model's layer scan.
     return fn(c.q, c.k_cache, c.v_cache, md, jnp.int32(c.page_offset))
 
@@ -328,8 +340,8 @@ def test_pallas_cascade_list_advanced_over_fused_decode_steps(interpret):
     (`advance_work_items`): at every later step the kernel must equal the reference on that
     step's metadata. Chunked prefixes and suffixes (chunk 16), two groups beside ungrouped rows,
     suffixes that cross pages during the block."""
-    from pallas_kernels import gpu
-    from pallas_kernels.metadata import advance_work_items
+    from pallas_kernels.gpu import kernel
+    from pallas_kernels.gpu.work_items import advance_work_items
 
     n_adv = 5
     final = [(70, 1), (66, 1), (41, 1), (45, 1), (19, 1), (90, 1)]
@@ -342,10 +354,10 @@ def test_pallas_cascade_list_advanced_over_fused_decode_steps(interpret):
             c.md, positions=jnp.maximum(c.md.positions - back, 0),
             seq_lens=jnp.where(jnp.asarray(real), c.md.seq_lens - back, 0))
 
-    md0 = pallas_kernels.build_cascade_metadata(
-        jax.device_get(at_step(0)), num_q_heads=c.hq, num_kv_heads=c.hkv, page_size=8,
-        block_rows=16, block_kv=16, chunk_len=16, num_sms=4)
-    fn = jax.jit(lambda q, kc, vc, md, off: gpu.ragged_paged_attention(
+    md0 = dataclasses.replace(at_step(0), work=host_work(
+        at_step(0), num_q_heads=c.hq, num_kv_heads=c.hkv, page_size=8, block_rows=16,
+        block_kv=16, chunk_len=16, num_sms=4))
+    fn = jax.jit(lambda q, kc, vc, md, off: kernel.ragged_paged_attention(
         q, kc, vc, md, page_offset=off, sm_scale=c.sm_scale, interpret=interpret, block_kv=16))
     for i in range(n_adv + 1):
         md_i = dataclasses.replace(md0, work=advance_work_items(
@@ -361,10 +373,8 @@ def test_cascade_work_list_reads_prefix_once_per_row_block():
     (split in chunks) once, instead of 64 per-request reads."""
     c = make_case(8, seqs=[(4096 + 16, 1)] * 64, groups=[(4096, list(range(64)))],
                   page_size=16, g=8, d=64, hkv=1, pad_tokens=0)
-    md = pallas_kernels.build_cascade_metadata(jax.device_get(c.md), num_q_heads=8,
-                                               num_kv_heads=1, page_size=16, block_rows=64,
-                                               block_kv=64, chunk_len=1024)
-    w = md.work
+    w = host_work(c.md, num_q_heads=8, num_kv_heads=1, page_size=16, block_rows=64, block_kv=64,
+                  chunk_len=1024)
     pw = w.pt_width
     live = w.kv_end > w.kv_start
     shared = live & (w.pt_base // pw == 65)                  # group row after 64 + 1 pad rows
@@ -381,30 +391,35 @@ def test_dispatcher_and_default_impl():
     assert "pallas_gpu" in pallas_kernels.IMPLEMENTATIONS
     expect = "pallas_gpu" if ON_GPU else "reference"
     assert pallas_kernels.default_impl() == expect
-    c = make_case(9, seqs=[(17, 3), (5, 1)], page_size=8, g=2, d=64)
     impl = "pallas_gpu" if ON_GPU else "pallas_gpu_interpret"
-    out = pallas_kernels.ragged_paged_attention(c.q, c.k_cache, c.v_cache, c.md,
-                                                page_offset=c.page_offset, sm_scale=c.sm_scale,
-                                                impl=impl)
-    assert_close(out, reference_out(c), c, jnp.float32)
+    for groups, shared in [((), False), ([(8, [0, 1])], True)]:
+        c = make_case(9, seqs=[(17, 3), (13, 1), (5, 1)], groups=groups, page_size=8, g=2, d=64)
+        spec = pallas_kernels.AttentionSpec(impl, c.hq, c.hkv, 64, 8, shared_prefix=shared)
+        md = pallas_kernels.host_prepare(jax.device_get(c.md), jax.device_get(c.md.groups), spec)
+        assert (md.work is not None) == shared     # the host builds a list only with groups
+        md = pallas_kernels.device_prepare(jax.tree.map(jnp.asarray, md), spec)
+        out = pallas_kernels.ragged_paged_attention(
+            c.q, c.k_cache, c.v_cache, md, spec=spec, page_offset=c.page_offset,
+            sm_scale=c.sm_scale)
+        assert_close(out, reference_out(c), c, jnp.float32)
 
 
 @pytest.mark.parametrize("interpret", MODES)
 def test_work_items_built_once_per_step(interpret):
-    """`with_work_items` (called once before the layer scan) gives the same answer as the
-    kernel's own per-call list, over a traced page offset in a scan over layers."""
-    from pallas_kernels import gpu
+    """The device work list built once per step (traced, before the layer loop) serves every
+    layer of a scan over a traced page offset."""
+    from pallas_kernels.gpu import kernel
     c = make_case(11, seqs=MIXED, page_size=16, g=4, d=64)
     num_pages = c.page_offset                     # layer 1 starts at page num_pages
+    spec = pallas_kernels.AttentionSpec("pallas_gpu_interpret", c.hq, c.hkv, 64, c.page_size)
 
     @jax.jit
     def two_layers(q, kc, vc, md):
-        md = gpu.with_work_items(md, num_q_heads=c.hq, num_kv_heads=c.hkv,
-                                 page_size=c.page_size, head_dim=64)
+        md = pallas_kernels.device_prepare(md, spec)
 
         def layer(carry, li):
-            out = gpu.ragged_paged_attention(q, kc, vc, md, page_offset=li * num_pages,
-                                             sm_scale=c.sm_scale, interpret=interpret)
+            out = kernel.ragged_paged_attention(q, kc, vc, md, page_offset=li * num_pages,
+                                                sm_scale=c.sm_scale, interpret=interpret)
             return carry, out
         return jax.lax.scan(layer, 0, jnp.arange(NUM_LAYERS, dtype=jnp.int32))[1]
 
@@ -476,15 +491,15 @@ def random_step_metadata(rng, *, page_size, max_rows=40):
                            seq_lens=seq_lens, page_table=page_table)
     if n_groups:
         pg = max(1, -(-max(group_len) // page_size))
-        md = dataclasses.replace(
-            md, seq_group=seq_group, prefix_lens=prefix_lens,
-            group_page_table=rng.integers(0, 1000, (n_groups, pg)).astype(np.int32),
-            group_lens=np.asarray(group_len, np.int32))
+        md = dataclasses.replace(md, groups=PrefixGroups(
+            seq_group=seq_group, prefix_lens=prefix_lens,
+            page_table=rng.integers(0, 1000, (n_groups, pg)).astype(np.int32),
+            lens=np.asarray(group_len, np.int32)))
     return md
 
 
 def test_cascade_builder_vectorised_matches_loops():
-    from pallas_kernels import cascade
+    from pallas_kernels.gpu import cascade
     rng = np.random.default_rng(1234)
     for case in range(300):
         page_size = int(rng.choice([8, 16, 32]))
@@ -501,8 +516,8 @@ def test_cascade_builder_vectorised_matches_loops():
         elif u < 0.4:
             kw["num_items"] = 4096
             kw["num_partials"] = 64
-        want = cascade_oracle.build_cascade_metadata_loops(md, **kw).work
-        got = cascade.build_cascade_metadata(md, **kw).work
+        want = cascade_oracle.build_cascade_work_loops(md, md.groups, **kw)
+        got = cascade.build_cascade_work(md, md.groups, **kw)
         assert got.pt_width == want.pt_width, case
         for f in ("page_table", "pt_base", "kv_start", "kv_end", "rows", "row_hi", "merge_idx"):
             a, b = getattr(got, f), getattr(want, f)
@@ -511,7 +526,7 @@ def test_cascade_builder_vectorised_matches_loops():
 
 
 def test_chunk_bounds_matches_chunks():
-    from pallas_kernels import cascade
+    from pallas_kernels.gpu import cascade
     rng = np.random.default_rng(7)
     for _ in range(200):
         align = int(rng.choice([8, 16, 32, 64, 128]))
@@ -525,9 +540,9 @@ def test_chunk_bounds_matches_chunks():
 
 
 def test_cascade_builder_vectorised_matches_loops_engine_layout():
-    """A full decode bucket with the engine's static sizes (`cascade_layout`): 16 groups of 16
-    members sharing a 2000-token prefix, G=4."""
-    from pallas_kernels import cascade
+    """A full decode bucket with the engine's static sizes (`block_sizes.host_layout`): 16 groups
+    of 16 members sharing a 2000-token prefix, G=4."""
+    from pallas_kernels.gpu import block_sizes, cascade
     t = s = 256
     p, ps, plen = 152, 16, 2000
     rng = np.random.default_rng(3)
@@ -536,17 +551,18 @@ def test_cascade_builder_vectorised_matches_loops_engine_layout():
     md = AttentionMetadata(
         positions=seq_lens - 1, token_seq=np.arange(s, dtype=np.int32),
         slot_mapping=np.zeros(t, np.int32), query_start=np.arange(s + 1, dtype=np.int32),
-        seq_lens=seq_lens, page_table=pt,
+        seq_lens=seq_lens, page_table=pt)
+    groups = PrefixGroups(
         seq_group=np.repeat(np.arange(16), 16).astype(np.int32),
         prefix_lens=np.full(s, plen, np.int32),
-        group_page_table=np.pad(pt[::16, :plen // ps], ((0, s - 16), (0, p - plen // ps))),
-        group_lens=np.pad(np.full(16, plen, np.int32), (0, s - 16)))
-    lay = pallas_kernels.cascade_layout(t, s, p, num_q_heads=32, num_kv_heads=8, page_size=ps,
-                                        head_dim=128)
+        page_table=np.pad(pt[::16, :plen // ps], ((0, s - 16), (0, p - plen // ps))),
+        lens=np.pad(np.full(16, plen, np.int32), (0, s - 16)))
+    lay = block_sizes.host_layout(t, s, p, num_q_heads=32, num_kv_heads=8, page_size=ps,
+                                  head_dim=128)
     kw = dict(num_q_heads=32, num_kv_heads=8, page_size=ps, block_rows=lay["block_rows"],
               block_kv=lay["block_kv"], num_sms=lay["num_sms"], waves=lay["waves"],
               num_items=lay["num_items"], num_partials=lay["num_partials"])
-    want = cascade_oracle.build_cascade_metadata_loops(md, **kw).work
-    got = cascade.build_cascade_metadata(md, **kw).work
+    want = cascade_oracle.build_cascade_work_loops(md, groups, **kw)
+    got = cascade.build_cascade_work(md, groups, **kw)
     for f in ("page_table", "pt_base", "kv_start", "kv_end", "rows", "row_hi", "merge_idx"):
         assert np.array_equal(getattr(got, f), getattr(want, f)), f

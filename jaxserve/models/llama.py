@@ -20,7 +20,7 @@ from flax import nnx
 
 import pallas_kernels
 from jaxserve.config import ModelConfig, rope_inv_freq
-from pallas_kernels.metadata import AttentionMetadata
+from pallas_kernels import AttentionMetadata, AttentionSpec
 
 
 def rms_norm(x, w, eps):
@@ -44,7 +44,7 @@ def apply_rope(x, positions, inv_freq):
 class ForwardOptions:
     """Static choices for the forward pass (part of the jit cache key)."""
 
-    attention_impl: str = "reference"
+    attention: AttentionSpec
 
 
 class DecoderLayers(nnx.Module):
@@ -112,9 +112,10 @@ class LlamaForCausalLM(nnx.Module):
         return jnp.dot(h, head, precision=prec, preferred_element_type=jnp.float32)
 
     def __call__(self, input_ids: jax.Array, md: AttentionMetadata, k_cache: jax.Array,
-                 v_cache: jax.Array, logits_indices: jax.Array,
-                 opts: ForwardOptions = ForwardOptions(), return_hidden: bool = False):
-        """input_ids [T]; logits_indices [S] rows whose logits are returned.
+                 v_cache: jax.Array, logits_indices: jax.Array, opts: ForwardOptions,
+                 return_hidden: bool = False):
+        """input_ids [T]; logits_indices [S] rows whose logits are returned; `md` is the step's
+        attention metadata, complete for `opts.attention` (the runner prepares it).
 
         Returns (logits float32 [S, vocab], k_cache, v_cache), plus the final hidden states of all
         T rows (before the final norm; `compute_logits` turns them into logits) when
@@ -131,9 +132,6 @@ class LlamaForCausalLM(nnx.Module):
         x = self.embed.value[input_ids]
         lp = {k: v.value for k, v in vars(self.layers).items() if isinstance(v, nnx.Param)}
         sm_scale = hd ** -0.5
-        # Once per step, not per layer: e.g. the GPU kernel's work list.
-        md = pallas_kernels.prepare_step(md, impl=opts.attention_impl, num_q_heads=hq,
-                                         num_kv_heads=hkv, page_size=page_size, head_dim=hd)
 
         def layer(carry, args):
             x, kc, vc = carry
@@ -149,8 +147,8 @@ class LlamaForCausalLM(nnx.Module):
             slots = pallas_kernels.layer_slots(md, li, num_pages, page_size)
             kc, vc = pallas_kernels.write_kv(kc, vc, k, v, slots)
             attn = pallas_kernels.ragged_paged_attention(
-                q, kc, vc, md, page_offset=li * num_pages, sm_scale=sm_scale,
-                sliding_window=cfg.sliding_window, impl=opts.attention_impl)
+                q, kc, vc, md, spec=opts.attention, page_offset=li * num_pages,
+                sm_scale=sm_scale, sliding_window=cfg.sliding_window)
             x = x + jnp.dot(attn.reshape(t, hq * hd), w["o_proj"], precision=prec)
             h = rms_norm(x, w["post_norm"], cfg.rms_norm_eps)
             gate, up = jnp.split(jnp.dot(h, w["gate_up_proj"], precision=prec), 2, axis=-1)

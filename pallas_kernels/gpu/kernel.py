@@ -14,9 +14,9 @@ partials of each query row by log-sum-exp. Items cover, in one launch (horizonta
   * a shared prefix: rows of all members of a group against the group's prefix pages, read once
     per row block instead of once per request, plus each member's own suffix as its own item.
 
-The work list comes from `AttentionMetadata.work` when the host built it
-(`pallas_kernels.cascade.build_cascade_metadata`), otherwise `build_work_items` derives a
-no-sharing list on device from the plain metadata (jnp, static shapes).
+The work list is `AttentionMetadata.work`, built once per step by the runner: on the host with
+shared-prefix groups (`pallas_kernels.gpu.cascade`), or on the device without
+(`pallas_kernels.gpu.work_items`).
 
 Lowering: Triton (`compiler_params=pltriton.CompilerParams`); see benchmarks/attention.md for
 what a Mosaic GPU version would need.
@@ -33,24 +33,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.common import MASK_VALUE
+from pallas_kernels.gpu import block_sizes
 from pallas_kernels.metadata import AttentionMetadata, WorkItems
 
-# Finite mask value (DESIGN §4): running max starts here, so a fully masked block never gives
-# inf - inf = NaN; empty rows get lse = -inf explicitly at the end.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
-
-
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, int(n - 1).bit_length())
-
-
-def _num_sms() -> int:
-    try:
-        return int(getattr(jax.devices()[0], "core_count", 0)) or 132
-    except Exception:  # pragma: no cover - no devices
-        return 132
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,171 +199,45 @@ def merge(o, lse, merge_idx, t: int, hkv: int, g: int, out_dtype):
 
 
 # ---------------------------------------------------------------------------------------------
-# No-sharing work list, built on device from the plain metadata (static shapes)
-# ---------------------------------------------------------------------------------------------
-
-def default_block_rows(num_tokens: int, num_seqs: int, g: int) -> int:
-    """Rows per item: decode-dominated steps use the smallest tensor-core tile (16) so a request's
-    one token x G heads wastes few rows; prefill-heavy steps use 64 so KV blocks are reused by
-    more query rows."""
-    small = max(16, _pow2_at_least(g))
-    return small if num_tokens <= 2 * num_seqs else max(64, small)
-
-
-def build_work_items(md: AttentionMetadata, *, g: int, block_rows: int, block_kv: int,
-                     page_size: int, kv_splits: int) -> WorkItems:
-    """jnp work list without sharing: each request's tokens in blocks of `block_rows // g`
-    tokens (x G heads), each block against the request's KV, split into `kv_splits` chunks."""
-    t = md.num_tokens
-    s = md.num_seqs
-    p = md.pages_per_seq
-    bm = block_rows
-    bq = max(1, bm // g)
-    ppb = block_kv // page_size
-    pw = -(-p // ppb) * ppb
-    qs = md.query_start
-    qlen = qs[1:] - qs[:-1]
-    nb = (qlen + bq - 1) // bq
-    bend = jnp.cumsum(nb)
-    bstart = bend - nb
-    nqb = min(t, t // bq + min(s, t))                  # static bound on the number of blocks
-    b = jnp.arange(nqb, dtype=jnp.int32)
-    # compare_all: a fully parallel search (the default "scan" is a while loop, which on GPU
-    # costs a host round trip per iteration).
-    sb = jnp.minimum(jnp.searchsorted(bend, b, side="right", method="compare_all"),
-                     s - 1).astype(jnp.int32)
-    valid_b = b < bend[-1]
-    local = b - bstart[sb]
-    tok0 = qs[sb] + local * bq
-    ntok = jnp.where(valid_b, jnp.clip(qlen[sb] - local * bq, 0, bq), 0)
-    slot = jnp.arange(bm, dtype=jnp.int32)
-    ti, ji = slot // g, slot % g
-    rvalid = (ti[None, :] < ntok[:, None]) & (ti[None, :] < bq)
-    tok = jnp.clip(tok0[:, None] + ti[None, :], 0, t - 1)
-    hi = jnp.where(rvalid, jnp.minimum(md.positions[tok] + 1, md.seq_lens[sb][:, None]), 0)
-    rows = jnp.where(rvalid, tok * g + ji[None, :], 0)
-    hmax = jnp.max(hi, axis=1)
-    kv_max = pw * page_size
-    ck = -(-(-(-kv_max // kv_splits)) // block_kv) * block_kv     # chunk, multiple of block_kv
-    c = jnp.arange(kv_splits, dtype=jnp.int32)
-    kv_start = jnp.broadcast_to(c[None, :] * ck, (nqb, kv_splits))
-    kv_end = jnp.minimum((c[None, :] + 1) * ck, hmax[:, None])
-    pt = md.page_table
-    if pw != p:
-        pt = jnp.pad(pt, ((0, 0), (0, pw - p)))         # sink page 0; never unmasked
-    # merge: token t of row s sits in block bstart[s] + lt // bq at slot (lt % bq) * G + j.
-    tt = jnp.arange(t, dtype=jnp.int32)
-    st = md.token_seq
-    lt = tt - qs[st]
-    tvalid = (lt >= 0) & (tt < qs[st + 1]) & (md.seq_lens[st] > 0)
-    bt = bstart[st] + lt // bq
-    base_slot = (lt % bq) * g
-    item0 = bt * kv_splits
-    jj = jnp.arange(g, dtype=jnp.int32)
-    midx = ((item0[:, None, None] + c[None, None, :]) * bm
-            + base_slot[:, None, None] + jj[None, :, None])          # [T, G, K]
-    midx = jnp.where(tvalid[:, None, None], midx, -1).reshape(t * g, kv_splits)
-    w = nqb * kv_splits
-    return WorkItems(
-        page_table=pt.reshape(-1).astype(jnp.int32),
-        pt_base=jnp.repeat(sb * pw, kv_splits).astype(jnp.int32),
-        kv_start=kv_start.reshape(w).astype(jnp.int32),
-        kv_end=kv_end.reshape(w).astype(jnp.int32),
-        rows=jnp.repeat(rows, kv_splits, axis=0).astype(jnp.int32),
-        row_hi=jnp.repeat(hi, kv_splits, axis=0).astype(jnp.int32),
-        merge_idx=midx.astype(jnp.int32),
-        pt_width=pw)
-
-
-def default_kv_splits(num_blocks: int, hkv: int, kv_max: int, block_kv: int,
-                      num_sms: Optional[int] = None) -> int:
-    """Split the KV range when (row blocks x KV heads) alone gives fewer than ~2 waves of
-    programs; never below 256 tokens a split (each split costs a partial write + merge)."""
-    num_sms = num_sms or _num_sms()
-    want = -(-2 * num_sms // max(1, num_blocks * hkv))
-    cap = max(1, kv_max // max(256, block_kv))
-    return int(max(1, min(want, cap)))
-
-
-# ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
 
-def _default_block_kv(head_dim: int, page_size: int) -> int:
-    # 64 KV tokens per block at head dim 128 is what was measured (case a: 84 % of HBM BW on the
-    # H100); a 128-token block at head dim 128 was still compiling/running when a 330 s run
-    # timed out, so it stays off until measured.
-    return max(64 if head_dim >= 128 else 128, page_size)
-
-
-def with_work_items(md: AttentionMetadata, *, num_q_heads: int, num_kv_heads: int,
-                    page_size: int, head_dim: int, block_rows: Optional[int] = None,
-                    kv_splits: Optional[int] = None) -> AttentionMetadata:
-    """`md` with the no-sharing work list built (jnp, traceable). Call it once per step, before
-    the layer scan, so the list is not rebuilt in every layer; the kernel then uses `md.work`."""
-    if md.work is not None:
-        return md
-    g = num_q_heads // num_kv_heads
-    dp = _pow2_at_least(max(head_dim, 16))
-    block_kv = _default_block_kv(dp, page_size)
-    t = md.num_tokens
-    bm = block_rows or default_block_rows(t, md.num_seqs, g)
-    bq = max(1, bm // g)
-    nqb = min(t, t // bq + min(md.num_seqs, t))
-    ppb = block_kv // page_size
-    pw = -(-md.pages_per_seq // ppb) * ppb
-    splits = kv_splits or default_kv_splits(nqb, num_kv_heads, pw * page_size, block_kv)
-    work = build_work_items(md, g=g, block_rows=bm, block_kv=block_kv, page_size=page_size,
-                            kv_splits=splits)
-    import dataclasses
-    return dataclasses.replace(md, work=work)
-
-
 def ragged_paged_attention(q, k_cache, v_cache, md: AttentionMetadata, *, page_offset=0,
                            sm_scale: float, sliding_window: Optional[int] = None,
-                           interpret: bool = False, block_rows: Optional[int] = None,
-                           block_kv: Optional[int] = None, kv_splits: Optional[int] = None,
+                           interpret: bool = False, block_kv: Optional[int] = None,
                            num_warps: Optional[int] = None, num_stages: int = 2,
                            prefetch_pages: bool = False) -> jax.Array:
-    """Causal attention of a ragged token batch over the paged cache (GPU Pallas, Triton).
-
-    Uses `md.work` when set (host-built, e.g. with shared-prefix groups); otherwise builds a
-    no-sharing work list on device. Matches `reference.ragged_paged_attention` on every token with
-    a non-empty KV range; pad tokens (rows with seq_len 0) give 0.
+    """Causal attention of a ragged token batch over the paged cache (GPU Pallas, Triton), over
+    the work list `md.work` (the runner builds it once per step: on the host with shared-prefix
+    groups, or on the device without; `pallas_kernels.host_prepare` / `device_prepare`). Matches
+    `reference.ragged_paged_attention` on every token with a non-empty KV range; pad tokens (rows
+    with seq_len 0) give 0. `block_kv` caps the KV tokens per block (default: block_sizes).
     """
     t, hq, d = q.shape
     hkv, _, ps, dk = k_cache.shape
     if dk != d or hq % hkv:
         raise ValueError(f"shape mismatch: q {q.shape}, cache {k_cache.shape}")
+    if md.work is None:
+        raise ValueError("the GPU kernel reads md.work: build it with pallas_kernels.device_prepare "
+                         "(or host_prepare) before the layer loop")
     g = hq // hkv
     if ps & (ps - 1):
         raise NotImplementedError(f"page_size {ps} is not a power of two (Triton block shapes)")
-    dp = _pow2_at_least(max(d, 16))
+    dp = block_sizes.padded_head_dim(d)
     if dp != d:
-        # Triton needs power-of-two block shapes. Zero-padding D is exact (extra q.k terms and
-        # output columns are 0) but copies the cache: correct, slow. Allocate the cache padded
-        # (head_dim 64/128) to avoid it.
+        # Zero-padding D is exact (extra q.k terms and output columns are 0) but copies the cache:
+        # correct, slow. Head dims 64/128 need no padding.
         q = jnp.pad(q, ((0, 0), (0, 0), (0, dp - d)))
         k_cache = jnp.pad(k_cache, ((0, 0), (0, 0), (0, 0), (0, dp - d)))
         v_cache = jnp.pad(v_cache, ((0, 0), (0, 0), (0, 0), (0, dp - d)))
     work = md.work
-    block_kv = max(block_kv or _default_block_kv(dp, ps), ps)
-    ppb = block_kv // ps
-    if work is None:
-        bm = block_rows or default_block_rows(t, md.num_seqs, g)
-        bq = max(1, bm // g)
-        nqb = min(t, t // bq + min(md.num_seqs, t))
-        pw = -(-md.pages_per_seq // ppb) * ppb
-        splits = kv_splits or default_kv_splits(nqb, hkv, pw * ps, block_kv)
-        work = build_work_items(md, g=g, block_rows=bm, block_kv=block_kv, page_size=ps,
-                                kv_splits=splits)
-    else:
-        # A host-built list fixes the page-table width; use the largest block that divides it.
-        while work.pt_width % ppb:
-            ppb //= 2
+    # The largest block up to the chosen size that divides the list's page-table width.
+    ppb = max(block_kv or block_sizes.block_kv(d, ps), ps) // ps
+    while work.pt_width % ppb:
+        ppb //= 2
     bm = work.rows.shape[1]
     if num_warps is None:
-        num_warps = 4 if bm <= 32 else 8 if bm >= 128 else 4
+        num_warps = 8 if bm >= 128 else 4
     o, lse = attention_partials(
         q.reshape(t * hq, dp), k_cache, v_cache, work, page_offset, g=g, hq=hq,
         sm_scale=sm_scale, window=sliding_window, pages_per_block=ppb, num_warps=num_warps,

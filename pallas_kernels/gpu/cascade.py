@@ -1,7 +1,7 @@
 """Host-side (numpy) work list for shared-prefix (cascade) attention on the GPU kernel.
 
-`build_cascade_metadata(md, ...)` turns one step's metadata with prefix groups into the
-`WorkItems` the kernel in `pallas_kernels.gpu` runs in one launch:
+`build_cascade_work(md, groups, ...)` turns one step's metadata and its prefix groups into the
+`WorkItems` the kernel in `pallas_kernels.gpu.kernel` runs in one launch:
 
   * shared items: for each group, the query rows of all its members (tokens x the G q heads of a
     KV head) in blocks of `block_rows`, against chunks of the group's prefix pages. The prefix is
@@ -19,16 +19,12 @@ with no sharing costs what the plain path costs.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import numpy as np
 
-from pallas_kernels.metadata import AttentionMetadata, WorkItems
-
-
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, int(n - 1).bit_length())
+from pallas_kernels.common import pow2_at_least
+from pallas_kernels.metadata import AttentionMetadata, PrefixGroups, WorkItems
 
 
 def _chunks(lo: int, hi: int, length: int, align: int):
@@ -78,20 +74,21 @@ def _chunk_bounds(lo: np.ndarray, hi: np.ndarray, length: int, align: int):
     return src, c0, c1
 
 
-def host_inputs(md: AttentionMetadata, ppb: int):
-    """The builder's numpy view of `md`: positions, query starts, row lengths, each row's group and
-    prefix length (-1 / 0 without groups), and one page table holding the rows' tables and then
-    the groups' (width padded to a multiple of `ppb` pages). Shared with the loop oracle in tests.
+def host_inputs(md: AttentionMetadata, groups: Optional[PrefixGroups], ppb: int):
+    """The builder's numpy view of `md` and `groups`: positions, query starts, row lengths, each
+    row's group and prefix length (-1 / 0 without groups), and one page table holding the rows'
+    tables and then the groups' (width padded to a multiple of `ppb` pages). Shared with the loop
+    oracle in tests.
     """
     pos = np.asarray(md.positions, np.int64)
     qs = np.asarray(md.query_start, np.int64)
     seq_lens = np.asarray(md.seq_lens, np.int64)
     pt = np.asarray(md.page_table, np.int32)
     s_count, p = pt.shape
-    if md.seq_group is not None:
-        seq_group = np.asarray(md.seq_group, np.int64)
-        plen = np.where(seq_group >= 0, np.asarray(md.prefix_lens, np.int64), 0)
-        gpt = np.asarray(md.group_page_table, np.int32)
+    if groups is not None:
+        seq_group = np.asarray(groups.seq_group, np.int64)
+        plen = np.where(seq_group >= 0, np.asarray(groups.prefix_lens, np.int64), 0)
+        gpt = np.asarray(groups.page_table, np.int32)
         n_groups, pg = gpt.shape
     else:
         seq_group = np.full((s_count,), -1, np.int64)
@@ -106,22 +103,22 @@ def host_inputs(md: AttentionMetadata, ppb: int):
     return pos, qs, seq_lens, seq_group, plen, table, pos.shape[0], s_count, n_groups, pw
 
 
-def build_cascade_metadata(md: AttentionMetadata, *, num_q_heads: int, num_kv_heads: int,
-                           page_size: int, block_rows: int = 64, block_kv: int = 64,
-                           num_sms: int = 132, waves: float = 2.0, min_chunk: int = 256,
-                           chunk_len: Optional[int] = None,
-                           num_items: Optional[int] = None,
-                           num_partials: Optional[int] = None) -> AttentionMetadata:
-    """Return `md` with `work` set (numpy arrays), honouring `seq_group`/`prefix_lens`/
-    `group_page_table`/`group_lens` when present.
+def build_cascade_work(md: AttentionMetadata, groups: Optional[PrefixGroups], *,
+                       num_q_heads: int, num_kv_heads: int, page_size: int, block_rows: int = 64,
+                       block_kv: int = 64, num_sms: int = 132, waves: float = 2.0,
+                       min_chunk: int = 256, chunk_len: Optional[int] = None,
+                       num_items: Optional[int] = None,
+                       num_partials: Optional[int] = None) -> WorkItems:
+    """The work list (numpy arrays) of `md` with the shared-prefix `groups` (None: no sharing).
 
     `num_items` / `num_partials` fix the padded sizes (static shapes for jit; default: next power
     of two of what is needed). `block_rows` must be a power of two >= 16; `block_kv` a multiple of
-    `page_size` (the kernel must be called with the same `block_kv`).
+    `page_size`: long ranges are cut on its multiples.
 
     Runs on the host every engine step, so it is vectorised numpy: no Python loop whose trip count
     grows with tokens, rows, groups or items (per-row loops cost ~10 ms per step at T*G in the
-    thousands); the one exception is an explicit `chunk_len` < `block_kv` (see `_chunk_bounds`). `tests/cascade_oracle.py` holds the loop form it reproduces array for array
+    thousands); the one exception is an explicit `chunk_len` < `block_kv` (see `_chunk_bounds`).
+    `tests/cascade_oracle.py` holds the loop form it reproduces array for array
     (same item order, same rows, same merge lists).
     """
     g = num_q_heads // num_kv_heads
@@ -131,7 +128,7 @@ def build_cascade_metadata(md: AttentionMetadata, *, num_q_heads: int, num_kv_he
     block_kv = max(block_kv, page_size)
     ppb = block_kv // page_size
     (pos, qs, seq_lens, seq_group, plen, table, t, s_count, n_groups,
-     pw) = host_inputs(md, ppb)
+     pw) = host_inputs(md, groups, ppb)
 
     # Every query token, row by row in order: its row `ts`, its index within the row `toff`, and
     # its causal limit min(pos + 1, seq_len) (the item's KV range does the clipping to prefix or
@@ -228,7 +225,7 @@ def build_cascade_metadata(md: AttentionMetadata, *, num_q_heads: int, num_kv_he
 
     n_items = src.shape[0]
     w_need = max(1, n_items)
-    w = num_items or _pow2_at_least(w_need)
+    w = num_items or pow2_at_least(w_need)
     if w < w_need:
         raise ValueError(f"num_items={w} < {w_need} needed")
     pt_base = np.zeros((w,), np.int32)
@@ -252,11 +249,10 @@ def build_cascade_metadata(md: AttentionMetadata, *, num_q_heads: int, num_kv_he
     r, flat = r[by_row], flat[by_row]
     counts = np.bincount(r, minlength=t * g)
     k_need = max(1, int(counts.max()) if counts.shape[0] else 1)
-    k = num_partials or _pow2_at_least(k_need)
+    k = num_partials or pow2_at_least(k_need)
     if k < k_need:
         raise ValueError(f"num_partials={k} < {k_need} needed")
     midx = np.full((t * g, k), -1, np.int32)
     midx[r, np.arange(r.shape[0]) - (np.cumsum(counts) - counts)[r]] = flat
-    work = WorkItems(page_table=table.reshape(-1), pt_base=pt_base, kv_start=kv_start,
+    return WorkItems(page_table=table.reshape(-1), pt_base=pt_base, kv_start=kv_start,
                      kv_end=kv_end, rows=rows_a, row_hi=hi_a, merge_idx=midx, pt_width=pw)
-    return dataclasses.replace(md, work=work)

@@ -1,0 +1,79 @@
+"""Every block size of the GPU attention kernel, in one place: the kernel, both work-list builders
+and the runner's static layout read them from here.
+
+Measured on the H100 (benchmarks/attention.md): 64 KV tokens per block at head dim 128 reads the
+cache at 84 % of HBM bandwidth on a 64 x 4k decode batch (128 has not been measured); shared-prefix
+items hold 64 query rows in every bucket (a group's prefix is read once per row block of its
+members' rows, so 16-row blocks read it 4x as often: on the document workload that was 4.2 s of
+6.9 s of GPU time).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+
+from pallas_kernels.common import pow2_at_least
+
+SHARED_BLOCK_ROWS = 64      # query rows per item of host-built (shared-prefix) work lists
+MIN_SPLIT_TOKENS = 256      # a KV split costs a partial write and a merge: never shorter
+
+
+def num_sms() -> int:
+    try:
+        return int(getattr(jax.devices()[0], "core_count", 0)) or 132
+    except Exception:  # pragma: no cover - no devices
+        return 132
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """Triton needs power-of-two block shapes: head dims are padded to the next one (>= 16)."""
+    return pow2_at_least(max(head_dim, 16))
+
+
+def block_kv(head_dim: int, page_size: int) -> int:
+    """KV tokens per kernel block (a multiple of the page size)."""
+    return max(64 if padded_head_dim(head_dim) >= 128 else 128, page_size)
+
+
+def device_block_rows(num_tokens: int, num_seqs: int, g: int) -> int:
+    """Rows per item of the device-built (no-sharing) list: decode-dominated steps use the smallest
+    tensor-core tile (16) so a request's one token x G heads wastes few rows; prefill-heavy steps
+    use 64 so a KV block is reused by more query rows."""
+    small = max(16, pow2_at_least(g))
+    return small if num_tokens <= 2 * num_seqs else max(64, small)
+
+
+def kv_splits(num_blocks: int, hkv: int, kv_max: int, block: int,
+              sms: Optional[int] = None) -> int:
+    """Split each row block's KV range when (row blocks x KV heads) alone gives fewer than ~2
+    waves of programs (flash-decoding)."""
+    sms = sms or num_sms()
+    want = -(-2 * sms // max(1, num_blocks * hkv))
+    cap = max(1, kv_max // max(MIN_SPLIT_TOKENS, block))
+    return int(max(1, min(want, cap)))
+
+
+def host_layout(num_tokens: int, num_seqs: int, pages_per_seq: int, *, num_q_heads: int,
+                num_kv_heads: int, page_size: int, head_dim: int, sms: int = 132,
+                waves: float = 2.0) -> dict:
+    """Static sizes of a host-built (shared-prefix) work list for one step bucket.
+
+    Items: each row's own part in blocks of bm/g tokens (<= T/bq + S), each group's member rows in
+    blocks of bm (<= T*g/bm + groups, groups <= S/2), plus the pieces long ranges are cut into
+    (<= 2 per item longer than a chunk, and chunks are >= total/target, so <= 2*target of them).
+    Partials per query row: the chunks of its prefix and of its suffix (chunks >= 256 tokens).
+    """
+    g = num_q_heads // num_kv_heads
+    bm = max(SHARED_BLOCK_ROWS, pow2_at_least(g))
+    bq = max(1, bm // g)
+    bk = block_kv(head_dim, page_size)
+    target = max(1, int(waves * sms / num_kv_heads))
+    items = (-(-num_tokens // bq) + num_seqs + -(-num_tokens * g // bm) + num_seqs // 2
+             + 2 * target)
+    items = -(-items // 64) * 64
+    partials = -(-pages_per_seq * page_size // MIN_SPLIT_TOKENS) + 3
+    ppb = bk // page_size
+    pw = -(-pages_per_seq // ppb) * ppb
+    return dict(block_rows=bm, block_kv=bk, num_items=items, num_partials=partials,
+                num_groups=num_seqs, pt_width=pw, num_sms=sms, waves=waves)
