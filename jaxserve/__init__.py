@@ -1,5 +1,5 @@
 """jaxserve: a JAX/Pallas engine for large offline batched LLM inference."""
-from jaxserve.outputs import RequestMetrics, RequestOutput
+from jaxserve.engine.outputs import RequestMetrics, RequestOutput, SampleOutput
 from jaxserve.sampling_params import InvalidRequest, SamplingParams
 
 
@@ -12,4 +12,5 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "RequestMetrics", "InvalidRequest"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "RequestMetrics", "SampleOutput",
+           "InvalidRequest"]

@@ -64,10 +64,6 @@ class ModelConfig:
             raise ConfigError(f"{src}: field 'rope_scaling.rope_type'={self.rope_scaling.rope_type!r} "
                               "is not supported (supported: default, llama3, linear)")
 
-    @property
-    def q_per_kv(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
     def num_params(self) -> int:
         """Parameter count (embedding counted once when tied)."""
         d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
@@ -180,35 +176,60 @@ def rope_inv_freq(cfg: ModelConfig):
     return inv
 
 
+def _field(default, help: str, choices=None):
+    md = {"help": help}
+    if choices is not None:
+        md["choices"] = tuple(choices)
+    return dataclasses.field(default=default, metadata=md)
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+SCHEDULE_POLICIES = ("fifo", "batchllm", "blendserve")
+LAYER_LOOPS = ("auto", "scan", "unrolled")
+LOAD_FORMATS = ("auto", "dummy", "safetensors", "gguf")
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    """How the engine runs a model. Sizes are validated here, once, at start-up."""
+    """How the engine loads and runs a model. The one definition of every engine setting: `LLM(...)`
+    takes these as keyword arguments and every script's flags are derived from them
+    (`jaxserve.tools.cli_flags`). Validated here, once, at start-up."""
 
-    page_size: int = 16
-    max_num_batched_tokens: int = 512     # token budget of one step (and the largest token bucket)
-    max_num_seqs: int = 256               # rows (requests) in one step
-    max_model_len: Optional[int] = None   # prompt + output; None -> the model's max positions
-    num_pages: Optional[int] = None       # KV pages per layer; None -> sized from memory
-    kv_cache_memory_fraction: float = 0.9 # of device memory, after weights, for the KV cache
-    cpu_kv_cache_bytes: int = 2 << 30     # KV budget where the device reports no memory (CPU)
-    attention_impl: str = "auto"          # "auto" | "reference" | a pallas_kernels implementation
-    page_bucket_growth: int = 4           # page-table width buckets grow by this factor (1: one bucket)
-    fused_decode_steps: int = 1           # >1: decode-only stretches run this many steps per program
-    global_prefix_sharing: bool = True    # compute each prefix shared across the batch once
-    # Read a group's shared prefix once per step, in single steps and fused decode blocks
-    # (host-built work lists for the GPU kernel; ignored by the reference attention). H100: the
-    # document workload 22.5 s with it (36.8 s before fused blocks kept it); it costs 5 % where
-    # nothing is shared (no-sharing workload 39.2 vs 37.2 s: a host-built list per step).
-    shared_prefix_attention: bool = True
-    schedule_policy: str = "batchllm"     # "fifo" | "batchllm" | "blendserve"
-    admission_control: bool = True        # admit only what fits at full length: no preemption
-    seed: int = 0
-    compile_on_init: bool = True
-    # "scan": lax.scan over stacked layers (compile time independent of depth).
-    # "unrolled": a Python loop over per-layer weight arrays: no per-step copies of each layer's
-    # weights (faster on GPU), longer compile (H100, Llama-3-8B: ~60-75 s in parallel threads).
-    # "auto": unrolled on GPU, scan elsewhere.
-    layer_loop: str = "auto"
+    dtype: str = _field("auto", "weights and KV dtype: auto (bfloat16 on GPU/TPU, float32 on CPU)",
+                        DTYPES)
+    load_format: str = _field("auto", "weight source: auto (by path), dummy (random weights at the "
+                              "model's shape), safetensors, gguf", LOAD_FORMATS)
+    seed: int = _field(0, "engine seed: dummy weights, and samples without their own seed")
+    page_size: int = _field(16, "tokens per KV page (a power of two)")
+    max_num_batched_tokens: int = _field(512, "token budget of one step (the largest token bucket)")
+    max_num_seqs: int = _field(256, "sequences (rows) in one step")
+    max_model_len: Optional[int] = _field(None, "prompt + output tokens per request (default: the "
+                                          "model's context, capped by what the KV cache holds)")
+    num_pages: Optional[int] = _field(None, "KV pages per layer (default: sized from device memory)")
+    kv_cache_memory_fraction: float = _field(0.9, "fraction of device memory, after the weights, "
+                                             "for the KV cache")
+    cpu_kv_cache_bytes: int = _field(2 << 30, "KV budget where the device reports no memory (CPU)")
+    attention_impl: str = _field("auto", "attention implementation: auto, reference, pallas_gpu, "
+                                 "pallas_gpu_interpret, ... (pallas_kernels.IMPLEMENTATIONS)")
+    page_bucket_growth: int = _field(4, "page-table width buckets grow by this factor (1: one "
+                                     "bucket; only the CPU reference attention uses more)")
+    fused_decode_steps: Optional[int] = _field(None, "decode steps fused into one program when only "
+                                               "decodes run (default: 8 on GPU/TPU, 1 on CPU)")
+    global_prefix_sharing: bool = _field(True, "compute each prefix shared across the batch once")
+    # H100: the document workload 22.5 s with it (36.8 s when fused blocks did not keep it); 5 %
+    # slower where nothing is shared (no-sharing workload 39.2 vs 37.2 s: a host list per step).
+    shared_prefix_attention: bool = _field(True, "read a group's shared prefix once per step in "
+                                           "attention (GPU kernel's shared-prefix work lists)")
+    schedule_policy: str = _field("batchllm", "admission order", SCHEDULE_POLICIES)
+    admission_control: bool = _field(True, "admit only what fits at full length (no preemption)")
+    # scan: compile time independent of depth; unrolled: no per-step copies of each layer's
+    # weights (faster on GPU), longer compiles.
+    layer_loop: str = _field("auto", "decoder layer loop: scan over stacked weights, or unrolled "
+                             "over per-layer arrays (faster on GPU); auto: unrolled on GPU",
+                             LAYER_LOOPS)
+    compilation_cache_dir: str = _field("auto", "persistent XLA compilation cache: auto "
+                                        "($JAXSERVE_COMPILATION_CACHE_DIR, else "
+                                        "~/.cache/jaxserve/xla), a folder, or off")
 
     def __post_init__(self):
         def pos_int(name):
@@ -216,23 +237,31 @@ class EngineConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ConfigError(f"engine: field '{name}' must be a positive integer, got {v!r}")
 
-        for name in ("page_size", "max_num_batched_tokens", "max_num_seqs", "fused_decode_steps"):
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"engine: field '{f.name}'={getattr(self, f.name)!r} must be one "
+                                  f"of {', '.join(choices)}")
+        for name in ("page_size", "max_num_batched_tokens", "max_num_seqs", "page_bucket_growth",
+                     "cpu_kv_cache_bytes"):
             pos_int(name)
+        for name in ("max_model_len", "num_pages", "fused_decode_steps"):
+            if getattr(self, name) is not None:
+                pos_int(name)
         if self.page_size & (self.page_size - 1):
             raise ConfigError(f"engine: field 'page_size'={self.page_size} must be a power of two "
                               "(GPU kernels tile pages with power-of-two blocks)")
-        if self.max_model_len is not None:
-            pos_int("max_model_len")
-        if self.num_pages is not None:
-            pos_int("num_pages")
-            if self.num_pages < 2:
-                raise ConfigError("engine: field 'num_pages' must be >= 2 (page 0 is the sink)")
-        if self.schedule_policy not in ("fifo", "batchllm", "blendserve"):
-            raise ConfigError(f"engine: field 'schedule_policy'={self.schedule_policy!r} must be one "
-                              "of fifo, batchllm, blendserve")
-        if self.layer_loop not in ("auto", "scan", "unrolled"):
-            raise ConfigError(f"engine: field 'layer_loop'={self.layer_loop!r} must be one of "
-                              "auto, scan, unrolled")
+        if self.num_pages is not None and self.num_pages < 2:
+            raise ConfigError("engine: field 'num_pages' must be >= 2 (page 0 is the sink)")
         if not 0 < self.kv_cache_memory_fraction <= 1:
             raise ConfigError("engine: field 'kv_cache_memory_fraction' must be in (0, 1], got "
                               f"{self.kv_cache_memory_fraction!r}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "EngineConfig":
+        """From keyword arguments, naming the valid ones when one is unknown."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unknown engine setting {unknown[0]!r}; valid: {', '.join(sorted(names))}")
+        return cls(**kwargs)

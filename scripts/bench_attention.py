@@ -227,7 +227,7 @@ def kernel_breakdown(run, nsets: int, trace_dir: str) -> dict:
     """From a device trace of one more `run()`: GPU time per kernel name per set, GPU busy time
     (union of kernel intervals) and span (first start to last end) per set, and the idle gaps
     between consecutive kernels (where the GPU waited for the host)."""
-    from jaxserve.trace_summary import summarise
+    from jaxserve.tools.trace_summary import summarise
 
     jax.profiler.start_trace(trace_dir)
     jax.block_until_ready(run())

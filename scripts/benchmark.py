@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from jaxserve.cli_flags import define_engine_flags, engine_kwargs  # noqa: E402
+from jaxserve.tools.cli_flags import define_engine_flags, engine_kwargs  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "llama-3-8b", "preset name (dummy weights) or checkpoint path")
@@ -32,8 +32,8 @@ flags.DEFINE_string("workload", "nosharing", "named workload (jaxserve.workloads
                     "JSONL file from make_workload.py")
 flags.DEFINE_float("scale", 1.0, "scale the number of requests/groups of a named workload")
 flags.DEFINE_integer("max_requests", None, "run only the first N requests (e.g. a slow peer)")
-define_engine_flags(load_formats=("auto", "dummy"), load_format="dummy",
-                    max_num_batched_tokens=2048, max_num_seqs=256, max_model_len=4608)
+define_engine_flags(load_format="dummy", max_num_batched_tokens=2048, max_num_seqs=256,
+                    max_model_len=4608)
 flags.DEFINE_integer("hf_batch_size", 64, "HF peer: requests per generate() call")
 flags.DEFINE_string("hf_cache_implementation", "dynamic", "HF peer: generate()'s KV cache "
                     "(dynamic is its default; static preallocates)")
@@ -45,7 +45,7 @@ flags.DEFINE_bool("hf_group_by_shape", True, "HF peer: batch requests of the sam
 flags.DEFINE_bool("measure_ceilings", True, "measure copy bandwidth and matmul rate for the floor")
 flags.DEFINE_string("results_dir", os.path.join(ROOT, "benchmarks", "results"), "where results go")
 flags.DEFINE_string("tag", "", "suffix for the result file name")
-flags.DEFINE_integer("seed", 0, "workload seed")
+flags.DEFINE_integer("workload_seed", 0, "workload seed")
 
 
 def _commit() -> str:
@@ -61,7 +61,7 @@ def _commit() -> str:
 
 
 def load_workload(vocab_size: int) -> tuple[str, list[dict]]:
-    from jaxserve import workloads
+    from jaxserve.tools import workloads
 
     if os.path.exists(FLAGS.workload):
         with open(FLAGS.workload) as f:
@@ -69,7 +69,7 @@ def load_workload(vocab_size: int) -> tuple[str, list[dict]]:
         name = os.path.splitext(os.path.basename(FLAGS.workload))[0]
     else:
         reqs = workloads.preset(FLAGS.workload, vocab_size=vocab_size, scale=FLAGS.scale,
-                                seed=FLAGS.seed)
+                                seed=FLAGS.workload_seed)
         name = FLAGS.workload + (f"_x{FLAGS.scale:g}" if FLAGS.scale != 1 else "")
     if FLAGS.max_requests:
         reqs = reqs[:FLAGS.max_requests]
@@ -82,15 +82,16 @@ def run_jaxserve(cfg_holder: dict, reqs: list[dict]) -> dict:
 
     from jaxserve import LLM, SamplingParams
 
-    llm = LLM(FLAGS.model, compile_on_init=False, **engine_kwargs(FLAGS))
+    llm = LLM(FLAGS.model, **engine_kwargs(FLAGS))
     cfg_holder["cfg"] = llm.model_config
     runner = llm.engine.runner
-    t1 = time.perf_counter()
-    n_prog = runner.compile_all(llm.engine_config.fused_decode_steps)
-    compile_s = time.perf_counter() - t1
     prompts = [{"prompt_token_ids": r["prompt_token_ids"]} for r in reqs]
     params = [SamplingParams(max_tokens=r["max_tokens"], temperature=0.0, ignore_eos=True)
               for r in reqs]
+    t1 = time.perf_counter()
+    n_prog = llm.compile(prompts, params)
+    compile_s = time.perf_counter() - t1
+    compile_info = dict(llm.engine.last_compile)
     t2 = time.perf_counter()
     llm.generate(prompts[:4], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
                  use_tqdm=False)
@@ -113,7 +114,8 @@ def run_jaxserve(cfg_holder: dict, reqs: list[dict]) -> dict:
         num_groups=st["num_groups"], num_steps=st["num_steps"], fused_blocks=st["fused_blocks"],
         token_fill_mean=st["token_fill_mean"], peak_kv_pool_use=st["peak_kv_pool_use"],
         preemptions=st["preemptions"], attention_impl=st["attention_impl"],
-        fused_decode_steps=llm.engine_config.fused_decode_steps,
+        fused_decode_steps=llm.engine.sizes.fused_decode_steps,
+        compile_cache_hits=compile_info.get("cache_hits", 0),
         trace=llm.engine.last_stats.trace)
 
 
@@ -140,7 +142,7 @@ def run_hf(cfg_holder: dict, reqs: list[dict]) -> dict:
     import torch
     import transformers
 
-    from jaxserve import presets
+    from jaxserve.weights import presets
 
     hf_cfg = transformers.AutoConfig.for_model(**{k: v for k, v in presets.preset_dict(FLAGS.model).items()
                                                   if k not in ("architectures",)})
@@ -195,7 +197,8 @@ def main(argv):
         os.environ.setdefault("XLA_PYTHON_CLIENT_ALLOCATOR", "platform")
     import jax
 
-    from jaxserve import presets, roofline
+    from jaxserve.tools import roofline
+    from jaxserve.weights import presets
     from jaxserve.scheduler.prefix_tree import build_prefix_tree
 
     vocab = presets.load_preset(FLAGS.model).vocab_size if presets.is_preset(FLAGS.model) else 32000
@@ -243,7 +246,7 @@ def main(argv):
     stem = f"e2e_{name}_{FLAGS.model}_{FLAGS.engine}{FLAGS.tag}"
     with open(os.path.join(FLAGS.results_dir, stem + ".json"), "w") as f:
         json.dump(rec, f, indent=1)
-    from jaxserve.plotting import plot_trace
+    from jaxserve.tools.plotting import plot_trace
 
     plot_trace(trace, os.path.join(FLAGS.results_dir, stem + ".png"),
          f"{stem}: {rec['total_tokens_per_s']:,.0f} tok/s")

@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from jaxserve import workloads  # noqa: E402
+from jaxserve.tools import workloads  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workload", None, f"named workload: {', '.join(workloads.PRESETS)}")

@@ -24,8 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from jaxserve.cli_flags import define_engine_flags, engine_kwargs  # noqa: E402
-from jaxserve.trace_summary import summarise  # noqa: E402
+from jaxserve.tools.cli_flags import define_engine_flags, engine_kwargs  # noqa: E402
+from jaxserve.tools.trace_summary import summarise  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "llama-3-8b", "preset name (dummy weights)")
@@ -33,8 +33,8 @@ flags.DEFINE_string("workload", "nosharing", "named workload or JSONL file")
 flags.DEFINE_float("scale", 0.25, "scale of a named workload")
 flags.DEFINE_integer("max_requests", None, "first N requests only")
 flags.DEFINE_integer("output_len", None, "override every request's max_tokens")
-define_engine_flags(load_formats=("auto", "dummy"), load_format="dummy",
-                    max_num_batched_tokens=2048, max_num_seqs=256, max_model_len=4608)
+define_engine_flags(load_format="dummy", max_num_batched_tokens=2048, max_num_seqs=256,
+                    max_model_len=4608)
 flags.DEFINE_string("trace_dir", "/tmp/jaxserve_trace", "where the raw trace goes")
 flags.DEFINE_integer("top", 25, "kernels to list")
 flags.DEFINE_string("out", "", "JSON summary path")
@@ -64,9 +64,11 @@ def main(argv):
     del argv
     import jax
 
-    from jaxserve import LLM, SamplingParams, presets, workloads
+    from jaxserve import LLM, SamplingParams
+    from jaxserve.tools import workloads
+    from jaxserve.weights import presets
     from jaxserve.runner import model_runner
-    from jaxserve.scheduler import batcher
+    from jaxserve.scheduler import scheduler
 
     vocab = presets.load_preset(FLAGS.model).vocab_size
     if os.path.exists(FLAGS.workload):
@@ -78,23 +80,21 @@ def main(argv):
     if FLAGS.output_len:
         for r in reqs:
             r["max_tokens"] = FLAGS.output_len
-    llm = LLM(FLAGS.model, compile_on_init=False, **engine_kwargs(FLAGS))
-    t0 = time.perf_counter()
-    llm.engine.runner.compile_all(llm.engine_config.fused_decode_steps)
-    print(f"# compile {time.perf_counter() - t0:.1f}s", flush=True)
+    llm = LLM(FLAGS.model, **engine_kwargs(FLAGS))
     prompts = [{"prompt_token_ids": r["prompt_token_ids"]} for r in reqs]
     params = [SamplingParams(max_tokens=r["max_tokens"], temperature=0.0, ignore_eos=True)
               for r in reqs]
+    t0 = time.perf_counter()
+    llm.compile(prompts, params)
+    print(f"# compile {time.perf_counter() - t0:.1f}s", flush=True)
     llm.generate(prompts[:4], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
                  use_tqdm=False)
 
     tm = Timers()
     tm.wrap(model_runner, "build_step_inputs", "host: build step inputs")
-    tm.wrap(model_runner, "build_decode_block_inputs", "host: build block inputs")
     tm.wrap(llm.engine.runner, "execute", "execute (build + dispatch + wait)")
-    tm.wrap(llm.engine.runner, "execute_block", "execute_block (build + dispatch + wait)")
-    for name in ("schedule", "schedule_decode_block", "commit", "commit_block"):
-        tm.wrap(batcher.Scheduler, name, f"host: scheduler.{name}")
+    for name in ("schedule", "schedule_decode_block", "commit"):
+        tm.wrap(scheduler.Scheduler, name, f"host: scheduler.{name}")
 
     # An untraced run first (the trace itself costs host time), then the traced one.
     t0 = time.perf_counter()

@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from jaxserve.cli_flags import define_engine_flags, engine_kwargs  # noqa: E402
+from jaxserve.tools.cli_flags import define_engine_flags, engine_kwargs  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "HF model directory, .gguf file or preset name "
@@ -31,7 +31,6 @@ flags.DEFINE_float("temperature", 0.0, "default temperature (0 = greedy)")
 flags.DEFINE_float("top_p", 1.0, "default top_p")
 flags.DEFINE_integer("top_k", -1, "default top_k (-1 = off)")
 flags.DEFINE_float("min_p", 0.0, "default min_p")
-flags.DEFINE_integer("seed", 0, "engine seed; requests without their own seed derive one from it")
 flags.DEFINE_bool("ignore_eos", False, "generate max_tokens regardless of EOS")
 flags.DEFINE_bool("use_tqdm", True, "progress bar")
 flags.DEFINE_bool("ordered_output", True, "write the final output in input order (else in the "
@@ -44,7 +43,7 @@ flags.DEFINE_bool("strict", False, "refuse the whole file, before any compute, i
 flags.DEFINE_string("plot", None, "save a PNG of throughput and token fill over time here")
 flags.DEFINE_bool("resume", True, "skip requests already finished by an earlier, interrupted run "
                   "of the same command (recorded in OUTPUT.partial)")
-define_engine_flags(max_num_batched_tokens=256, max_num_seqs=64, max_model_len=1024)
+define_engine_flags(max_num_batched_tokens=256, max_num_seqs=64)
 
 
 def main(argv):
@@ -89,7 +88,7 @@ def main(argv):
         return 0
 
     t0 = time.perf_counter()
-    llm = LLM(FLAGS.model, seed=FLAGS.seed, **engine_kwargs(FLAGS))
+    llm = LLM(FLAGS.model, **engine_kwargs(FLAGS))
     logging.info("model loaded and %d programs compiled in %.1fs", llm.engine.runner.num_compiled,
                  time.perf_counter() - t0)
 
@@ -125,7 +124,7 @@ def main(argv):
     log.close(remove=True)   # the output now holds everything
     stats = llm.stats()
     if FLAGS.plot:
-        from jaxserve.plotting import plot_trace
+        from jaxserve.tools.plotting import plot_trace
 
         if plot_trace(llm.engine.last_stats.trace, FLAGS.plot, os.path.basename(FLAGS.input)):
             print(f"plot: {FLAGS.plot}")
@@ -137,7 +136,7 @@ def main(argv):
 
 
 def dry_run(items, defaults) -> int:
-    from jaxserve.dry_run import analyse, format_table
+    from jaxserve.tools.dry_run import analyse, format_table
     from jaxserve.sampling_params import SamplingParams
     from jaxserve.weights import load_config_and_tokenizer
 

@@ -64,27 +64,63 @@ def test_batched_greedy_equals_alone_and_transformers(kind, tiny_models):
         assert o.token_ids == hf_greedy(hf, r), r.request_id
 
 
-def test_no_compile_after_startup(tiny_models):
-    path, _ = tiny_models["llama3"]
-    eng = make_engine(path, max_num_batched_tokens=64, num_pages=400)
-    expected = len(eng.buckets.all())
-    assert eng.runner.num_compiled == expected
+def _count_compiles():
     compiles = []
 
     def listener(event, duration, **kw):
         if event == "/jax/core/compile/backend_compile_duration":
             compiles.append(event)
 
+    return compiles, listener
+
+
+def test_no_compile_after_startup(tiny_models):
+    """Every program a batch can reach is compiled before its first step, and only those: a
+    second run of the same batch compiles nothing at all."""
+    path, _ = tiny_models["llama3"]
+    eng = make_engine(path, max_num_batched_tokens=64, num_pages=400, compilation_cache_dir="off")
+    assert eng.runner.num_compiled == 0          # nothing is compiled before a batch is known
+    reqs = ragged_requests(120, 384, seed=3, max_prompt=200, max_out=40)
+    outs = eng.run(reqs)
+    st = eng.last_stats
+    assert all(o.finish_reason == "length" for o in outs)
+    assert st.mid_run_compiles == 0
+    assert st.compiled_programs == eng.runner.num_compiled > 0
+    compiles, listener = _count_compiles()
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
-        reqs = ragged_requests(120, 384, seed=3, max_prompt=200, max_out=40)
-        outs = eng.run(reqs)
+        eng.run(reqs)
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
-    assert all(o.finish_reason == "length" for o in outs)
-    assert compiles == [], f"{len(compiles)} programs compiled during the run"
-    assert eng.runner.num_compiled == expected
-    assert eng.last_stats.compiled_programs == expected
+    assert compiles == [], f"{len(compiles)} programs compiled by a second run"
+    assert eng.last_stats.compiled_programs == 0
+    # A batch of short prompts reaches fewer programs than it could: no wider page table than its
+    # longest sample, no token bucket beyond what its prompts fill.
+    small = make_engine(path, max_num_batched_tokens=64, num_pages=400, compilation_cache_dir="off")
+    small.run(ragged_requests(3, 384, seed=4, max_prompt=9, max_out=4))
+    assert 0 < small.runner.num_compiled < eng.runner.num_compiled
+
+
+def test_extras_programs_compiled_at_start(tiny_models):
+    """A batch mixing plain, logprobs, prompt-logprobs and penalty requests (single steps and fused
+    blocks) compiles every program it uses before its first step: no compile event mid-run."""
+    path, _ = tiny_models["tied"]
+    eng = make_engine(path, fused_decode_steps=4, compilation_cache_dir="off")
+    reqs = ragged_requests(12, 384, seed=8, max_prompt=50, max_out=20)
+    reqs[1].params = SamplingParams(max_tokens=12, temperature=0, logprobs=3)
+    reqs[4].params = SamplingParams(max_tokens=6, temperature=0, prompt_logprobs=2)
+    reqs[7].params = SamplingParams(max_tokens=15, temperature=0.7, seed=3, presence_penalty=0.5,
+                                    repetition_penalty=1.2)
+    reqs[9].params = SamplingParams(max_tokens=10, temperature=0, logprobs=1, prompt_logprobs=0,
+                                    frequency_penalty=0.3)
+    outs = eng.run(reqs)
+    st = eng.last_stats
+    assert st.mid_run_compiles == 0, st.mid_run_compiles
+    assert st.fused_blocks > 0
+    assert outs[1].logprobs is not None and len(outs[1].logprobs) == 12
+    assert outs[4].prompt_logprobs is not None and outs[4].prompt_logprobs[1] is not None
+    assert all(o.finish_reason in ("length", "stop") for o in outs)
+    assert st.compiled_programs == eng.runner.num_compiled
 
 
 def test_preemption_recomputes_correctly(tiny_models):

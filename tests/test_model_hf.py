@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from jaxserve.cache import PagePool
 from jaxserve.config import ModelConfig
 from jaxserve.runner.buckets import BucketSet
 from jaxserve.runner.model_runner import ModelRunner
+from jaxserve.runner.programs import PLAIN, ProgramKey
 from jaxserve.sampling_params import SamplingParams
-from jaxserve.scheduler import Scheduler, Sequence
+from jaxserve.scheduler import PagePool, Sample, Scheduler
+from pallas_kernels import AttentionSpec
 from jaxserve.weights.assemble import build_model
 from jaxserve.weights.safetensors_loader import SafetensorsCheckpoint
 
@@ -39,14 +40,15 @@ def test_logits_match_transformers(kind, tiny_models):
     budget = 48
     pool = PagePool(num_pages=64, page_size=PAGE_SIZE)
     buckets = BucketSet.make(budget, 8, max_pages_per_seq=16, page_growth=4)
+    spec = AttentionSpec("reference", cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, PAGE_SIZE)
     runner = ModelRunner(model, cfg, num_pages=64, page_size=PAGE_SIZE, buckets=buckets,
-                         attention_impl="reference", kv_dtype=jnp.float32)
+                         attention=spec, kv_dtype=jnp.float32, return_logits=True)
+    runner.compile(ProgramKey(t, p) for t in buckets.token_buckets for p in buckets.pages_upto(16))
     sched = Scheduler(pool, budget, 8)
     seqs = []
     for i, n in enumerate(lens):
-        s = Sequence(index=i, prompt_ids=rng.integers(0, cfg.vocab_size, n).tolist(),
-                     params=SamplingParams(max_tokens=9, temperature=0.0), seed=i,
-                     stop_ids=frozenset(), max_len=512)
+        s = Sample(index=i, prompt_ids=rng.integers(0, cfg.vocab_size, n).tolist(),
+                   params=SamplingParams(max_tokens=9, temperature=0.0), seed=i, max_len=512)
         seqs.append(s)
         sched.add(s)
     rows_seen = []   # (seq, position whose logits we got, logits)
@@ -56,10 +58,10 @@ def test_logits_match_transformers(kind, tiny_models):
         plan = sched.schedule()
         steps += 1
         prefill_steps += any(r.num_tokens > 1 for r in plan.rows)
-        tokens, logits = runner.execute(plan, return_logits=True)
-        for r, lg in zip(plan.rows, logits):
-            rows_seen.append((r.seq, r.start + r.num_tokens - 1, lg))
-        sched.commit(plan, tokens)
+        res = runner.execute(plan, PLAIN)
+        for r, seq, lg in zip(plan.rows, plan.owners, res.logits):
+            rows_seen.append((seq, r.end - 1, lg))
+        sched.commit(plan, res)
     assert prefill_steps >= 2, "prefill should be chunked over several steps"
     assert all(len(s.output_ids) == 9 for s in seqs)   # 1 from prefill + 8 decode steps
     # transformers on each full sequence (prompt + our greedy tokens); causality makes the logits at

@@ -20,9 +20,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def vocab_model_dir(tmp_path_factory):
     """A tiny random model over SmolLM2's vocabulary, saved with SmolLM2's tokenizer and chat
     template, so chat and text prompts work end to end in seconds."""
-    from jaxserve.tokenizer import Tokenizer
+    from jaxserve.weights import load_tokenizer
 
-    tok = Tokenizer.from_gguf(smollm2_gguf())
+    tok = load_tokenizer(smollm2_gguf())
     torch.manual_seed(0)
     hc = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -149,9 +149,9 @@ def test_openai_batch_file_round_trips(vocab_model_dir, tmp_path):
     assert r["text"] == ch["text"] and len(r["logprobs"]) == len(r["token_ids"]) == 7
     chosen = [d[str(t)] for t, d in zip(r["token_ids"], r["logprobs"])]
     assert max(abs(a - b) for a, b in zip(chosen, lp["token_logprobs"])) < 1e-5
-    from jaxserve.tokenizer import Tokenizer
+    from jaxserve.weights import load_tokenizer
 
-    prompt_ids = Tokenizer.from_dir(vocab_model_dir).encode("The weather today")
+    prompt_ids = load_tokenizer(str(vocab_model_dir)).encode("The weather today")
     assert len(r["prompt_logprobs"]) == len(prompt_ids) and r["prompt_logprobs"][0] is None
     hf = transformers.LlamaForCausalLM.from_pretrained(vocab_model_dir).float().eval()
     with torch.no_grad():

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from jaxserve.engine import Request
-from jaxserve.runner.extras import ExtrasContext, _History
-from jaxserve.runner.sampler import apply_penalties, history_to_dense, penalize
+from jaxserve.engine.engine import batch_features
+from jaxserve.runner.penalties import apply_penalties, history_to_dense, penalize
+from jaxserve.scheduler import Sample
 from jaxserve.sampling_params import InvalidRequest, SamplingParams
 from tests.test_engine import hf_greedy, make_engine
 
@@ -47,11 +48,12 @@ def test_penalties_match_numpy_reference():
     hist_counts = np.zeros((S, width), np.int32)
     for s in range(S):
         if params[s].has_penalties:
-            h = _History(prompts[s], params[s].repetition_penalty != 1.0, width)
-            # Two syncs: the host's history grows step by step.
-            h.sync(outputs[s][:len(outputs[s]) // 2])
-            h.sync(outputs[s])
-            hist_ids[s], hist_counts[s] = h.ids, h.counts
+            # The host's history grows token by token as the sample generates.
+            smp = Sample(prompt_ids=prompts[s], params=params[s])
+            for t in outputs[s]:
+                smp.append(t)
+            ids, counts = smp.history.ids, smp.history.counts
+            hist_ids[s, :len(ids)], hist_counts[s, :len(counts)] = ids, counts
     pres = np.array([p.presence_penalty for p in params], np.float32)
     freq = np.array([p.frequency_penalty for p in params], np.float32)
     rep = np.array([p.repetition_penalty for p in params], np.float32)
@@ -80,16 +82,14 @@ def test_penalties_match_numpy_reference():
 
 def test_history_width_covers_the_batch():
     """The run's history width holds every penalised request's distinct tokens."""
-    from jaxserve.scheduler import Sequence
-
-    seqs = [Sequence(index=0, prompt_ids=[1, 2, 2, 3] * 10, params=SamplingParams(max_tokens=30)),
-            Sequence(index=1, prompt_ids=list(range(50)),
-                     params=SamplingParams(max_tokens=20, repetition_penalty=1.2)),
-            Sequence(index=2, prompt_ids=list(range(500)),
-                     params=SamplingParams(max_tokens=20, frequency_penalty=0.5))]
-    ctx = ExtrasContext.for_batch(seqs, vocab_size=384)
-    assert ctx.spec.hist_width == 128 and not ctx.spec.logprobs and not ctx.spec.prompt_logprobs
-    assert ExtrasContext.for_batch(seqs[:1], 384) is None    # nothing asked: plain programs only
+    seqs = [Sample(index=0, prompt_ids=[1, 2, 2, 3] * 10, params=SamplingParams(max_tokens=30)),
+            Sample(index=1, prompt_ids=list(range(50)),
+                   params=SamplingParams(max_tokens=20, repetition_penalty=1.2)),
+            Sample(index=2, prompt_ids=list(range(500)),
+                   params=SamplingParams(max_tokens=20, frequency_penalty=0.5))]
+    f = batch_features(seqs, vocab_size=384)
+    assert f.hist_width == 128 and not f.logprobs and not f.prompt_logprobs
+    assert batch_features(seqs[:1], 384).plain    # nothing asked: plain programs only
 
 
 @pytest.mark.parametrize("field,value", [("presence_penalty", 2.5), ("frequency_penalty", -3),

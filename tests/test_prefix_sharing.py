@@ -152,41 +152,42 @@ def test_pallas_kernel_path_matches_reference(cascade, fused, tiny_models, engin
     with groups, through `advance_work_items`); the tiny model's greedy tokens barely depend on
     the newest keys, so a wrong advance is caught numerically by
     `test_pallas_cascade_list_advanced_over_fused_decode_steps` in test_kernels.py."""
-    from jaxserve.runner import model_runner
+    import pallas_kernels
+    from pallas_kernels.gpu import cascade as gpu_cascade, work_items
 
     path, _ = tiny_models["qwen2"]
     reqs = groups_workload(np.random.default_rng(13), n_groups=3, share=4, shared_len=37,
                            unique_len=9, out_len=6)
     advanced = []
-    advance = model_runner.advance_work_items
-    monkeypatch.setattr(model_runner, "advance_work_items",
+    advance = work_items.advance_work_items
+    monkeypatch.setattr(work_items, "advance_work_items",
                         lambda *a: advanced.append(1) or advance(*a))
     eng = make_engine(path, attention_impl="pallas_gpu_interpret", shared_prefix_attention=cascade,
                       max_num_batched_tokens=48, max_num_seqs=16, num_pages=300,
                       fused_decode_steps=fused)
-    assert (eng.runner.cascade is not None) == cascade
+    assert pallas_kernels.uses_groups(eng.attention) == cascade
     ref = make_engine(path, max_num_batched_tokens=48, max_num_seqs=16, num_pages=300)
-    import pallas_kernels
 
     grouped_rows = []       # (rows in a group, built for a fused block)
-    build = pallas_kernels.build_cascade_metadata
+    build = gpu_cascade.build_cascade_work
     in_block = []
 
-    def spy(md, **kw):
-        grouped_rows.append((int((md.seq_group >= 0).sum()), bool(in_block)))
-        return build(md, **kw)
+    def spy(md, groups, **kw):
+        if groups is not None:      # the runner's compile-time layout (an empty plan) has no rows
+            grouped_rows.append((int((groups.seq_group >= 0).sum()), bool(in_block and in_block[-1])))
+        return build(md, groups, **kw)
 
-    monkeypatch.setattr(pallas_kernels, "build_cascade_metadata", spy)
-    execute_block = eng.runner.execute_block
+    monkeypatch.setattr(gpu_cascade, "build_cascade_work", spy)
+    execute = eng.runner.execute
 
-    def spy_block(plan):
-        in_block.append(1)
+    def spy_execute(plan, features):
+        in_block.append(plan.decode_steps > 1)
         try:
-            return execute_block(plan)
+            return execute(plan, features)
         finally:
             in_block.pop()
 
-    monkeypatch.setattr(eng.runner, "execute_block", spy_block)
+    monkeypatch.setattr(eng.runner, "execute", spy_execute)
     out = eng.run(reqs)
     if cascade:   # steps really ran with several members reading one prefix
         assert max(n for n, _ in grouped_rows) >= 4

@@ -154,7 +154,7 @@ def _stats_from_stdout(stdout: str) -> dict:
 def test_dry_run_projects_the_same_sharing_as_the_real_run(tiny_models, tmp_path):
     """Issue #7, acceptance 3: the dry run's optimal reuse equals what the planner of a real run
     reports (and computes), without touching the weights."""
-    from jaxserve import workloads
+    from jaxserve.tools import workloads
 
     path, _ = tiny_models["qwen2"]
     reqs = workloads.generate("groups", vocab_size=384, seed=2, num_groups=3, share=4,

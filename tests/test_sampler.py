@@ -8,13 +8,12 @@ import pytest
 from jaxserve.runner.sampler import NUM_BANNED, SamplingInputs, filter_logits, sample
 
 
-def inputs(S, temperature, top_k, top_p, min_p, seeds=None, banned=None):
+def inputs(S, temperature, top_k, top_p, min_p, seeds=None):
     f = lambda v, dt: jnp.asarray(np.broadcast_to(np.asarray(v, dt), (S,)))  # noqa: E731
     return SamplingInputs(
         temperature=f(temperature, np.float32), top_k=f(top_k, np.int32), top_p=f(top_p, np.float32),
         min_p=f(min_p, np.float32), seeds=f(seeds if seeds is not None else np.arange(S), np.uint32),
-        token_index=f(0, np.int32),
-        banned=jnp.asarray(banned if banned is not None else np.full((S, NUM_BANNED), -1, np.int32)))
+        token_index=f(0, np.int32))
 
 
 def numpy_keep(logits, temperature, top_k, top_p, min_p):
@@ -57,7 +56,7 @@ def test_greedy_and_bans():
     banned = np.full((4, NUM_BANNED), -1, np.int32)
     top = logits.argmax(-1)
     banned[1, 0] = top[1]
-    out = np.asarray(sample(jnp.asarray(logits), inputs(4, 0.0, 0, 1.0, 0.0, banned=banned)))
+    out = np.asarray(sample(jnp.asarray(logits), inputs(4, 0.0, 0, 1.0, 0.0), jnp.asarray(banned)))
     assert out[0] == top[0] and out[2] == top[2]
     assert out[1] == np.argsort(-logits[1])[1]
 

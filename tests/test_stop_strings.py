@@ -20,9 +20,9 @@ from tests.helpers_weights import smollm2_gguf
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    from jaxserve.tokenizer import Tokenizer
+    from jaxserve.weights import load_tokenizer
 
-    tok = Tokenizer.from_gguf(smollm2_gguf())
+    tok = load_tokenizer(smollm2_gguf())
     torch.manual_seed(0)
     # A tiny random model over SmolLM2's vocabulary, so its tokens decode to real text.
     hc = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,

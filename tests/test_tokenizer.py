@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 pytest.importorskip("gguf")
-from jaxserve.tokenizer import IncrementalDetokenizer, Tokenizer, TokenizerError  # noqa: E402
+from jaxserve.text.detokenizer import IncrementalDetokenizer  # noqa: E402
+from jaxserve.text.tokenizer import Tokenizer, TokenizerError  # noqa: E402
+from jaxserve.weights import load_tokenizer  # noqa: E402
 from tests.helpers_weights import smollm2_gguf  # noqa: E402
 
 CORPUS = [
@@ -41,7 +43,7 @@ def toks():
     from transformers import AutoTokenizer
 
     path = smollm2_gguf()
-    ours = Tokenizer.from_gguf(path)
+    ours = load_tokenizer(path)
     ref = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     return ours, ref
 
@@ -138,7 +140,7 @@ def test_incremental_detokenizer_equals_decode(toks, skip):
 
 
 def test_no_tokenizer_in_gguf_is_a_clear_error():
-    from jaxserve.tokenizer import build_gguf_tokenizer
+    from jaxserve.text.gguf_tokenizer import build_gguf_tokenizer
 
     with pytest.raises(TokenizerError, match=r"x\.gguf: no tokenizer.*'tokenizer\.ggml\.model'"):
         build_gguf_tokenizer({}, "x.gguf")
@@ -173,7 +175,7 @@ def test_sentencepiece_gguf_matches_transformers(tiny_models, tmp_path):
 
     _, hf = tiny_models["llama3"]
     path = write_gguf(tmp_path / "spm.gguf", hf, tokenizer_kv=_spm_kv)
-    ours = Tokenizer.from_gguf(path)
+    ours = load_tokenizer(path)
     ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="spm.gguf")
     texts = ["hello world", "the cat is in the world", " leading space", "two  spaces   three",
              "Ünï 😀 bytes", "</s> and <s> specials", "x<|turn|>y", "hello\nworld", ""]

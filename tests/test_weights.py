@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 import transformers  # noqa: E402
 
 from jaxserve.config import ConfigError  # noqa: E402
-from jaxserve.presets import list_presets, load_preset, preset_dict  # noqa: E402
+from jaxserve.weights.presets import list_presets, load_preset, preset_dict  # noqa: E402
 from jaxserve.weights import default_model_path, load_model  # noqa: E402
 from jaxserve.weights.assemble import WeightError  # noqa: E402
 from tests.helpers_weights import prefill_logits, rel_err  # noqa: E402

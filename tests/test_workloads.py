@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from jaxserve import workloads
+from jaxserve.tools import workloads
 from jaxserve.scheduler.prefix_tree import build_prefix_tree
 
 

@@ -1,5 +1,5 @@
-"""The one place that decides padded shapes. Every jitted step runs at one of these sizes, and all
-of them are compiled at start-up, so nothing compiles mid-run."""
+"""The one place that decides padded shapes: token buckets of a step, and the page-table widths a
+batch compiles programs for."""
 from __future__ import annotations
 
 import bisect
@@ -15,40 +15,45 @@ def _pow2_upto(lo: int, cap: int) -> list[int]:
     return sorted(set(out))
 
 
+PAGE_ROUND = 16   # a batch's page-table width is its longest request's pages, rounded up to this
+
+
 @dataclasses.dataclass(frozen=True)
 class BucketSet:
     token_buckets: tuple[int, ...]   # T: tokens in a step
-    page_buckets: tuple[int, ...]    # P: page-table width (pages per sequence)
     max_num_seqs: int
+    max_pages_per_seq: int
+    # > 1: page-table widths are powers of this factor and a batch compiles every width up to its
+    # longest request (the gather-based reference attention costs what its width holds). 1: one
+    # width per batch, its longest request's pages (kernels stop at each row's length).
+    page_growth: int = 1
 
     @classmethod
     def make(cls, max_num_batched_tokens: int, max_num_seqs: int, max_pages_per_seq: int,
-             page_growth: int = 4, min_tokens: int = 16) -> "BucketSet":
+             page_growth: int = 1, min_tokens: int = 16) -> "BucketSet":
         tokens = _pow2_upto(min(min_tokens, max_num_batched_tokens), max_num_batched_tokens)
-        if page_growth <= 1:
-            pages = [max_pages_per_seq]
-        else:
-            pages, v = [], 1
-            while v < max_pages_per_seq:
-                pages.append(v)
-                v *= page_growth
-            pages.append(max_pages_per_seq)
-        return cls(tuple(tokens), tuple(sorted(set(pages))), max_num_seqs)
+        return cls(tuple(tokens), max_num_seqs, max_pages_per_seq, page_growth)
 
     def seqs_for(self, num_tokens_bucket: int) -> int:
         # A step has at most one row per token, so S never needs to exceed T: one program per T.
         return min(num_tokens_bucket, self.max_num_seqs)
 
-    def pick(self, num_tokens: int, num_pages: int) -> tuple[int, int]:
-        t = self.token_buckets[bisect.bisect_left(self.token_buckets, num_tokens)]
-        p = self.page_buckets[bisect.bisect_left(self.page_buckets, num_pages)]
-        return t, p
+    def token_bucket(self, num_tokens: int) -> int:
+        return self.token_buckets[bisect.bisect_left(self.token_buckets, num_tokens)]
 
-    def decode_block_keys(self) -> list[tuple[int, int]]:
-        """Buckets a fused decode block can use: one token per row, so T <= the row limit's bucket."""
-        t_max = self.token_buckets[bisect.bisect_left(self.token_buckets,
-                                                      min(self.max_num_seqs, self.token_buckets[-1]))]
-        return [(t, p) for t in self.token_buckets if t <= t_max for p in self.page_buckets]
+    def tokens_upto(self, num_tokens: int) -> list[int]:
+        """Token buckets a step of at most `num_tokens` tokens can use."""
+        cap = self.token_bucket(min(num_tokens, self.token_buckets[-1]))
+        return [t for t in self.token_buckets if t <= cap]
 
-    def all(self) -> list[tuple[int, int]]:
-        return [(t, p) for t in self.token_buckets for p in self.page_buckets]
+    def pages_upto(self, num_pages: int) -> list[int]:
+        """Page-table widths to compile for a batch whose longest sequence needs `num_pages`."""
+        num_pages = min(max(num_pages, 1), self.max_pages_per_seq)
+        if self.page_growth <= 1:
+            return [min(-(-num_pages // PAGE_ROUND) * PAGE_ROUND, self.max_pages_per_seq)]
+        out, v = [], 1
+        while v < num_pages:
+            out.append(v)
+            v *= self.page_growth
+        out.append(min(v, self.max_pages_per_seq))
+        return out

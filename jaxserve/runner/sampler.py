@@ -1,5 +1,4 @@
-"""On-device sampling for a step's rows: greedy, temperature, top-k, top-p, min-p, banned tokens;
-and the optional extras (jaxserve.runner.extras): penalties and log-probabilities.
+"""On-device sampling for a step's rows: greedy, temperature, top-k, top-p, min-p, banned tokens.
 
 No vocabulary sort: top-k and top-p thresholds are found by bisection over values (a fixed number
 of [S, V] reductions), which is exact up to ties and cheap next to the LM head. Each row draws its
@@ -26,7 +25,6 @@ class SamplingInputs:
     min_p: jax.Array         # f32[S]; 0 = off
     seeds: jax.Array         # u32[S]  the request's seed
     token_index: jax.Array   # i32[S]  index of the token being sampled in the request's output
-    banned: jax.Array        # i32[S, NUM_BANNED]; -1 = none
 
 
 def _kth_largest(x, k):
@@ -84,9 +82,10 @@ def row_keys(si: SamplingInputs):
     return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(si.seeds, si.token_index)
 
 
-def sample(logits: jax.Array, si: SamplingInputs) -> jax.Array:
-    """logits f32[S, V] -> token ids i32[S]."""
-    logits = apply_bans(logits, si.banned)
+def sample(logits: jax.Array, si: SamplingInputs, banned=None) -> jax.Array:
+    """logits f32[S, V] -> token ids i32[S]; `banned` i32[S, NUM_BANNED] (-1 = none) are never drawn."""
+    if banned is not None:
+        logits = apply_bans(logits, banned)
 
     def greedy(_):
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -98,47 +97,3 @@ def sample(logits: jax.Array, si: SamplingInputs) -> jax.Array:
         return jnp.where(si.temperature > 0, drawn, greedy(None))
 
     return jax.lax.cond(jnp.all(si.temperature == 0), greedy, stochastic, None)
-
-
-# ---- extras: penalties and log-probabilities (only in the programs compiled for them) ----------
-
-def history_to_dense(hist_ids, hist_counts, vocab_size: int):
-    """Per-row sparse token history -> (generated-token counts i32[S, V], seen bool[S, V]).
-
-    `hist_ids` i32[S, W] lists distinct token ids (-1 = padding) and `hist_counts` i32[S, W] how
-    often each was generated; prompt-only tokens are listed with count 0 (they count as seen for
-    the repetition penalty, not for presence/frequency)."""
-    s = hist_ids.shape[0]
-    rows = jnp.arange(s)[:, None]
-    idx = jnp.where(hist_ids >= 0, hist_ids, vocab_size)   # out of range -> dropped
-    counts = jnp.zeros((s, vocab_size), jnp.int32).at[rows, idx].add(hist_counts, mode="drop")
-    seen = jnp.zeros((s, vocab_size), bool).at[rows, idx].set(True, mode="drop")
-    return counts, seen
-
-
-def apply_penalties(logits, counts, seen, presence, frequency, repetition):
-    """vLLM's order: repetition over seen tokens (prompt + generated), then frequency * count and
-    presence * (count > 0) over generated tokens. Rows with presence = frequency = 0 and
-    repetition = 1 come out bit-identical (x / 1, x * 1 and x - 0 are exact)."""
-    r = repetition[:, None]
-    x = jnp.where(seen, jnp.where(logits > 0, logits / r, logits * r), logits)
-    x = x - frequency[:, None] * counts.astype(x.dtype)
-    return x - presence[:, None] * (counts > 0).astype(x.dtype)
-
-
-def penalize(logits, hist_ids, hist_counts, presence, frequency, repetition):
-    """Penalties from the sparse history; skipped (lax.cond) when no row of the step has any."""
-    active = jnp.any((presence != 0) | (frequency != 0) | (repetition != 1))
-
-    def on(x):
-        counts, seen = history_to_dense(hist_ids, hist_counts, x.shape[-1])
-        return apply_penalties(x, counts, seen, presence, frequency, repetition)
-
-    return jax.lax.cond(active, on, lambda x: x, logits)
-
-
-def top_logprobs(logits, k: int):
-    """log_softmax of raw logits f32[R, V] -> (logprobs f32[R, V], top-k values f32[R, k], ids)."""
-    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    vals, ids = jax.lax.top_k(lp, k)
-    return lp, vals, ids.astype(jnp.int32)

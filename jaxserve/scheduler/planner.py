@@ -17,14 +17,14 @@ from typing import Optional
 
 from jaxserve.config import ModelConfig
 from jaxserve.scheduler.prefix_tree import PrefixTree, TreeNode, build_prefix_tree
-from jaxserve.scheduler.sequence import Sequence
+from jaxserve.scheduler.sequence import Sample, SharedPrefix
 
 POLICIES = ("fifo", "batchllm", "blendserve")
 
 
 @dataclasses.dataclass
 class BatchPlan:
-    prefixes: list[Sequence]            # shared prefixes, parents before children
+    prefixes: list[SharedPrefix]        # shared prefixes, parents before children
     tree: Optional[PrefixTree]
     num_groups: int                     # cascade groups (one level, BatchLLM flatten)
 
@@ -57,19 +57,19 @@ def _assign_groups(tree: PrefixTree) -> dict:
     return group_of
 
 
-def _kv_reads(s: Sequence) -> float:
+def _kv_reads(s: Sample) -> float:
     """BlendServe's memory term of one request, up to constants: KV tokens read over its decode."""
     p, d = len(s.prompt_ids), s.params.max_tokens
     return p * d + d * d / 2
 
 
-def plan_batch(seqs: list[Sequence], *, sharing: bool, policy: str,
+def plan_batch(seqs: list[Sample], *, sharing: bool, policy: str,
                model_cfg: Optional[ModelConfig] = None) -> BatchPlan:
-    """Create the shared prefixes, link requests to them and set every request's `order`."""
+    """Create the shared prefixes, link samples to them and set every sample's `order`."""
     if policy not in POLICIES:
         raise ValueError(f"schedule_policy={policy!r} is not one of {', '.join(POLICIES)}")
     tree = build_prefix_tree([s.prompt_ids for s in seqs]) if sharing and seqs else None
-    prefixes: list[Sequence] = []
+    prefixes: list[SharedPrefix] = []
     node_seq: dict = {}
     groups = 0
     if tree is not None:
@@ -77,10 +77,8 @@ def plan_batch(seqs: list[Sequence], *, sharing: bool, policy: str,
         groups = len(set(group_of.values()))
         for k, node in enumerate(tree.shared):   # parents come before children
             parent = node_seq.get(node.parent)
-            ps = Sequence(index=-1 - k, prompt_ids=seqs[node.first].prompt_ids[:node.depth],
-                          params=None, prefix=parent, is_prefix=True,
-                          members_left=node.num_leaves, priority=min(
-                              s.priority for s in seqs))
+            ps = SharedPrefix(prompt_ids=seqs[node.first].prompt_ids[:node.depth], index=-1 - k,
+                              prefix=parent, members_left=node.num_leaves)
             node_seq[node] = ps
             prefixes.append(ps)
         for s, node in zip(seqs, tree.leaf_node):

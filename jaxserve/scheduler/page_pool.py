@@ -1,4 +1,4 @@
-"""Host-side page allocator with refcounts.
+"""Host-side page allocator.
 
 Pages are plain ints; the device only ever sees page-table arrays built from them. Page 0 is the
 sink: padded token slots write their K/V there, so it is never handed out.
@@ -46,11 +46,6 @@ class PagePool:
         self.peak_used = max(self.peak_used, self.num_used)
         return out
 
-    def incref(self, pages) -> None:
-        for p in pages:
-            assert self._ref[p] > 0, f"incref of free page {p}"
-            self._ref[p] += 1
-
     def release(self, pages) -> None:
         """Drop one reference to each page; pages nobody holds go back to the free list."""
         for p in pages:
@@ -59,6 +54,3 @@ class PagePool:
             self._ref[p] = r
             if r == 0:
                 self._free.append(p)
-
-    def refcount(self, page: int) -> int:
-        return self._ref[page]

@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import Optional
 
 from jaxserve.config import ModelConfig
-from jaxserve.roofline import workload_floor
+from jaxserve.tools.roofline import workload_floor
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler.planner import plan_batch
-from jaxserve.scheduler.sequence import Sequence
+from jaxserve.scheduler.sequence import Sample
 
 # Ceilings measured on the lent GPUs here (benchmarks/README.md): copy bandwidth, bf16 matmul.
 DEVICES = {
@@ -25,10 +25,11 @@ def analyse(cfg: ModelConfig, prompts: list[list[int]], params: list[SamplingPar
     if device not in DEVICES:
         raise ValueError(f"unknown device {device!r} (known: {', '.join(DEVICES)})")
     dev = DEVICES[device]
-    seqs = [Sequence(index=i, prompt_ids=list(p), params=sp) for i, (p, sp) in enumerate(zip(prompts, params))]
+    seqs = [Sample(prompt_ids=list(p), index=i, params=sp, request=i)
+            for i, (p, sp) in enumerate(zip(prompts, params))]
     # As the engine does: a request asking for prompt logprobs prefills its whole prompt itself.
-    own = [s for s in seqs if s.params.prompt_logprobs is not None]
-    plan = plan_batch([s for s in seqs if s.params.prompt_logprobs is None] if own else seqs,
+    own = [s for s in seqs if s.wants_prompt_logprobs]
+    plan = plan_batch([s for s in seqs if not s.wants_prompt_logprobs] if own else seqs,
                       sharing=True, policy=policy, model_cfg=cfg)
     tree = plan.tree
     prompt_tokens = sum(len(p) for p in prompts)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from jaxserve.tokenizer import IncrementalDetokenizer
+from jaxserve.text.detokenizer import IncrementalDetokenizer
 
 
 class StopStringChecker:

@@ -1,0 +1,240 @@
+"""The run loop: requests -> samples -> batch plan -> (schedule -> run -> commit)* -> outputs.
+
+The engine owns one model on one device, its runner and the start-up sizes. `run` takes a whole
+batch of tokenized requests and returns one RequestOutput per request, in input order. A request
+that cannot run (empty, too long, bad parameters) gets an error output and costs only itself.
+Every program the batch can reach is compiled before its first step (`compile_for`).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable, Optional
+
+from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.engine.outputs import OutputCollector, RequestMetrics, RequestOutput
+from jaxserve.engine.requests import Limits, Request, make_samples, validate
+from jaxserve.engine.sizing import plan_sizes
+from jaxserve.engine.stats import RunStats
+from jaxserve.runner.model_runner import ModelRunner
+from jaxserve.runner.programs import (PLAIN, CompileEvents, Features, ProgramKey,
+                                      enable_compilation_cache)
+from jaxserve.scheduler import PagePool, Sample, Scheduler
+from jaxserve.scheduler.planner import plan_batch
+from pallas_kernels import AttentionSpec
+
+_MIN_HIST_WIDTH = 16
+
+
+def batch_features(samples: list[Sample], vocab_size: int) -> Features:
+    """The extras the batch's programs must compute (plain when nobody asks for any)."""
+    need = 0
+    for s in samples:
+        p = s.params
+        if p.has_penalties:
+            n = (len(set(s.prompt_ids)) if p.repetition_penalty != 1.0 else 0) + p.max_tokens
+            need = max(need, min(n, vocab_size))
+    width = max(1 << max(need - 1, 0).bit_length(), _MIN_HIST_WIDTH) if need else 0
+    return Features(logprobs=any(s.params.logprobs is not None for s in samples),
+                    prompt_logprobs=any(s.wants_prompt_logprobs for s in samples),
+                    hist_width=width)
+
+
+class CompileProgress:
+    """A progress line on stderr while programs compile: rewritten in place on a terminal, a line
+    every 15 s (and at the end) in a log."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self._last = -1e9
+
+    def __call__(self, done: int, total: int, seconds: float) -> None:
+        tty = getattr(self.stream, "isatty", lambda: False)()
+        if not tty and done < total and seconds - self._last < 15:
+            return
+        self._last = seconds
+        line = f"compiling programs: {done}/{total} ({seconds:.1f} s)"
+        end = "\n" if done == total or not tty else ""
+        print(("\r" if tty else "") + line, end=end, file=self.stream, flush=True)
+
+
+class Engine:
+    def __init__(self, model_cfg: ModelConfig, model, ecfg: EngineConfig, *,
+                 eos_token_ids: tuple[int, ...] = (), kv_dtype=None, tokenizer=None,
+                 return_logits: bool = False,
+                 compile_progress: Optional[Callable] = None):
+        self.cfg = model_cfg
+        self.ecfg = ecfg
+        self.eos_token_ids = tuple(eos_token_ids) or tuple(model_cfg.eos_token_ids)
+        self.tokenizer = tokenizer
+        self.compile_progress = compile_progress or CompileProgress()
+        self.compilation_cache_dir = enable_compilation_cache(ecfg.compilation_cache_dir)
+        kv_dtype = kv_dtype or model.embed.value.dtype
+        sizes = plan_sizes(model_cfg, ecfg, kv_dtype,
+                           unstack=getattr(model, "unstack_layers", None))
+        self.sizes = sizes
+        self.attention_impl = sizes.attention_impl
+        self.layer_loop = sizes.layer_loop
+        self.max_model_len = sizes.max_model_len
+        self.num_pages = sizes.num_pages
+        self.buckets = sizes.buckets
+        self.attention = AttentionSpec(sizes.attention_impl, model_cfg.num_heads,
+                                       model_cfg.num_kv_heads, model_cfg.head_dim, ecfg.page_size,
+                                       shared_prefix=ecfg.shared_prefix_attention)
+        self.runner = ModelRunner(model, model_cfg, num_pages=sizes.num_pages,
+                                  page_size=ecfg.page_size, buckets=sizes.buckets,
+                                  attention=self.attention, kv_dtype=kv_dtype,
+                                  return_logits=return_logits)
+        self.limits = Limits(sizes.max_model_len, model_cfg.vocab_size, sizes.num_pages - 1,
+                             ecfg.page_size, self.eos_token_ids, tokenizer is not None)
+        self.last_stats = RunStats()
+        self.last_compile: dict = {}
+
+    # -- the run ------------------------------------------------------------------------------
+    def run(self, requests: list[Request], progress: Optional[Callable] = None,
+            on_output: Optional[Callable[[int, RequestOutput], None]] = None) -> list[RequestOutput]:
+        """Run every request to completion. `on_output(index, output)` is called as soon as each
+        request's output is final (errors first, then in finishing order), e.g. to persist it."""
+        t_start = time.perf_counter()
+        stats = RunStats(num_requests=len(requests), kv_pages_total=self.num_pages - 1)
+        outputs = OutputCollector(requests, on_output)
+        samples = self._samples(requests, outputs, stats)
+        self._plan(samples, stats)
+        features = self._compile(samples, stats)
+        sched = Scheduler(PagePool(self.num_pages, self.ecfg.page_size),
+                          self.ecfg.max_num_batched_tokens, self.ecfg.max_num_seqs,
+                          reserve=self.ecfg.admission_control)
+        sched.add_all(samples)
+        metrics = {id(s): RequestMetrics(arrival_time=t_start) for s in samples}
+        with CompileEvents() as mid_run:
+            while sched.has_work:
+                plan = (sched.schedule_decode_block(self.sizes.fused_decode_steps)
+                        or sched.schedule())
+                result = self.runner.execute(plan, features if plan.needs_extras else PLAIN)
+                finished = sched.commit(plan, result)
+                self._account(plan, result, finished, metrics, stats, t_start)
+                for s in finished:
+                    outputs.add(s, self._text(s), metrics[id(s)])
+                if progress is not None:
+                    progress(len(finished), plan.num_tokens * plan.decode_steps, stats)
+        stats.mid_run_compiles = mid_run.compiles + mid_run.cache_hits
+        stats.preemptions = sched.num_preemptions
+        stats.peak_kv_pages = sched.pool.peak_used
+        stats.wall_seconds = time.perf_counter() - t_start
+        self.last_stats = stats
+        return outputs.results()
+
+    # -- before the first step --------------------------------------------------------------------
+    def _samples(self, requests: list[Request], outputs: OutputCollector,
+                 stats: RunStats) -> list[Sample]:
+        """Validate every request (errors become outputs at once) and expand the rest into samples."""
+        samples: list[Sample] = []
+        for i, req in enumerate(requests):
+            err = validate(req, self.limits)
+            if err is not None:
+                stats.num_errors += 1
+                outputs.error(i, err)
+                continue
+            outputs.expect(i, req.params.n)
+            samples += make_samples(i, req, len(samples), engine_seed=self.ecfg.seed,
+                                    max_len=self.max_model_len, eos_token_ids=self.eos_token_ids,
+                                    tokenizer=self.tokenizer)
+        stats.prompt_tokens = sum(len(s.prompt_ids) for s in samples)
+        return samples
+
+    def _plan(self, samples: list[Sample], stats: RunStats) -> None:
+        """The global prefix tree, groups and admission order. Prompt logprobs need logits at
+        every prompt position, so the sample that reports them prefills its whole prompt in its
+        own rows: it stays out of the sharing plan and is admitted after the planned samples (in
+        input order under fifo or without sharing)."""
+        own = [s for s in samples if s.wants_prompt_logprobs]
+        planned = [s for s in samples if not s.wants_prompt_logprobs] if own else samples
+        plan = plan_batch(planned, sharing=self.ecfg.global_prefix_sharing,
+                          policy=self.ecfg.schedule_policy, model_cfg=self.cfg)
+        in_order = plan.tree is None or self.ecfg.schedule_policy == "fifo"
+        next_order = max((s.order for s in planned), default=-1) + 1
+        for j, s in enumerate(own):
+            s.order = s.index if in_order else next_order + j
+        stats.optimal_prefill_tokens = (
+            plan.optimal_prefill_tokens + sum(len(s.prompt_ids) for s in own)
+            if plan.tree is not None else stats.prompt_tokens)
+        stats.num_groups = plan.num_groups
+        stats.num_shared_prefixes = len(plan.prefixes)
+
+    def program_keys(self, samples: list[Sample], features: Features) -> list[ProgramKey]:
+        """Every program a run of `samples` can reach: token buckets up to what one step can hold,
+        page-table widths up to the longest sample, fused blocks up to the rows that can run,
+        and the extras variants when the batch asks for them (single steps with the widest page
+        table only: steps with extras are the rare ones)."""
+        b = self.buckets
+        if not samples:
+            return []
+        step_tokens = min(self.ecfg.max_num_batched_tokens,
+                          sum(len(s.prompt_ids) for s in samples) + len(samples))
+        ts = b.tokens_upto(step_tokens)
+        ps = b.pages_upto(-(-max(s.longest for s in samples) // self.ecfg.page_size))
+        keys = [ProgramKey(t, p) for t in ts for p in ps]
+        if not features.plain:
+            keys += [ProgramKey(t, ps[-1], 1, features) for t in ts]
+        n = self.sizes.fused_decode_steps
+        if n > 1:
+            tb = b.tokens_upto(min(self.ecfg.max_num_seqs, len(samples)))
+            keys += [ProgramKey(t, p, n) for t in tb for p in ps]
+            fb = features.for_decode_block()
+            if not fb.plain:
+                keys += [ProgramKey(t, ps[-1], n, fb) for t in tb]
+        return keys
+
+    def _compile(self, samples: list[Sample], stats: RunStats) -> Features:
+        features = batch_features(samples, self.cfg.vocab_size)
+        keys = self.program_keys(samples, features)
+        t0 = time.perf_counter()
+        with CompileEvents() as ev:
+            stats.compiled_programs = self.runner.compile(keys, self.compile_progress)
+        stats.compile_seconds = time.perf_counter() - t0
+        stats.compile_cache_hits = ev.cache_hits
+        if stats.compiled_programs:
+            print(f"compiled {stats.compiled_programs} programs in {stats.compile_seconds:.1f} s "
+                  f"({ev.cache_hits} from the compilation cache"
+                  f"{' in ' + self.compilation_cache_dir if self.compilation_cache_dir else ', off'})",
+                  file=sys.stderr, flush=True)
+        self.last_compile = dict(programs=stats.compiled_programs, seconds=stats.compile_seconds,
+                                 cache_hits=ev.cache_hits, total_programs=self.runner.num_compiled)
+        return features
+
+    def compile_for(self, requests: list[Request]) -> int:
+        """Compile, ahead of `run(requests)`, every program it can reach (benchmarks time the
+        compile apart from the run); returns how many were compiled now."""
+        stats = RunStats()
+        samples = self._samples(requests, OutputCollector(requests), stats)
+        self._compile(samples, stats)
+        return stats.compiled_programs
+
+    # -- after each step -----------------------------------------------------------------------
+    def _account(self, plan, result, finished, metrics, stats: RunStats, t_start: float) -> None:
+        now = time.perf_counter()
+        generated = 0
+        for row, seq in zip(plan.rows, plan.owners):
+            if not seq.samples:
+                continue
+            m = metrics[id(seq)]
+            if m.first_scheduled_time is None:
+                m.first_scheduled_time = now
+                stats.reused_prompt_tokens += seq.base
+            if not row.is_decode:
+                m.num_computed_prompt_tokens += row.num_tokens
+            if row.samples:
+                new = min(plan.decode_steps, len(seq.output_ids) - row.num_generated)
+                generated += new
+                if m.first_token_time is None and new:
+                    m.first_token_time = now
+        for s in finished:
+            metrics[id(s)].finished_time = now
+            metrics[id(s)].num_preemptions = s.num_preemptions
+        padded = self.buckets.token_bucket(plan.num_tokens)
+        stats.record_step(plan, generated, padded, now - t_start)
+
+    def _text(self, s: Sample) -> str:
+        if s.stop_text is not None:
+            return s.stop_text
+        return self.tokenizer.decode(s.output_ids, skip_special_tokens=True) if self.tokenizer else ""

@@ -1,0 +1,174 @@
+"""The compiled programs of a runner: one key type, one compile path, one lookup.
+
+A program is one jitted step function (`decode_loop.step_program`) specialised by a `ProgramKey`:
+its token and page-table buckets, how many decode steps it fuses, and which sampling extras it
+computes. Every program a run can reach is compiled before its first step (`ProgramSet.compile`:
+lowering in turn, XLA compiles in parallel threads, a progress callback), so a run never
+compiles mid-way; `pick` finds the smallest compiled program that fits a step, and a step that
+fits none is a bug, not a compile.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import os
+import time
+from typing import Callable, Iterable, Optional
+
+# Inference programs have no backward pass to trade memory for, and XLA's rematerialization pass
+# counts the donated KV cache twice (input and output), finds the program "over" device memory and
+# spends ~10 s per program failing to shrink it (H100, unrolled Llama-3-8B: 122 s for 12 programs).
+COMPILER_OPTIONS = {"xla_disable_hlo_passes": "rematerialization"}
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Features:
+    """Sampling extras a program computes (static: part of its key)."""
+
+    logprobs: bool = False          # top-k + sampled-token logprobs of each sampling row
+    prompt_logprobs: bool = False   # logprobs at every token row (under lax.cond)
+    hist_width: int = 0             # W of the penalty history; 0 = no penalties
+
+    @property
+    def plain(self) -> bool:
+        return not (self.logprobs or self.prompt_logprobs or self.hist_width)
+
+    def for_decode_block(self) -> "Features":
+        """A fused block only decodes: no prompt positions to score."""
+        return dataclasses.replace(self, prompt_logprobs=False)
+
+
+PLAIN = Features()
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class ProgramKey:
+    tokens: int                     # T: token bucket
+    pages: int                      # P: page-table width bucket
+    steps: int = 1                  # decode steps fused into the program (1: a single step)
+    features: Features = PLAIN
+
+    def __str__(self) -> str:
+        f = "" if self.features.plain else f" {self.features}"
+        return f"T={self.tokens} P={self.pages} steps={self.steps}{f}"
+
+
+class ProgramSet:
+    def __init__(self, lower: Callable[[ProgramKey], object]):
+        self._lower = lower          # key -> jax Lowered
+        self._compiled: dict[ProgramKey, object] = {}
+        self.compile_seconds = 0.0
+
+    def __len__(self) -> int:
+        return len(self._compiled)
+
+    def __contains__(self, key: ProgramKey) -> bool:
+        return key in self._compiled
+
+    def keys(self) -> list[ProgramKey]:
+        return sorted(self._compiled)
+
+    def compile(self, keys: Iterable[ProgramKey],
+                progress: Optional[Callable[[int, int, float], None]] = None) -> int:
+        """Compile the keys not compiled yet; returns how many were compiled. Lowering (Python
+        tracing) runs here one after another; XLA's compiles, which release the GIL, run in
+        parallel threads (H100, unrolled Llama-3-8B: ~8 s a program). `progress(done, total,
+        seconds)` is called after each."""
+        todo = sorted(set(k for k in keys if k not in self._compiled))
+        if not todo:
+            return 0
+        t0 = time.perf_counter()
+        done = 0
+
+        def compile_one(key_lowered):
+            return key_lowered[0], key_lowered[1].compile(compiler_options=COMPILER_OPTIONS)
+
+        workers = max(1, min(len(todo), 8, (os.cpu_count() or 2) // 2))
+        with cf.ThreadPoolExecutor(workers) as pool:
+            futures = [pool.submit(compile_one, (k, self._lower(k))) for k in todo]
+            for fut in cf.as_completed(futures):
+                key, exe = fut.result()
+                self._compiled[key] = exe
+                done += 1
+                if progress is not None:
+                    progress(done, len(todo), time.perf_counter() - t0)
+        self.compile_seconds += time.perf_counter() - t0
+        return len(todo)
+
+    def pick(self, tokens: int, pages: int, steps: int, features: Features) -> ProgramKey:
+        """The smallest compiled program with this token bucket, step count and features whose
+        page-table width holds `pages`."""
+        fits = [k for k in self._compiled if k.tokens == tokens and k.steps == steps
+                and k.features == features and k.pages >= pages]
+        if not fits:
+            raise RuntimeError(f"no compiled program for T={tokens} P>={pages} steps={steps} "
+                               f"{features}: the run's compile set missed a reachable step")
+        return min(fits)
+
+    def __getitem__(self, key: ProgramKey):
+        return self._compiled[key]
+
+
+_OFF = ("", "off", "none", "false", "0")
+
+
+def enable_compilation_cache(setting: str = "auto") -> Optional[str]:
+    """Turn on JAX's persistent compilation cache (process-wide), so a second run of the same
+    programs loads them instead of compiling. `setting`: "auto" ($JAXSERVE_COMPILATION_CACHE_DIR,
+    else ~/.cache/jaxserve/xla, unless JAX already has a cache folder), a folder, or "off".
+    Returns the folder in use, or None."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    if setting == "auto":
+        current = jax.config.jax_compilation_cache_dir
+        if current:
+            return current
+        setting = os.environ.get("JAXSERVE_COMPILATION_CACHE_DIR") or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jaxserve", "xla")
+    if setting.strip().lower() in _OFF:
+        return None
+    path = os.path.abspath(os.path.expanduser(setting))
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return None          # an unwritable cache folder costs compile time, never the run
+    if jax.config.jax_compilation_cache_dir != path:
+        jax.config.update("jax_compilation_cache_dir", path)
+        # Every program counts: on 2 CPU cores even the small ones add up to a minute.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        cc.reset_cache()     # the cache may have been initialised (disabled) by an earlier compile
+    return path
+
+
+class CompileEvents:
+    """Counts XLA compiles and persistent-cache hits while active (jax.monitoring listeners)."""
+
+    def __init__(self):
+        self.compiles = 0
+        self.cache_hits = 0
+        self.active = False
+
+    def _duration(self, event, duration, **kw):
+        if self.active and event == "/jax/core/compile/backend_compile_duration":
+            self.compiles += 1
+
+    def _event(self, event, **kw):
+        if self.active and event == "/jax/compilation_cache/cache_hits":
+            self.cache_hits += 1
+
+    def __enter__(self):
+        import jax
+
+        self.active = True
+        jax.monitoring.register_event_duration_secs_listener(self._duration)
+        jax.monitoring.register_event_listener(self._event)
+        return self
+
+    def __exit__(self, *exc):
+        import jax
+
+        self.active = False
+        jax.monitoring.unregister_event_duration_listener(self._duration)
+        jax.monitoring.unregister_event_listener(self._event)
+        return False

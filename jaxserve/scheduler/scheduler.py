@@ -1,0 +1,318 @@
+"""Iteration-level scheduler: which tokens of which sequences run in the next step.
+
+Every step: decode tokens of running samples first (one each), then prefill chunks of running
+sequences (shared prefixes and samples), then new work from the waiting list in plan order, until
+the token budget or the row limit is hit. Finished samples leave and waiting ones join at every
+step.
+
+A waiting sample whose shared prefix has not been computed starts that prefix instead (it is
+prefilled once, as a sequence of its own that samples nothing), and joins once the prefix is
+resident. Prefix pages are released when the last sample below finishes.
+
+Admission: with `reserve=True` a sequence is admitted only when the pages it can grow to (prompt +
+max_tokens, capped at max_model_len) fit beside everything already admitted, so the pool can never
+run out and nothing is preempted. With `reserve=False` (vLLM-style) a sample is admitted when its
+first chunk fits; when a running sample then cannot get a page, the lowest-priority, newest
+running sample is preempted (pages freed, recomputed later from its prefix) and counted.
+
+`schedule()` returns a `StepPlan` of plain rows for the runner; `commit()` takes the step's
+sampled tokens (and logprobs) back and advances the sequences.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from jaxserve.scheduler.page_pool import PagePool
+from jaxserve.scheduler.sequence import KVSequence, Sample, SharedPrefix, Status
+from jaxserve.scheduler.step_plan import MAX_COPIES, PlannedRow, RowSampling, StepPlan
+
+LOOKAHEAD = 64   # waiting samples inspected past ones blocked on a prefix still being computed
+
+
+def _row_sampling(s: Sample) -> RowSampling:
+    p = s.params
+    return RowSampling(temperature=p.temperature, top_k=max(p.top_k, 0), top_p=p.top_p,
+                       min_p=p.min_p, seed=s.seed & 0xFFFFFFFF, stop_ids=tuple(sorted(s.stop_ids)),
+                       min_tokens=p.min_tokens, logprobs=p.logprobs is not None,
+                       presence=p.presence_penalty, frequency=p.frequency_penalty,
+                       repetition=p.repetition_penalty)
+
+
+def _logprob_entry(k: int, ids, vals, token: int, token_lp) -> dict:
+    """vLLM's shape: the top-k tokens, most likely first, then the chosen one if not among them."""
+    d = {int(i): float(v) for i, v in zip(ids[:k], vals[:k])}
+    d.setdefault(int(token), float(token_lp))
+    return d
+
+
+class Scheduler:
+    def __init__(self, pool: PagePool, max_num_batched_tokens: int, max_num_seqs: int,
+                 reserve: bool = False):
+        self.pool = pool
+        self.ps = pool.page_size
+        self.budget = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.reserve = reserve
+        self.waiting: list[Sample] = []        # sorted by sort_key
+        self.running: list[KVSequence] = []    # samples and prefixes being computed
+        self.committed = 0                     # pages reserved by admitted, unfinished sequences
+        self.num_preemptions = 0
+        self._copies: list[tuple[int, int]] = []
+        self._sampling: dict[int, RowSampling] = {}
+
+    def add(self, seq: Sample) -> None:
+        """Insert into the waiting list, kept in sort_key order (preempted samples re-enter)."""
+        lo, hi, k = 0, len(self.waiting), seq.sort_key
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.waiting[mid].sort_key <= k:
+                lo = mid + 1
+            else:
+                hi = mid
+        self.waiting.insert(lo, seq)
+
+    def add_all(self, seqs) -> None:
+        """Bulk insert at start-up (one sort instead of n insertions)."""
+        self.waiting.extend(seqs)
+        self.waiting.sort(key=lambda s: s.sort_key)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- pages ------------------------------------------------------------------------------
+    def _own_pages_for(self, seq: KVSequence, upto_tokens: int) -> int:
+        return self.pool.pages_for(upto_tokens) - seq.first_own_page(self.ps)
+
+    def _projected_pages(self, seq: KVSequence) -> int:
+        return self._own_pages_for(seq, seq.longest)
+
+    def _ensure_pages(self, seq: KVSequence, upto_tokens: int) -> bool:
+        need = self._own_pages_for(seq, upto_tokens) - len(seq.pages)
+        if need <= 0:
+            return True
+        if need > self.pool.num_free:
+            return False
+        first = not seq.pages
+        seq.pages.extend(self.pool.allocate(need))
+        if first and seq.base % self.ps:
+            # The prefix's last page is partly filled: this sequence writes its own tokens into
+            # a private copy of it (copied on device before the step's forward pass).
+            src = seq.prefix.page_table(self.ps)[seq.first_own_page(self.ps)]
+            self._copies.append((src, seq.pages[0]))
+        return True
+
+    def _release(self, seq: KVSequence) -> None:
+        self.pool.release(seq.pages)
+        seq.pages = []
+        if self.reserve:
+            self.committed -= seq.reserved_pages
+            seq.reserved_pages = 0
+
+    def _preempt(self, seq: Sample) -> None:
+        self._release(seq)
+        seq.num_computed = seq.base
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.running.remove(seq)
+        self.add(seq)
+
+    def _finish(self, seq: Sample) -> None:
+        seq.status = Status.FINISHED
+        self.running.remove(seq)
+        self._release(seq)
+        self._sampling.pop(id(seq), None)
+        for p in seq.ancestors():
+            p.members_left -= 1
+            if p.members_left == 0:
+                self._release(p)
+
+    # -- admission ------------------------------------------------------------------------------
+    def _can_admit(self, seq: KVSequence, first_chunk: int) -> bool:
+        if self.reserve:
+            return self.committed + self._projected_pages(seq) <= self.pool.num_usable
+        need = self._own_pages_for(seq, seq.num_computed + first_chunk) - len(seq.pages)
+        return need <= self.pool.num_free
+
+    def _admit(self, seq: KVSequence) -> None:
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+        if self.reserve:
+            seq.reserved_pages = self._projected_pages(seq)
+            self.committed += seq.reserved_pages
+
+    def _next_prefix_to_start(self, seq: Sample) -> tuple[Optional[SharedPrefix], bool]:
+        """(the top-most prefix of `seq` not started yet, whether `seq` is blocked)."""
+        for p in list(seq.ancestors())[::-1]:   # root-most first
+            if p.status is Status.WAITING:
+                return p, True
+            if p.status is Status.RUNNING:
+                return None, True
+        return None, False
+
+    # -- one step -------------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        picked: list[tuple[KVSequence, int]] = []   # (sequence, tokens this step)
+        budget = self.budget
+        scheduled: set[int] = set()
+        # Decodes first, then running prefills; within each, plan order. The last running sample
+        # is the preemption victim.
+        self.running.sort(key=lambda s: (s.num_pending > 1, s.sort_key))
+        i = 0
+        while i < len(self.running) and budget > 0 and len(picked) < self.max_num_seqs:
+            seq = self.running[i]
+            n = min(seq.num_pending, budget)
+            while not self._ensure_pages(seq, seq.num_computed + n):
+                victims = [s for s in self.running if s.samples and id(s) not in scheduled]
+                if not victims:
+                    if picked:
+                        return self._plan(picked)
+                    raise RuntimeError(
+                        f"KV page pool of {self.pool.num_usable} pages cannot hold sequence "
+                        f"{seq.index} ({seq.num_tokens} tokens); raise num_pages")
+                victim = max(victims, key=lambda s: s.sort_key)
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                continue  # preempted itself; the list shrank, same index is the next sequence
+            picked.append((seq, n))
+            scheduled.add(id(seq))
+            budget -= n
+            i += 1
+        # Admit waiting work in plan order while it fits.
+        j = 0
+        skipped = 0
+        while (j < len(self.waiting) and budget > 0 and len(picked) < self.max_num_seqs
+               and len(self._copies) < MAX_COPIES):
+            seq = self.waiting[j]
+            start, blocked = self._next_prefix_to_start(seq)
+            if blocked:
+                if start is not None:
+                    n = min(start.num_pending, budget)
+                    if not self._can_admit(start, n) or not self._ensure_pages(start, start.num_computed + n):
+                        break
+                    self._admit(start)
+                    picked.append((start, n))
+                    budget -= n
+                    continue   # the same sample may now be blocked on its next prefix level
+                skipped += 1
+                if skipped > LOOKAHEAD:
+                    break
+                j += 1
+                continue
+            n = min(seq.num_pending, budget)
+            if not self._can_admit(seq, n) or not self._ensure_pages(seq, seq.num_computed + n):
+                break
+            self.waiting.pop(j)
+            self._admit(seq)
+            picked.append((seq, n))
+            budget -= n
+        return self._plan(picked)
+
+    def schedule_decode_block(self, n_steps: int) -> Optional[StepPlan]:
+        """A plan for `n_steps` fused decode steps, or None when a plain step is needed.
+
+        Only when nothing waits and every running sequence is a decoding sample: then no step in
+        the block would have admitted or prefilled anything, so fusing changes no scheduling
+        decision. Pages for every row's next `min(n_steps, remaining)` tokens are allocated first.
+        """
+        if n_steps <= 1 or self.waiting or not self.running or len(self.running) > self.max_num_seqs:
+            return None
+        if any(not seq.samples or seq.num_pending != 1 for seq in self.running):
+            return None
+        need = 0
+        for seq in self.running:
+            upto = seq.num_computed + min(n_steps, seq.remaining)
+            need += max(0, self._own_pages_for(seq, upto) - len(seq.pages))
+        if need > self.pool.num_free:
+            return None
+        self.running.sort(key=lambda s: s.sort_key)
+        for seq in self.running:
+            self._ensure_pages(seq, seq.num_computed + min(n_steps, seq.remaining))
+        return self._plan([(seq, 1) for seq in self.running], decode_steps=n_steps)
+
+    # -- rows -----------------------------------------------------------------------------------
+    def _row(self, seq: KVSequence, n: int) -> PlannedRow:
+        start = seq.num_computed
+        row = PlannedRow(seq.tokens(start, n), start, seq.page_table(self.ps))
+        if not seq.samples:
+            return row
+        if start + n == seq.num_tokens:
+            sp = self._sampling.get(id(seq))
+            if sp is None:
+                sp = self._sampling[id(seq)] = _row_sampling(seq)
+            row.samples, row.sampling = True, sp
+            row.num_generated = len(seq.output_ids)
+            row.remaining = seq.remaining
+            if seq.history is not None:
+                row.history = (list(seq.history.ids), list(seq.history.counts))
+        g = seq.group
+        if g is not None and g.num_tokens >= self.ps:
+            full = g.num_tokens // self.ps      # the shared part is the prefix's full pages
+            row.group, row.group_pages = id(g), g.page_table(self.ps)[:full]
+        if seq.wants_prompt_logprobs:
+            # Positions p whose logits give the logprob of prompt token p + 1, not recorded yet
+            # (a recompute after preemption records nothing twice).
+            lo = max(start, seq.prompt_logprobs_done)
+            hi = min(start + n, len(seq.prompt_ids) - 1)
+            if hi > lo:
+                targets = [-1] * n
+                for p in range(lo, hi):
+                    targets[p - start] = seq.prompt_ids[p + 1]
+                row.prompt_logprob_targets = targets
+        return row
+
+    def _plan(self, picked, decode_steps: int = 1) -> StepPlan:
+        plan = StepPlan([self._row(seq, n) for seq, n in picked], decode_steps=decode_steps,
+                        copies=self._copies, owners=[seq for seq, _ in picked])
+        self._copies = []
+        return plan
+
+    # -- after the step ---------------------------------------------------------------------------
+    def commit(self, plan: StepPlan, result) -> list[Sample]:
+        """Advance the plan's sequences by the step's `result` (`runner.StepResult`: tokens
+        [decode_steps, rows] and the logprobs asked for); returns the samples that finished."""
+        finished = []
+        t = 0
+        for r, (row, seq) in enumerate(zip(plan.rows, plan.owners)):
+            t0, t = t, t + row.num_tokens
+            if row.prompt_logprob_targets is not None and result.prompt_logprobs is not None:
+                self._record_prompt_logprobs(seq, row, t0, result.prompt_logprobs)
+            if not seq.samples:
+                seq.num_computed = row.end
+                if seq.num_computed == seq.num_tokens:
+                    # Shared prefix resident until its last member finishes.
+                    seq.mark_computed(self.ps)
+                    self.running.remove(seq)
+                continue
+            if not row.samples:
+                seq.num_computed = row.end
+                continue
+            for i in range(plan.decode_steps):
+                seq.num_computed = row.end + i
+                tok = int(result.tokens[i, r])
+                lp = None
+                if seq.logprobs is not None and result.top_ids is not None:
+                    lp = _logprob_entry(seq.params.logprobs, result.top_ids[i, r],
+                                        result.top_lp[i, r], tok, result.sampled_lp[i, r])
+                seq.append(tok, lp)
+                if seq.finish_reason is not None:
+                    break
+            if seq.finish_reason is not None:
+                self._finish(seq)
+                finished.append(seq)
+        return finished
+
+    def _record_prompt_logprobs(self, seq: Sample, row: PlannedRow, t0: int, plp) -> None:
+        ids, vals, lps = plp
+        k = seq.params.prompt_logprobs
+        last = seq.prompt_logprobs_done
+        for j, target in enumerate(row.prompt_logprob_targets):
+            if target >= 0:
+                pos = row.start + j
+                seq.prompt_logprobs[pos + 1] = _logprob_entry(k, ids[t0 + j], vals[t0 + j],
+                                                              target, lps[t0 + j])
+                last = pos + 1
+        seq.prompt_logprobs_done = last

@@ -1,0 +1,2 @@
+"""Text: tokenizers (HF directories, rebuilt from GGUF metadata), streaming detokenisation and
+stop strings. Nothing here imports the weights loaders."""

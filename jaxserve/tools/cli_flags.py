@@ -1,0 +1,44 @@
+"""The scripts' engine flags, derived from `EngineConfig` (the one definition of every engine
+setting: its fields' names, defaults, help and choices), and the mapping back onto `LLM(...)`."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from absl import flags
+
+from jaxserve.config import EngineConfig
+
+
+def _kind(f: dataclasses.Field) -> type:
+    hint = typing.get_type_hints(EngineConfig)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def define_engine_flags(**defaults) -> None:
+    """One absl flag per EngineConfig field; `defaults` overrides a field's default for this script
+    (e.g. a benchmark's larger step budget)."""
+    unknown = set(defaults) - {f.name for f in dataclasses.fields(EngineConfig)}
+    if unknown:
+        raise ValueError(f"not engine settings: {sorted(unknown)}")
+    for f in dataclasses.fields(EngineConfig):
+        default = defaults.get(f.name, f.default)
+        help_ = f.metadata.get("help", f.name)
+        choices = f.metadata.get("choices")
+        kind = _kind(f)
+        if choices:
+            flags.DEFINE_enum(f.name, default, list(choices), help_)
+        elif kind is bool:
+            flags.DEFINE_bool(f.name, default, help_)
+        elif kind is int:
+            flags.DEFINE_integer(f.name, default, help_)
+        elif kind is float:
+            flags.DEFINE_float(f.name, default, help_)
+        else:
+            flags.DEFINE_string(f.name, default, help_)
+
+
+def engine_kwargs(FLAGS) -> dict:
+    """`LLM(...)` keyword arguments from the flags defined above."""
+    return {f.name: FLAGS[f.name].value for f in dataclasses.fields(EngineConfig)}
