@@ -9,6 +9,8 @@ step's ragged token batch (prefill chunks and decode tokens of many requests). I
     it the kernel builds a no-sharing work list on device (still correct, since `page_table`
     also covers the prefix pages).
   - "pallas_gpu_interpret": the same kernel in Pallas interpret mode (CPU tests).
+  - "pallas_tpu": TPU Pallas (Mosaic) kernels, `pallas_kernels.tpu`; reads the group fields
+    of the metadata itself. Compiled on a TPU backend, TPU interpret mode elsewhere.
 Others register themselves in `IMPLEMENTATIONS`.
 """
 from __future__ import annotations
@@ -33,10 +35,16 @@ def _pallas_gpu_interpret(q, k_cache, v_cache, md, **kw):
     return gpu.ragged_paged_attention(q, k_cache, v_cache, md, interpret=True, **kw)
 
 
+def _pallas_tpu(q, k_cache, v_cache, md, **kw):
+    from pallas_kernels import tpu
+    return tpu.ragged_paged_attention(q, k_cache, v_cache, md, **kw)
+
+
 IMPLEMENTATIONS: dict[str, Callable] = {
     "reference": reference.ragged_paged_attention,
     "pallas_gpu": _pallas_gpu,
     "pallas_gpu_interpret": _pallas_gpu_interpret,
+    "pallas_tpu": _pallas_tpu,  # TPU interpret mode off a TPU backend
 }
 
 
@@ -88,10 +96,12 @@ def cascade_layout(num_tokens: int, num_seqs: int, pages_per_seq: int, *, num_q_
 
 
 def default_impl() -> str:
-    """"pallas_gpu" on a CUDA backend, else the pure-jnp reference."""
+    """"pallas_gpu" on a CUDA backend, "pallas_tpu" on a TPU, else the pure-jnp reference."""
     try:
         if jax.default_backend() == "gpu":
             return "pallas_gpu"
+        if jax.default_backend() == "tpu":
+            return "pallas_tpu"
     except RuntimeError:  # pragma: no cover - no backend initialised
         pass
     return "reference"

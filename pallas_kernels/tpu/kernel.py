@@ -426,6 +426,112 @@ def resolve_interpret(interpret):
     return interpret
 
 
+def _setup(q, k_cache, v_cache, md, *, q_tokens, kv_pages, prefix_q_tokens, prefix_kv_pages,
+           vmem_limit_bytes, out_dtype, grouped, interpret):
+    """Resolve block sizes, check the budget, pad head_dim to the lanes and lay q out as
+    [Hkv, Tp * G, Dp]. Returns (config dict, padded q rows, padded k, padded v)."""
+    t, hq, d = q.shape
+    hkv, _, page_size, dk = k_cache.shape
+    if dk != d or hq % hkv or v_cache.shape != k_cache.shape:
+        raise ValueError(f"shape mismatch: q {q.shape}, k {k_cache.shape}, v {v_cache.shape}")
+    g = hq // hkv
+    sub = bsz.sublane_rows(k_cache.dtype)
+    if page_size % 8:
+        raise ValueError(f"page_size {page_size} is not a multiple of 8 (the sublane tile; "
+                         f"{sub} for {k_cache.dtype.name} pages)")
+    defaults = bsz.default_block_sizes(num_q_per_kv=g, page_size=page_size, dtype=q.dtype)
+    cfg = dict(
+        t=t, hq=hq, d=d, hkv=hkv, g=g, page_size=page_size,
+        q_tokens=q_tokens or defaults.q_tokens, kv_pages=kv_pages or defaults.kv_pages,
+        prefix_q_tokens=prefix_q_tokens or defaults.prefix_q_tokens,
+        prefix_kv_pages=prefix_kv_pages or defaults.prefix_kv_pages,
+        vmem=vmem_limit_bytes or bsz.vmem_limit_for(), dp=-(-d // LANES) * LANES,
+        out_dtype=jnp.dtype(out_dtype or q.dtype), interpret=resolve_interpret(interpret))
+    s_count, p = md.page_table.shape
+    nqb = _cdiv(t, cfg["q_tokens"])
+    cfg["tp"] = nqb * cfg["q_tokens"]
+    common = dict(num_q_per_kv=g, page_size=page_size, head_dim=cfg["dp"], q_dtype=q.dtype,
+                  kv_dtype=k_cache.dtype, vmem_limit_bytes=cfg["vmem"])
+    bsz.check_budget(kernel="rows", q_tokens=cfg["q_tokens"], kv_pages=cfg["kv_pages"],
+                     out_dtype=cfg["out_dtype"], with_prefix=grouped,
+                     smem=bsz.smem_bytes(num_seqs=s_count, pages_per_seq=p,
+                                         num_items=s_count + nqb + 1, num_blocks=nqb),
+                     **common)
+    if grouped:
+        ng, pg = md.group_page_table.shape
+        nb = num_group_blocks(t, ng, cfg["prefix_q_tokens"])
+        bsz.check_budget(kernel="prefix", q_tokens=cfg["prefix_q_tokens"],
+                         kv_pages=cfg["prefix_kv_pages"], out_dtype=jnp.float32,
+                         smem=bsz.smem_bytes(num_seqs=ng, pages_per_seq=pg, num_items=nb,
+                                             num_blocks=nb),
+                         **common)
+    dp = cfg["dp"]
+    if dp != d:
+        # Lanes are 128 wide: a head_dim of 64 is zero-padded to 128 (exact: the extra q.k
+        # terms and output columns are 0). Padding the caches here copies them on every call;
+        # an engine running this kernel should allocate its caches with the padded head_dim.
+        q = jnp.pad(q, ((0, 0), (0, 0), (0, dp - d)))
+        k_cache = jnp.pad(k_cache, ((0, 0), (0, 0), (0, 0), (0, dp - d)))
+        v_cache = jnp.pad(v_cache, ((0, 0), (0, 0), (0, 0), (0, dp - d)))
+    # [T, Hq, D] -> [Hkv, T * G, D]: the G q heads of a KV head become consecutive matmul rows.
+    qr = q.reshape(t, hkv, g, dp).transpose(1, 0, 2, 3)
+    qr = jnp.pad(qr, ((0, 0), (0, cfg["tp"] - t), (0, 0), (0, 0))).reshape(hkv, -1, dp)
+    return cfg, qr, k_cache, v_cache
+
+
+def _prefix_rows(cfg, qr, k_cache, v_cache, md, page_offset, window):
+    """Prefix partial of every token row: (o1 float32 [Hkv, Tp * G, Dp], lse1 float32
+    [Hkv, Tp * G, 128]); rows without a prefix get o1 = 0, lse1 = -inf."""
+    g, t, tp, ps = cfg["g"], cfg["t"], cfg["tp"], cfg["page_size"]
+    heads = jnp.arange(g, dtype=jnp.int32)
+    pb = prefix_blocks(md, prefix_q_tokens=cfg["prefix_q_tokens"],
+                       kv_block=cfg["prefix_kv_pages"] * ps, window=window)
+    rows = (pb["slot_tok"][:, None] * g + heads).reshape(-1)
+    qg = qr[:, rows]
+    lim = jnp.zeros((rows.shape[0], LANES), jnp.int32)
+    lim = lim.at[:, 0].set(jnp.repeat(pb["slot_lo"], g)).at[:, 1].set(
+        jnp.repeat(pb["slot_hi"], g))
+    o_pre, lse_pre = _attention_call(
+        qg, k_cache, v_cache, pb["items"], pb["steps"],
+        md.group_page_table.astype(jnp.int32).reshape(-1), page_offset,
+        num_items=pb["num_items"], mode="prefix", g=g, q_tokens=cfg["prefix_q_tokens"],
+        kv_pages=cfg["prefix_kv_pages"], pages_per_row=md.group_page_table.shape[1],
+        sm_scale=cfg["sm_scale"], window=window, out_dtype=jnp.float32,
+        interpret=cfg["interpret"], vmem_limit_bytes=cfg["vmem"], lim=lim)
+    # Back to token rows: row t * G + j reads slot tok_pos[t] * G + j of the group blocks.
+    tok_pos = jnp.pad(pb["tok_pos"], (0, tp - t), constant_values=-1)
+    src = (jnp.maximum(tok_pos, 0)[:, None] * g + heads).reshape(-1)
+    has = jnp.repeat(tok_pos >= 0, g)[None, :, None]
+    return jnp.where(has, o_pre[:, src], 0.0), jnp.where(has, lse_pre[:, src], -jnp.inf)
+
+
+def _to_tokens(cfg, x):
+    """[Hkv, Tp * G, W] -> [T, Hq, W]."""
+    hkv, g, t = cfg["hkv"], cfg["g"], cfg["t"]
+    w = x.shape[-1]
+    return x.reshape(hkv, -1, g, w)[:, :t].transpose(1, 0, 2, 3).reshape(t, hkv * g, w)
+
+
+def prefix_partial(q, k_cache, v_cache, md: AttentionMetadata, *, page_offset=0,
+                   sm_scale: float, sliding_window: Optional[int] = None, interpret=None,
+                   prefix_q_tokens: Optional[int] = None, prefix_kv_pages: Optional[int] = None,
+                   vmem_limit_bytes: Optional[int] = None):
+    """The prefix kernel alone: each token's attention over its group's shared prefix,
+    (o float32 [T, Hq, D] normalised over the prefix, lse float32 [T, Hq]); tokens without a
+    prefix give o = 0, lse = -inf. The first partial of `reference.cascade_attention_partials`.
+    """
+    if md.seq_group is None:
+        raise ValueError("prefix_partial needs the metadata's group fields")
+    cfg, qr, k_cache, v_cache = _setup(
+        q, k_cache, v_cache, md, q_tokens=None, kv_pages=None, prefix_q_tokens=prefix_q_tokens,
+        prefix_kv_pages=prefix_kv_pages, vmem_limit_bytes=vmem_limit_bytes, out_dtype=None,
+        grouped=True, interpret=interpret)
+    cfg["sm_scale"] = sm_scale
+    o1, lse1 = _prefix_rows(cfg, qr, k_cache, v_cache, md,
+                            jnp.asarray(page_offset, jnp.int32), sliding_window)
+    return _to_tokens(cfg, o1)[..., :cfg["d"]], _to_tokens(cfg, lse1)[..., 0]
+
+
 def ragged_paged_attention(
     q: jax.Array,            # [T, Hq, D]
     k_cache: jax.Array,      # [Hkv, layers * pages, page_size, D]
@@ -457,93 +563,32 @@ def ragged_paged_attention(
     `block_sizes.default_block_sizes`; `vmem_limit_bytes` to the generation's default scoped
     VMEM limit; sizes that do not fit raise `block_sizes.VmemBudgetError`. `out_dtype`
     (default q.dtype) is the output's dtype (float32 gives the kernel's unrounded result).
+    `interpret`: see `resolve_interpret`.
     """
-    t, hq, d = q.shape
-    hkv, _, page_size, dk = k_cache.shape
-    if dk != d or hq % hkv or v_cache.shape != k_cache.shape:
-        raise ValueError(f"shape mismatch: q {q.shape}, k {k_cache.shape}, v {v_cache.shape}")
-    g = hq // hkv
-    out_dtype = jnp.dtype(out_dtype or q.dtype)
-    sub = bsz.sublane_rows(k_cache.dtype)
-    if page_size % 8:
-        raise ValueError(f"page_size {page_size} is not a multiple of 8 (the sublane tile; "
-                         f"{sub} for {k_cache.dtype.name} pages)")
-    defaults = bsz.default_block_sizes(num_q_per_kv=g, page_size=page_size, dtype=q.dtype)
-    q_tokens = q_tokens or defaults.q_tokens
-    kv_pages = kv_pages or defaults.kv_pages
-    prefix_q_tokens = prefix_q_tokens or defaults.prefix_q_tokens
-    prefix_kv_pages = prefix_kv_pages or defaults.prefix_kv_pages
-    vmem = vmem_limit_bytes or bsz.vmem_limit_for()
     grouped = use_groups and md.seq_group is not None
-    dp = -(-d // LANES) * LANES
-    s_count, p = md.page_table.shape
-    ni_rows = s_count + _cdiv(t, q_tokens) + 1
-    common = dict(num_q_per_kv=g, page_size=page_size, head_dim=dp, q_dtype=q.dtype,
-                  kv_dtype=k_cache.dtype, vmem_limit_bytes=vmem)
-    bsz.check_budget(kernel="rows", q_tokens=q_tokens, kv_pages=kv_pages, out_dtype=out_dtype,
-                     with_prefix=grouped,
-                     smem=bsz.smem_bytes(num_seqs=s_count, pages_per_seq=p,
-                                         num_items=ni_rows, num_blocks=_cdiv(t, q_tokens)),
-                     **common)
-    if grouped:
-        ng, pg = md.group_page_table.shape
-        nb = num_group_blocks(t, ng, prefix_q_tokens)
-        bsz.check_budget(kernel="prefix", q_tokens=prefix_q_tokens, kv_pages=prefix_kv_pages,
-                         out_dtype=jnp.float32,
-                         smem=bsz.smem_bytes(num_seqs=ng, pages_per_seq=pg, num_items=nb,
-                                             num_blocks=nb),
-                         **common)
-    interpret = resolve_interpret(interpret)
-
-    if dp != d:
-        # Lanes are 128 wide: a head_dim of 64 is zero-padded to 128 (exact: the extra q.k
-        # terms and output columns are 0). Padding the caches here copies them on every call;
-        # an engine running this kernel should allocate its caches with the padded head_dim.
-        q = jnp.pad(q, ((0, 0), (0, 0), (0, dp - d)))
-        k_cache = jnp.pad(k_cache, ((0, 0), (0, 0), (0, 0), (0, dp - d)))
-        v_cache = jnp.pad(v_cache, ((0, 0), (0, 0), (0, 0), (0, dp - d)))
-    nqb = _cdiv(t, q_tokens)
-    tp = nqb * q_tokens
-    # [T, Hq, D] -> [Hkv, T * G, D]: the G q heads of a KV head become consecutive matmul rows.
-    qr = q.reshape(t, hkv, g, dp).transpose(1, 0, 2, 3)
-    qr = jnp.pad(qr, ((0, 0), (0, tp - t), (0, 0), (0, 0))).reshape(hkv, tp * g, dp)
+    cfg, qr, k_cache, v_cache = _setup(
+        q, k_cache, v_cache, md, q_tokens=q_tokens, kv_pages=kv_pages,
+        prefix_q_tokens=prefix_q_tokens, prefix_kv_pages=prefix_kv_pages,
+        vmem_limit_bytes=vmem_limit_bytes, out_dtype=out_dtype, grouped=grouped,
+        interpret=interpret)
+    cfg["sm_scale"] = sm_scale
     page_offset = jnp.asarray(page_offset, jnp.int32)
-    heads = jnp.arange(g, dtype=jnp.int32)
-
+    s_count, p = md.page_table.shape
     prefix = None
     if grouped:
         seq_ok = (md.seq_group >= 0) & (md.seq_group < md.group_page_table.shape[0])
         row_plen = jnp.where(seq_ok, md.prefix_lens, 0).astype(jnp.int32)
-        pb = prefix_blocks(md, prefix_q_tokens=prefix_q_tokens,
-                           kv_block=prefix_kv_pages * page_size, window=sliding_window)
-        rows = (pb["slot_tok"][:, None] * g + heads).reshape(-1)
-        qg = qr[:, rows]
-        lim = jnp.zeros((rows.shape[0], LANES), jnp.int32)
-        lim = lim.at[:, 0].set(jnp.repeat(pb["slot_lo"], g)).at[:, 1].set(
-            jnp.repeat(pb["slot_hi"], g))
-        o_pre, lse_pre = _attention_call(
-            qg, k_cache, v_cache, pb["items"], pb["steps"],
-            md.group_page_table.astype(jnp.int32).reshape(-1), page_offset,
-            num_items=pb["num_items"], mode="prefix", g=g, q_tokens=prefix_q_tokens,
-            kv_pages=prefix_kv_pages, pages_per_row=md.group_page_table.shape[1],
-            sm_scale=sm_scale, window=sliding_window, out_dtype=jnp.float32,
-            interpret=interpret, vmem_limit_bytes=vmem, lim=lim)
-        # Back to token rows: row t * G + j reads slot tok_pos[t] * G + j of the group blocks.
-        tok_pos = jnp.pad(pb["tok_pos"], (0, tp - t), constant_values=-1)
-        src = (jnp.maximum(tok_pos, 0)[:, None] * g + heads).reshape(-1)
-        has = jnp.repeat(tok_pos >= 0, g)[None, :, None]
-        o1 = jnp.where(has, o_pre[:, src], 0.0)
-        lse1 = jnp.where(has, lse_pre[:, src], -jnp.inf)
-        prefix = (o1, lse1)
+        prefix = _prefix_rows(cfg, qr, k_cache, v_cache, md, page_offset, sliding_window)
     else:
         row_plen = jnp.zeros((s_count,), jnp.int32)
-
-    items, steps, ni = row_items(md, q_tokens=q_tokens, kv_block=kv_pages * page_size,
+    items, steps, ni = row_items(md, q_tokens=cfg["q_tokens"],
+                                 kv_block=cfg["kv_pages"] * cfg["page_size"],
                                  prefix_lens=row_plen, window=sliding_window)
     (out,) = _attention_call(
         qr, k_cache, v_cache, items, steps, md.page_table.astype(jnp.int32).reshape(-1),
-        page_offset, num_items=ni, mode="rows", g=g, q_tokens=q_tokens, kv_pages=kv_pages,
-        pages_per_row=p, sm_scale=sm_scale, window=sliding_window, out_dtype=out_dtype,
-        interpret=interpret, vmem_limit_bytes=vmem, prefix=prefix)
-    out = out.reshape(hkv, tp, g, dp)[:, :t].transpose(1, 0, 2, 3).reshape(t, hq, dp)
-    return out[..., :d] if dp != d else out
+        page_offset, num_items=ni, mode="rows", g=cfg["g"], q_tokens=cfg["q_tokens"],
+        kv_pages=cfg["kv_pages"], pages_per_row=p, sm_scale=sm_scale, window=sliding_window,
+        out_dtype=cfg["out_dtype"], interpret=cfg["interpret"], vmem_limit_bytes=cfg["vmem"],
+        prefix=prefix)
+    out = _to_tokens(cfg, out)
+    return out[..., :cfg["d"]] if cfg["dp"] != cfg["d"] else out
