@@ -210,6 +210,19 @@ def test_cascade_sliding_window():
                prefix_kv_pages=2)
 
 
+@pytest.mark.parametrize("num_blocks,fits", [(2, [True, False]), (1, [False, False])])
+def test_cascade_fewer_prefix_blocks_falls_back(num_blocks, fits):
+    """With fewer prefix blocks than the groups need, the groups that do not fit (in id order)
+    are computed without sharing, still exactly."""
+    c = make_case(22, seqs=[(45, 1), (42, 4), (27, 1), (29, 9), (12, 12)],
+                  groups=[(40, [0, 1]), (24, [2, 3])], page_size=8, g=2, d=128, hkv=1)
+    pb = kernel.prefix_blocks(c.md, prefix_q_tokens=4, kv_block=16, window=None,
+                              num_blocks=num_blocks)
+    assert np.asarray(pb["group_fits"]).tolist() == fits      # group 0: 2 blocks, group 1: 3
+    check_case(c, jnp.float32, q_tokens=4, kv_pages=2, prefix_q_tokens=4, prefix_kv_pages=2,
+               num_prefix_blocks=num_blocks)
+
+
 def test_groups_ignored_gives_same_answer():
     """use_groups=False reads every row's whole context through its own page table."""
     c = make_case(14, seqs=[(40, 1), (35, 2)], groups=[(32, [0, 1])], page_size=8, g=2, d=128,

@@ -358,19 +358,25 @@ def num_group_blocks(num_tokens: int, num_groups: int, prefix_q_tokens: int) -> 
 
 
 def prefix_blocks(md: AttentionMetadata, *, prefix_q_tokens: int, kv_block: int,
-                  window: Optional[int]):
+                  window: Optional[int], num_blocks: Optional[int] = None):
     """Group blocks of the prefix kernel (jnp): every token of a grouped row whose prefix range
     is non-empty, sorted by group (stable, so in token order), cut into blocks of
     `prefix_q_tokens` tokens of one group.
 
+    `num_blocks` (static; default `num_group_blocks`, which always suffices) bounds the blocks;
+    groups are given blocks in id order, and a group whose blocks would not fit gets none: its
+    rows are not grouped in this call (`group_fits` False), so the rows kernel reads their
+    whole context and the answer stays exact.
+
     Returns dict(items, steps, num_items, slot_tok int32[NGB * bq] token of each slot (0 for
     empty slots), slot_lo / slot_hi int32[NGB * bq] visible prefix range of each slot
-    ([0, 0) for empty slots), tok_pos int32[T] slot of each token, -1 if none)."""
+    ([0, 0) for empty slots), tok_pos int32[T] slot of each token, -1 if none, group_fits
+    bool[groups])."""
     t = md.num_tokens
     s = md.num_seqs
     ng, pg = md.group_page_table.shape
     bq = prefix_q_tokens
-    nb = num_group_blocks(t, ng, bq)
+    nb = num_blocks or num_group_blocks(t, ng, bq)
     seq = jnp.clip(md.token_seq, 0, s - 1)
     grp = md.seq_group[seq].astype(jnp.int32)
     ok = (grp >= 0) & (grp < ng)
@@ -379,11 +385,17 @@ def prefix_blocks(md: AttentionMetadata, *, prefix_q_tokens: int, kv_block: int,
     hi = jnp.minimum(jnp.minimum(pos + 1, md.seq_lens[seq]), plen)
     lo = jnp.zeros_like(pos) if window is None else jnp.maximum(pos + 1 - window, 0)
     use = ok & (hi > lo)
+    gc = jnp.clip(grp, 0, ng - 1)
+    cnt = jnp.zeros((ng,), jnp.int32).at[gc].add(use.astype(jnp.int32))
+    nblk = _cdiv(cnt, bq)
+    bend = jnp.cumsum(nblk)
+    fits = bend <= nb
+    use = use & fits[gc]
+    cnt = jnp.where(fits, cnt, 0)
+    nblk = jnp.where(fits, nblk, 0)
     key = jnp.where(use, grp, ng)
     order = jnp.argsort(key, stable=True).astype(jnp.int32)
     skey = key[order]
-    cnt = jnp.zeros((ng + 1,), jnp.int32).at[key].add(1)[:ng]
-    nblk = _cdiv(cnt, bq)
     bstart = jnp.cumsum(nblk) - nblk
     gstart = jnp.cumsum(cnt) - cnt
     k = jnp.minimum(skey, ng - 1)
@@ -405,7 +417,8 @@ def prefix_blocks(md: AttentionMetadata, *, prefix_q_tokens: int, kv_block: int,
                    F_NEXT: _link(live, nb)}, nb)
     tok_pos = jnp.full((t,), -1, jnp.int32).at[order].set(jnp.where(in_grp, flat, -1))
     return dict(items=items, steps=jnp.arange(nb + 1, dtype=jnp.int32), num_items=nb,
-                slot_tok=slot_tok, slot_lo=slot_lo, slot_hi=slot_hi, tok_pos=tok_pos)
+                slot_tok=slot_tok, slot_lo=slot_lo, slot_hi=slot_hi, tok_pos=tok_pos,
+                group_fits=fits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,7 +440,7 @@ def resolve_interpret(interpret):
 
 
 def _setup(q, k_cache, v_cache, md, *, q_tokens, kv_pages, prefix_q_tokens, prefix_kv_pages,
-           vmem_limit_bytes, out_dtype, grouped, interpret):
+           vmem_limit_bytes, out_dtype, grouped, interpret, num_prefix_blocks=None):
     """Resolve block sizes, check the budget, pad head_dim to the lanes and lay q out as
     [Hkv, Tp * G, Dp]. Returns (config dict, padded q rows, padded k, padded v)."""
     t, hq, d = q.shape
@@ -459,7 +472,8 @@ def _setup(q, k_cache, v_cache, md, *, q_tokens, kv_pages, prefix_q_tokens, pref
                      **common)
     if grouped:
         ng, pg = md.group_page_table.shape
-        nb = num_group_blocks(t, ng, cfg["prefix_q_tokens"])
+        nb = num_prefix_blocks or num_group_blocks(t, ng, cfg["prefix_q_tokens"])
+        cfg["num_prefix_blocks"] = nb
         bsz.check_budget(kernel="prefix", q_tokens=cfg["prefix_q_tokens"],
                          kv_pages=cfg["prefix_kv_pages"], out_dtype=jnp.float32,
                          smem=bsz.smem_bytes(num_seqs=ng, pages_per_seq=pg, num_items=nb,
@@ -481,11 +495,13 @@ def _setup(q, k_cache, v_cache, md, *, q_tokens, kv_pages, prefix_q_tokens, pref
 
 def _prefix_rows(cfg, qr, k_cache, v_cache, md, page_offset, window):
     """Prefix partial of every token row: (o1 float32 [Hkv, Tp * G, Dp], lse1 float32
-    [Hkv, Tp * G, 128]); rows without a prefix get o1 = 0, lse1 = -inf."""
+    [Hkv, Tp * G, 128]); rows without a prefix get o1 = 0, lse1 = -inf. Also returns which
+    groups got blocks (`prefix_blocks`' group_fits)."""
     g, t, tp, ps = cfg["g"], cfg["t"], cfg["tp"], cfg["page_size"]
     heads = jnp.arange(g, dtype=jnp.int32)
     pb = prefix_blocks(md, prefix_q_tokens=cfg["prefix_q_tokens"],
-                       kv_block=cfg["prefix_kv_pages"] * ps, window=window)
+                       kv_block=cfg["prefix_kv_pages"] * ps, window=window,
+                       num_blocks=cfg["num_prefix_blocks"])
     rows = (pb["slot_tok"][:, None] * g + heads).reshape(-1)
     qg = qr[:, rows]
     lim = jnp.zeros((rows.shape[0], LANES), jnp.int32)
@@ -502,7 +518,8 @@ def _prefix_rows(cfg, qr, k_cache, v_cache, md, page_offset, window):
     tok_pos = jnp.pad(pb["tok_pos"], (0, tp - t), constant_values=-1)
     src = (jnp.maximum(tok_pos, 0)[:, None] * g + heads).reshape(-1)
     has = jnp.repeat(tok_pos >= 0, g)[None, :, None]
-    return jnp.where(has, o_pre[:, src], 0.0), jnp.where(has, lse_pre[:, src], -jnp.inf)
+    return (jnp.where(has, o_pre[:, src], 0.0), jnp.where(has, lse_pre[:, src], -jnp.inf),
+            pb["group_fits"])
 
 
 def _to_tokens(cfg, x):
@@ -515,7 +532,8 @@ def _to_tokens(cfg, x):
 def prefix_partial(q, k_cache, v_cache, md: AttentionMetadata, *, page_offset=0,
                    sm_scale: float, sliding_window: Optional[int] = None, interpret=None,
                    prefix_q_tokens: Optional[int] = None, prefix_kv_pages: Optional[int] = None,
-                   vmem_limit_bytes: Optional[int] = None):
+                   vmem_limit_bytes: Optional[int] = None,
+                   num_prefix_blocks: Optional[int] = None):
     """The prefix kernel alone: each token's attention over its group's shared prefix,
     (o float32 [T, Hq, D] normalised over the prefix, lse float32 [T, Hq]); tokens without a
     prefix give o = 0, lse = -inf. The first partial of `reference.cascade_attention_partials`.
@@ -525,9 +543,9 @@ def prefix_partial(q, k_cache, v_cache, md: AttentionMetadata, *, page_offset=0,
     cfg, qr, k_cache, v_cache = _setup(
         q, k_cache, v_cache, md, q_tokens=None, kv_pages=None, prefix_q_tokens=prefix_q_tokens,
         prefix_kv_pages=prefix_kv_pages, vmem_limit_bytes=vmem_limit_bytes, out_dtype=None,
-        grouped=True, interpret=interpret)
+        grouped=True, interpret=interpret, num_prefix_blocks=num_prefix_blocks)
     cfg["sm_scale"] = sm_scale
-    o1, lse1 = _prefix_rows(cfg, qr, k_cache, v_cache, md,
+    o1, lse1, _ = _prefix_rows(cfg, qr, k_cache, v_cache, md,
                             jnp.asarray(page_offset, jnp.int32), sliding_window)
     return _to_tokens(cfg, o1)[..., :cfg["d"]], _to_tokens(cfg, lse1)[..., 0]
 
@@ -549,6 +567,7 @@ def ragged_paged_attention(
     vmem_limit_bytes: Optional[int] = None,
     out_dtype=None,
     use_groups: bool = True,
+    num_prefix_blocks: Optional[int] = None,
 ) -> jax.Array:
     """Causal attention of one step's ragged token batch over the paged cache (TPU Pallas).
 
@@ -564,21 +583,31 @@ def ragged_paged_attention(
     VMEM limit; sizes that do not fit raise `block_sizes.VmemBudgetError`. `out_dtype`
     (default q.dtype) is the output's dtype (float32 gives the kernel's unrounded result).
     `interpret`: see `resolve_interpret`.
+
+    `num_prefix_blocks` (static) sizes the prefix kernel's grid and its gathered q / partial
+    arrays ([Hkv, blocks * prefix_q_tokens * G, D]); the default, `num_group_blocks` =
+    T // prefix_q_tokens + min(groups, T), never runs out, but with a group table of S rows it
+    is mostly padding. A smaller count is exact too: groups that do not fit (in group id order)
+    are computed without sharing.
     """
     grouped = use_groups and md.seq_group is not None
     cfg, qr, k_cache, v_cache = _setup(
         q, k_cache, v_cache, md, q_tokens=q_tokens, kv_pages=kv_pages,
         prefix_q_tokens=prefix_q_tokens, prefix_kv_pages=prefix_kv_pages,
         vmem_limit_bytes=vmem_limit_bytes, out_dtype=out_dtype, grouped=grouped,
-        interpret=interpret)
+        interpret=interpret, num_prefix_blocks=num_prefix_blocks)
     cfg["sm_scale"] = sm_scale
     page_offset = jnp.asarray(page_offset, jnp.int32)
     s_count, p = md.page_table.shape
     prefix = None
     if grouped:
-        seq_ok = (md.seq_group >= 0) & (md.seq_group < md.group_page_table.shape[0])
+        ng = md.group_page_table.shape[0]
+        o1, lse1, fits = _prefix_rows(cfg, qr, k_cache, v_cache, md, page_offset,
+                                      sliding_window)
+        seq_ok = (md.seq_group >= 0) & (md.seq_group < ng)
+        seq_ok = seq_ok & fits[jnp.clip(md.seq_group, 0, ng - 1)]
         row_plen = jnp.where(seq_ok, md.prefix_lens, 0).astype(jnp.int32)
-        prefix = _prefix_rows(cfg, qr, k_cache, v_cache, md, page_offset, sliding_window)
+        prefix = (o1, lse1)
     else:
         row_plen = jnp.zeros((s_count,), jnp.int32)
     items, steps, ni = row_items(md, q_tokens=cfg["q_tokens"],
