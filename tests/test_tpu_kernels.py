@@ -107,6 +107,18 @@ def test_no_sharing(page_size, g, dtype, d, hkv, q_tokens, kv_pages):
     check_case(c, DT[dtype], q_tokens=q_tokens, kv_pages=kv_pages)
 
 
+def test_cache_allocated_with_padded_head_dim():
+    """head_dim 64 with the cache allocated at 128 (zeros past 64): only q is padded, same
+    answer as the unpadded cache."""
+    c = make_case(23, seqs=[(19, 5), (9, 1)], page_size=8, g=2, d=64, hkv=1)
+    pad = ((0, 0), (0, 0), (0, 0), (0, 64))
+    out = tpu.ragged_paged_attention(
+        c.q, jnp.pad(c.k_cache, pad), jnp.pad(c.v_cache, pad), c.md, page_offset=c.page_offset,
+        sm_scale=c.sm_scale, q_tokens=4, kv_pages=2, interpret=pltpu.InterpretParams())
+    assert out.shape == c.q.shape
+    check(out, ref32(c), c, jnp.float32)
+
+
 def test_bf16_output_dtype_and_rounding():
     """The default output dtype is q's; bf16 output within bf16 rounding of the reference."""
     c = make_case(7, seqs=[(20, 4), (9, 1)], page_size=16, g=4, d=128, hkv=1,

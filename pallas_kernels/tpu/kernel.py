@@ -445,7 +445,10 @@ def _setup(q, k_cache, v_cache, md, *, q_tokens, kv_pages, prefix_q_tokens, pref
     [Hkv, Tp * G, Dp]. Returns (config dict, padded q rows, padded k, padded v)."""
     t, hq, d = q.shape
     hkv, _, page_size, dk = k_cache.shape
-    if dk != d or hq % hkv or v_cache.shape != k_cache.shape:
+    # A cache may be allocated with head_dim already padded to the lanes (dk > d, zeros past
+    # d): then only q is padded here.
+    padded_cache = dk > d and dk % LANES == 0
+    if (dk != d and not padded_cache) or hq % hkv or v_cache.shape != k_cache.shape:
         raise ValueError(f"shape mismatch: q {q.shape}, k {k_cache.shape}, v {v_cache.shape}")
     g = hq // hkv
     sub = bsz.sublane_rows(k_cache.dtype)
@@ -458,7 +461,7 @@ def _setup(q, k_cache, v_cache, md, *, q_tokens, kv_pages, prefix_q_tokens, pref
         q_tokens=q_tokens or defaults.q_tokens, kv_pages=kv_pages or defaults.kv_pages,
         prefix_q_tokens=prefix_q_tokens or defaults.prefix_q_tokens,
         prefix_kv_pages=prefix_kv_pages or defaults.prefix_kv_pages,
-        vmem=vmem_limit_bytes or bsz.vmem_limit_for(), dp=-(-d // LANES) * LANES,
+        vmem=vmem_limit_bytes or bsz.vmem_limit_for(), dp=-(-dk // LANES) * LANES,
         out_dtype=jnp.dtype(out_dtype or q.dtype), interpret=resolve_interpret(interpret))
     s_count, p = md.page_table.shape
     nqb = _cdiv(t, cfg["q_tokens"])
@@ -483,10 +486,12 @@ def _setup(q, k_cache, v_cache, md, *, q_tokens, kv_pages, prefix_q_tokens, pref
     if dp != d:
         # Lanes are 128 wide: a head_dim of 64 is zero-padded to 128 (exact: the extra q.k
         # terms and output columns are 0). Padding the caches here copies them on every call;
-        # an engine running this kernel should allocate its caches with the padded head_dim.
+        # an engine running this kernel should allocate its caches with the padded head_dim
+        # (zeros past head_dim), which skips that copy.
         q = jnp.pad(q, ((0, 0), (0, 0), (0, dp - d)))
-        k_cache = jnp.pad(k_cache, ((0, 0), (0, 0), (0, 0), (0, dp - d)))
-        v_cache = jnp.pad(v_cache, ((0, 0), (0, 0), (0, 0), (0, dp - d)))
+    if dp != dk:
+        k_cache = jnp.pad(k_cache, ((0, 0), (0, 0), (0, 0), (0, dp - dk)))
+        v_cache = jnp.pad(v_cache, ((0, 0), (0, 0), (0, 0), (0, dp - dk)))
     # [T, Hq, D] -> [Hkv, T * G, D]: the G q heads of a KV head become consecutive matmul rows.
     qr = q.reshape(t, hkv, g, dp).transpose(1, 0, 2, 3)
     qr = jnp.pad(qr, ((0, 0), (0, cfg["tp"] - t), (0, 0), (0, 0))).reshape(hkv, -1, dp)
