@@ -378,6 +378,13 @@ def test_block_rows_must_fill_sublane_tiles():
         run(c, q_tokens=4)                  # 8 rows, bf16 needs 16
 
 
+def test_vmem_table_in_doc_is_current():
+    """The VMEM table in block_sizes' docstring is what `vmem_bytes` computes today."""
+    doc = [" ".join(line.split()) for line in block_sizes.__doc__.splitlines()]
+    for line in block_sizes.vmem_table().splitlines():
+        assert " ".join(line.split()) in doc, line
+
+
 def test_defaults_fit_every_generation():
     for g in (1, 2, 4, 8):
         for ps in (8, 16, 64):

@@ -33,13 +33,22 @@ The kernels pass `vmem_limit_bytes` to Mosaic (default: the generation's default
 so the defaults never ask for more than XLA grants any kernel); a caller may raise it up to the
 physical size minus headroom for the compiler's own scratch.
 
-Expected VMEM per grid step at the defaults (head_dim 128, bf16 q/kv/out, G = 4, page_size 16;
-`python -m pallas_kernels.tpu.block_sizes` prints this table from `vmem_bytes`):
+Expected VMEM per grid step at the defaults (head_dim 128, G = 4, page_size 16: rows blocks of
+32 tokens = 128 rows, prefix blocks of 64 tokens = 256 rows, 32 pages = 512 keys per KV block;
+`python -m pallas_kernels.tpu.block_sizes` prints it from `vmem_bytes`):
 
-  kernel            M    kv tokens  VMEM       v5e (16 MiB)  v6e (32 MiB)
-  rows  (no groups) 128  512        1.9 MiB    12 %          6 %
-  rows  (groups)    128  512        2.2 MiB    14 %          7 %
-  prefix            256  512        3.8 MiB    24 %          12 %
+  dtype  kernel            M    kv tokens  VMEM      of v5e's 16 MiB  of v6e's 32 MiB
+  bf16   rows (no groups)  128  512        1.6 MiB   10 %             5 %
+  bf16   rows (groups)     128  512        1.8 MiB   11 %             6 %
+  bf16   prefix            256  512        3.2 MiB   20 %             10 %
+  f32    rows (no groups)  128  512        2.2 MiB   14 %             7 %
+  f32    rows (groups)     128  512        2.4 MiB   15 %             8 %
+  f32    prefix            256  512        3.9 MiB   24 %             12 %
+
+Per buffer, bf16 rows kernel with groups: KV buffers 512 KiB, q block 64 KiB, out block 64 KiB,
+prefix partial 256 KiB, accumulators 192 KiB, temporaries 768 KiB. The scores / probabilities
+(M x kv tokens x 4 bytes each) grow fastest: doubling the KV block doubles them and the KV
+buffers, which is what bounds `kv_pages` first.
 
 SMEM holds the scalar-prefetch arrays: the page table (S x P int32), the group page table
 (groups x Pg int32), the work lists (10 int32 per item) and a few scalars; `smem_bytes` adds
@@ -224,22 +233,24 @@ def check_budget(*, kernel: str, q_tokens: int, kv_pages: int, num_q_per_kv: int
     return need["total"]
 
 
-def vmem_table(*, head_dim: int = 128, num_q_per_kv: int = 4, page_size: int = 16,
-               dtype=jnp.bfloat16) -> str:
+def vmem_table(*, head_dim: int = 128, num_q_per_kv: int = 4, page_size: int = 16) -> str:
     """The module doc's table, computed from `vmem_bytes` at the defaults."""
-    bs = default_block_sizes(num_q_per_kv=num_q_per_kv, page_size=page_size, dtype=dtype)
-    lines = ["kernel            M    kv tokens  VMEM       v5e (16 MiB)  v6e (32 MiB)"]
-    for name, kernel, qt, kp, pre in (
-            ("rows  (no groups)", "rows", bs.q_tokens, bs.kv_pages, False),
-            ("rows  (groups)   ", "rows", bs.q_tokens, bs.kv_pages, True),
-            ("prefix           ", "prefix", bs.prefix_q_tokens, bs.prefix_kv_pages, False)):
-        m = qt * num_q_per_kv
-        b = vmem_bytes(kernel=kernel, rows=m, kv_tokens=kp * page_size, head_dim=head_dim,
-                       q_dtype=dtype, kv_dtype=dtype, out_dtype=dtype,
-                       with_prefix=pre)["total"]
-        pct = [f"{100 * b / GENERATIONS[g]['vmem_scoped_default']:.0f} %" for g in ("v5e", "v6e")]
-        lines.append(f"{name} {m:<4} {kp * page_size:<10} {b / MiB:.1f} MiB    "
-                     f"{pct[0]:<13} {pct[1]}")
+    lines = ["dtype  kernel            M    kv tokens  VMEM      of v5e's 16 MiB  of v6e's 32 MiB"]
+    for dtype in (jnp.bfloat16, jnp.float32):
+        bs = default_block_sizes(num_q_per_kv=num_q_per_kv, page_size=page_size, dtype=dtype)
+        for name, kernel, qt, kp, pre in (
+                ("rows (no groups)", "rows", bs.q_tokens, bs.kv_pages, False),
+                ("rows (groups)", "rows", bs.q_tokens, bs.kv_pages, True),
+                ("prefix", "prefix", bs.prefix_q_tokens, bs.prefix_kv_pages, False)):
+            m = qt * num_q_per_kv
+            b = vmem_bytes(kernel=kernel, rows=m, kv_tokens=kp * page_size, head_dim=head_dim,
+                           q_dtype=dtype, kv_dtype=dtype, out_dtype=dtype,
+                           with_prefix=pre)["total"]
+            pct = [f"{100 * b / GENERATIONS[g]['vmem_scoped_default']:.0f} %"
+                   for g in ("v5e", "v6e")]
+            short = {"bfloat16": "bf16", "float32": "f32"}[jnp.dtype(dtype).name]
+            lines.append(f"{short:<6} {name:<17} {m:<4} {kp * page_size:<10} "
+                         f"{b / MiB:.1f} MiB   {pct[0]:<16} {pct[1]}")
     return "\n".join(lines)
 
 
