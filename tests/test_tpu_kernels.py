@@ -294,22 +294,35 @@ def test_race_detector_reports_a_racy_kernel():
     assert _interpret_state().races.races_found
 
 
+@pytest.fixture
+def race_states(monkeypatch):
+    """Every race-detection state the interpreter creates (it makes a new one per pallas_call,
+    so checking the module's `races` after a call sees only that call's last kernel)."""
+    ipc = _interpret_state()
+    made = []
+
+    class Recording(ipc.RaceDetectionState):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(ipc, "RaceDetectionState", Recording)
+    return made
+
+
 @pytest.mark.parametrize("dma_mode", ["on_wait", "eager"])
-def test_no_races_prefix_and_rows_kernels(dma_mode, capfd):
-    """Race detection on, per kernel (the interpreter's race state is per pallas_call): the
-    prefix kernel alone, compared with the reference's prefix partial (o and lse), then the
-    whole call (its last kernel is the rows kernel), compared with the reference. Every DMA
-    started is also waited for: the interpreter prints the semaphores left with a non-zero
-    count at kernel exit (a DMA issued twice would leave one)."""
+def test_no_races_prefix_and_rows_kernels(dma_mode, race_states, capfd):
+    """Race detection on for every kernel: the prefix kernel alone, compared with the
+    reference's prefix partial (o and lse), then the whole call (prefix and rows kernels, two
+    KV heads, so the KV stream crosses grid steps and heads), compared with the reference.
+    Every DMA started is also waited for: the interpreter prints the semaphores left with a
+    non-zero count at kernel exit (a DMA issued twice would leave one)."""
     c = make_case(16, seqs=[(26, 1), (21, 3), (17, 1), (7, 7)], groups=[(16, [0, 1, 2])],
                   page_size=8, g=2, d=128, hkv=2)
     params = dataclasses.replace(RACES, dma_execution_mode=dma_mode)
     o1, lse1 = kernel.prefix_partial(c.q, c.k_cache, c.v_cache, c.md,
                                      page_offset=c.page_offset, sm_scale=c.sm_scale,
                                      interpret=params, prefix_q_tokens=4, prefix_kv_pages=1)
-    jax.block_until_ready((o1, lse1))
-    jax.effects_barrier()
-    assert not _interpret_state().races.races_found
     (ro1, rl1), _ = reference.cascade_attention_partials(
         c.q, c.k_cache, c.v_cache, c.md, page_offset=c.page_offset, sm_scale=c.sm_scale)
     lse1, rl1 = np.asarray(lse1), np.asarray(rl1)
@@ -322,10 +335,10 @@ def test_no_races_prefix_and_rows_kernels(dma_mode, capfd):
 
     out = run(c, interpret=params, jit=False, q_tokens=4, kv_pages=2, prefix_q_tokens=4,
               prefix_kv_pages=1)
-    jax.block_until_ready(out)
-    jax.effects_barrier()
-    assert not _interpret_state().races.races_found
     check(out, ref32(c), c, jnp.float32)
+    jax.effects_barrier()
+    assert len(race_states) == 3                  # prefix; prefix + rows
+    assert not any(r.races_found for r in race_states)
     printed = capfd.readouterr().out
     assert "non-zero count" not in printed and "RACE" not in printed, printed
 

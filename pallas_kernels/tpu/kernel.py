@@ -91,35 +91,32 @@ def _kernel(meta_ref, items_ref, steps_ref, pt_ref, *refs, mode: str, merge_in: 
     def field(i, f):
         return items_ref[i * NF + f]
 
-    def copies(head, i, blk, slot):
-        """The 2 * ppb page DMAs of item i's KV block `blk` into buffer `slot`, each with the
-        condition under which it is issued (pages past the item's last one are skipped)."""
-        base = field(i, F_PT)
-        n_pages = _cdiv(field(i, F_HI), page_size)
-        out = []
-        for p in range(ppb):
-            page_idx = blk * ppb + p
-            page = pt_ref[base + jnp.minimum(page_idx, pages_per_row - 1)] + off
-            out.append((page_idx < n_pages,
-                        pltpu.make_async_copy(k_hbm.at[head, page], kbuf.at[slot, p],
-                                              sems.at[0, slot]),
-                        pltpu.make_async_copy(v_hbm.at[head, page], vbuf.at[slot, p],
-                                              sems.at[1, slot])))
-        return out
+    def dma(head, i, blk, slot, p):
+        """The K and V DMAs of page p of item i's KV block `blk`, into buffer `slot`."""
+        page_idx = jnp.minimum(blk * ppb + p, pages_per_row - 1)
+        page = pt_ref[field(i, F_PT) + page_idx] + off
+        return (pltpu.make_async_copy(k_hbm.at[head, page], kbuf.at[slot, p], sems.at[0, slot]),
+                pltpu.make_async_copy(v_hbm.at[head, page], vbuf.at[slot, p], sems.at[1, slot]))
+
+    def live_pages(i, blk):
+        # Pages of the block the item reads; the rest of the buffer is not fetched.
+        return jnp.clip(_cdiv(field(i, F_HI), page_size) - blk * ppb, 0, ppb)
 
     def start(head, i, blk, slot):
-        for live, ck, cv in copies(head, i, blk, slot):
-            @pl.when(live)
-            def _():
-                ck.start()
-                cv.start()
+        def body(p, c):
+            ck, cv = dma(head, i, blk, slot, p)
+            ck.start()
+            cv.start()
+            return c
+        lax.fori_loop(0, live_pages(i, blk), body, 0)
 
     def wait(head, i, blk, slot):
-        for live, ck, cv in copies(head, i, blk, slot):
-            @pl.when(live)
-            def _():
-                ck.wait()
-                cv.wait()
+        def body(p, c):
+            ck, cv = dma(head, i, blk, slot, p)
+            ck.wait()
+            cv.wait()
+            return c
+        lax.fori_loop(0, live_pages(i, blk), body, 0)
 
     i0 = steps_ref[step]
     i1 = steps_ref[step + 1]
