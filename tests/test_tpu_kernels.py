@@ -222,7 +222,8 @@ def test_cascade_sliding_window():
                prefix_kv_pages=2)
 
 
-@pytest.mark.parametrize("num_blocks,fits", [(2, [True, False]), (1, [False, False])])
+@pytest.mark.parametrize("num_blocks,fits", [
+    (2, [True, False]), pytest.param(1, [False, False], marks=pytest.mark.slow)])
 def test_cascade_fewer_prefix_blocks_falls_back(num_blocks, fits):
     """With fewer prefix blocks than the groups need, the groups that do not fit (in id order)
     are computed without sharing, still exactly."""
@@ -310,7 +311,7 @@ def race_states(monkeypatch):
     return made
 
 
-@pytest.mark.parametrize("dma_mode", ["on_wait", "eager"])
+@pytest.mark.parametrize("dma_mode", ["eager", pytest.param("on_wait", marks=pytest.mark.slow)])
 def test_no_races_prefix_and_rows_kernels(dma_mode, race_states, capfd):
     """Race detection on for every kernel: the prefix kernel alone, compared with the
     reference's prefix partial (o and lse), then the whole call (prefix and rows kernels, two

@@ -237,7 +237,7 @@ def _attention_call(q_blocks, k_cache, v_cache, items, steps, page_table, page_o
     m_rows = q_tokens * g
     n_steps = rows // m_rows
     meta = jnp.stack([jnp.asarray(page_offset, jnp.int32).reshape(()),
-                      _first_live(items, num_items), jnp.int32(num_items), jnp.int32(0)])
+                      _first_live(items, num_items), jnp.int32(num_items)])
     blk = lambda h, i, *_: (h, i, 0)                              # noqa: E731
     in_specs = [pl.BlockSpec((None, m_rows, d), blk)]
     args = [q_blocks]
