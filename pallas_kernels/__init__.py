@@ -7,6 +7,9 @@ ragged token batch (prefill chunks and decode tokens of many requests). Implemen
   - "pallas_gpu": the GPU Pallas kernel (Triton lowering), `pallas_kernels.gpu`: one launch over
     work items covers prefill chunks, decode tokens and shared-prefix (cascade) groups.
   - "pallas_gpu_interpret": the same kernel in Pallas interpret mode (CPU tests).
+  - "pallas_tpu": the TPU Pallas (Mosaic) kernels, `pallas_kernels.tpu`: they read the step's
+    shared-prefix groups (`md.groups`) themselves. Compiled on a TPU backend, in TPU interpret
+    mode elsewhere (CPU tests run the whole engine through them).
 
 Each implementation says what metadata it reads beyond the base fields, and the runner builds it
 through the three functions here, never anywhere else:
@@ -99,21 +102,35 @@ def _gpu_advance(md0: AttentionMetadata, md: AttentionMetadata, steps,
 _GPU = dict(supports_groups=True, host_prepare=_gpu_host_prepare,
             device_prepare=_gpu_device_prepare, advance=_gpu_advance)
 
+
+# ---- TPU -------------------------------------------------------------------------------------
+
+def _tpu_attention(q, k_cache, v_cache, md, **kw):
+    from pallas_kernels.tpu import kernel
+    return kernel.ragged_paged_attention(q, k_cache, v_cache, md, **kw)
+
+
+def _tpu_host_prepare(md: AttentionMetadata, groups, spec: AttentionSpec) -> AttentionMetadata:
+    # The kernels build their work lists from the groups with jnp inside the step (fused decode
+    # steps included: the groups do not move), so the host only hands the groups on.
+    return dataclasses.replace(md, groups=groups) if groups is not None else md
+
+
 IMPLEMENTATIONS: dict[str, Backend] = {
     "reference": Backend(reference.ragged_paged_attention),
     "pallas_gpu": Backend(_gpu_attention(False), **_GPU),
     "pallas_gpu_interpret": Backend(_gpu_attention(True), **_GPU),
+    "pallas_tpu": Backend(_tpu_attention, supports_groups=True, host_prepare=_tpu_host_prepare),
 }
 
 
 def default_impl() -> str:
-    """"pallas_gpu" on a CUDA backend, else the pure-jnp reference."""
+    """"pallas_gpu" on a CUDA backend, "pallas_tpu" on a TPU, else the pure-jnp reference."""
     try:
-        if jax.default_backend() == "gpu":
-            return "pallas_gpu"
+        backend_name = jax.default_backend()
     except RuntimeError:  # pragma: no cover - no backend initialised
-        pass
-    return "reference"
+        return "reference"
+    return {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(backend_name, "reference")
 
 
 def backend(impl: str) -> Backend:

@@ -60,15 +60,16 @@ class StepInputs:
 
 def _groups(plan: StepPlan, S: int, P: int, page_size: int) -> PrefixGroups:
     """The step's shared-prefix groups: rows of one group read its prefix once. A prefix read by
-    one row in this step gains nothing from a group, so it is left out."""
+    one row in this step gains nothing from a group, so it is left out (and a step of S rows
+    has at most S // 2 groups)."""
     members: dict = {}
     for s, row in enumerate(plan.rows):
         if row.group is not None:
             members.setdefault(row.group, (row.group_pages, []))[1].append(s)
     seq_group = np.full(S, -1, np.int32)
     prefix_lens = np.zeros(S, np.int32)
-    table = np.zeros((S, P), np.int32)
-    lens = np.zeros(S, np.int32)
+    table = np.zeros((max(1, S // 2), P), np.int32)
+    lens = np.zeros(max(1, S // 2), np.int32)
     gi = 0
     for pages, rows in members.values():
         if len(rows) < 2:
