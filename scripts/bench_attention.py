@@ -1,6 +1,6 @@
 """Benchmark paged attention at Llama-3-8B heads (32 q, 8 KV, head dim 128), bf16, on one GPU.
 
-Cases (DESIGN §6, issue #4):
+Cases:
   a  64 requests x 4k context, decode, no sharing
   b  64 requests sharing a 4k prefix + 256 unique tokens each, decode
   c  256 requests in 16 groups sharing 2k + 512 unique each, decode
@@ -35,9 +35,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import pallas_kernels  # noqa: E402
-from pallas_kernels import gpu, reference  # noqa: E402
-from pallas_kernels.metadata import AttentionMetadata  # noqa: E402
+from pallas_kernels import reference  # noqa: E402
+from pallas_kernels.gpu import block_sizes, cascade, kernel, work_items  # noqa: E402
+from pallas_kernels.metadata import AttentionMetadata, PrefixGroups  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("cases", ["a", "b", "c", "d"], "cases to run")
@@ -138,12 +138,11 @@ def build_metadata(batch: Batch, ps: int, page_base: int):
         for gi, (pl, ms) in enumerate(batch.groups):
             sg[ms] = gi
             pl_[ms] = pl
-        md_groups = dataclasses.replace(md, seq_group=sg, prefix_lens=pl_, group_page_table=gpt,
-                                        group_lens=np.asarray([p for p, _ in batch.groups],
-                                                              np.int32))
+        groups = PrefixGroups(seq_group=sg, prefix_lens=pl_, page_table=gpt,
+                              lens=np.asarray([p for p, _ in batch.groups], np.int32))
     else:
-        md_groups = None
-    return md, md_groups, nxt[0]
+        groups = None
+    return md, groups, nxt[0]
 
 
 def unique_kv_bytes(batch: Batch) -> int:
@@ -185,7 +184,7 @@ def time_sets(fn, arg_sets, reps, consts=(), mode="dispatch"):
     mode "dispatch": one call per set, enqueued back to back and synchronised once (the host
     runs ahead, so this is GPU time plus the gaps between launches). mode "program": one jitted
     program evaluates all R sets one after another (on the H100 this measured slower than
-    dispatch for small cases, session 3). `kernel_breakdown` gives the GPU kernels' own time.
+    dispatch for small cases). `kernel_breakdown` gives the GPU kernels' own time.
 
     `consts` (the KV caches) are passed as arguments, never closed over: a closed-over array is
     embedded in the program as a constant (4.3 GB for case a), which made each compile take
@@ -280,14 +279,13 @@ def commit_id():
 
 def main(argv):
     del argv
-    global gpu
-    import functools
-    import types
-    # The kernel entry point, interpret mode for CPU smoke tests.
-    gpu = types.SimpleNamespace(
-        ragged_paged_attention=functools.partial(pallas_kernels.gpu.ragged_paged_attention,
-                                                 interpret=FLAGS.interpret),
-        default_block_rows=pallas_kernels.gpu.default_block_rows)
+
+    def attend(q, kc, vc, md, **kw):   # interpret mode for CPU smoke tests
+        return kernel.ragged_paged_attention(q, kc, vc, md, interpret=FLAGS.interpret, **kw)
+
+    def device_list(md, **kw):         # the runner builds it once per step, inside the program
+        return dataclasses.replace(md, work=work_items.device_work_items(
+            md, num_q_heads=HQ, num_kv_heads=HKV, page_size=ps, head_dim=D, **kw))
     ps = FLAGS.page_size
     dev = jax.devices()[0]
     device = f"{dev.device_kind} ({jax.default_backend()})"
@@ -396,29 +394,31 @@ def main(argv):
         mds_j = [jax.tree.map(jnp.asarray, m) for m in mds]
         for impl in FLAGS.impls:
             if impl == "pallas_gpu":
-                record(impl, lambda kc, vc, q, md, off=0: gpu.ragged_paged_attention(
-                    q, kc, vc, md, sm_scale=sm_scale, page_offset=off), list(zip(qs, mds_j)),
-                    "no sharing; work list built on device", offsettable=True)
+                record(impl, lambda kc, vc, q, md, off=0: attend(
+                    q, kc, vc, device_list(md), sm_scale=sm_scale, page_offset=off),
+                    list(zip(qs, mds_j)), "no sharing; work list built on device",
+                    offsettable=True)
             elif impl == "pallas_gpu_variants":
-                # Tuning variants of the no-sharing kernel (bk=128 at head dim 128 was still
-                # running when a 330 s run timed out: measure it alone).
+                # Tuning variants of the no-sharing kernel (bk=128 at head dim 128 has not been
+                # measured: run it alone, its compile is the slow one).
                 for v in FLAGS.variants:
                     c = parse_cfg(v)
-                    kw = dict(block_kv=c.get("bk"), kv_splits=c.get("splits"),
-                              num_warps=c.get("warps"), num_stages=c.get("stages", 2),
-                              block_rows=c.get("bm"), prefetch_pages=bool(c.get("pf", 0)))
-                    record(f"pallas_gpu[{v}]", lambda kc, vc, q, md, kw=kw: gpu.ragged_paged_attention(
-                        q, kc, vc, md, sm_scale=sm_scale, **kw),
+                    lw = dict(block_kv=c.get("bk"), kv_splits=c.get("splits"),
+                              block_rows=c.get("bm"))
+                    kw = dict(block_kv=c.get("bk"), num_warps=c.get("warps"),
+                              num_stages=c.get("stages", 2), prefetch_pages=bool(c.get("pf", 0)))
+                    record(f"pallas_gpu[{v}]", lambda kc, vc, q, md, kw=kw, lw=lw: attend(
+                        q, kc, vc, device_list(md, **lw), sm_scale=sm_scale, **kw),
                         list(zip(qs, mds_j)), "no sharing; variant")
             elif impl == "pallas_gpu_hostwork":
                 # Same kernel, work list built on the host (as the engine can do once per step
                 # for all layers): no device-side list building in the timed program.
-                bm = gpu.default_block_rows(t, len(batch.seqs), HQ // HKV)
-                mdw = [jax.tree.map(jnp.asarray, pallas_kernels.build_cascade_metadata(
-                    m, num_q_heads=HQ, num_kv_heads=HKV, page_size=ps, block_rows=bm,
-                    block_kv=64, num_sms=dev.core_count if hasattr(dev, "core_count") else 132))
+                bm = block_sizes.device_block_rows(t, len(batch.seqs), HQ // HKV)
+                mdw = [jax.tree.map(jnp.asarray, dataclasses.replace(m, work=cascade.build_cascade_work(
+                    m, None, num_q_heads=HQ, num_kv_heads=HKV, page_size=ps, block_rows=bm,
+                    block_kv=64, num_sms=getattr(dev, "core_count", 132))))
                     for m in mds]
-                record(impl, lambda kc, vc, q, md: gpu.ragged_paged_attention(
+                record(impl, lambda kc, vc, q, md: attend(
                     q, kc, vc, md, sm_scale=sm_scale, block_kv=64),
                     list(zip(qs, mdw)), f"no sharing; host work list bm={bm}")
             elif impl in ("pallas_gpu_cascade", "pallas_gpu_cascade_variants"):
@@ -427,20 +427,18 @@ def main(argv):
                 for v in ([""] if impl == "pallas_gpu_cascade" else FLAGS.cascade_variants):
                     c = parse_cfg(v) if v else {}
                     bk = c.get("bk", 64)
-                    mdw = [jax.tree.map(jnp.asarray, pallas_kernels.build_cascade_metadata(
-                        m, num_q_heads=HQ, num_kv_heads=HKV, page_size=ps,
+                    mdw = [jax.tree.map(jnp.asarray, dataclasses.replace(m, work=cascade.build_cascade_work(
+                        m, g, num_q_heads=HQ, num_kv_heads=HKV, page_size=ps,
                         block_rows=c.get("bm", 64), block_kv=bk, chunk_len=c.get("chunk"),
-                        num_sms=getattr(dev, "core_count", 132)))
-                        for m in mdgs]
+                        num_sms=getattr(dev, "core_count", 132))))
+                        for m, g in zip(mds, mdgs)]
                     w = mdw[0].work
                     note = (f"shared prefix; items={int(np.sum(np.asarray(w.kv_end) > np.asarray(w.kv_start)))}"
                             f" bm={w.rows.shape[1]} partials/row<={w.merge_idx.shape[1]}")
                     record("pallas_gpu_cascade" + (f"[{v}]" if v else ""), lambda kc, vc, q, md, off=0, bk=bk, c=c:
-                           gpu.ragged_paged_attention(q, kc, vc, md, page_offset=off,
-                                                      sm_scale=sm_scale, block_kv=bk,
-                                                      num_warps=c.get("warps"),
-                                                      num_stages=c.get("stages", 2),
-                                                      prefetch_pages=bool(c.get("pf", 0))),
+                           attend(q, kc, vc, md, page_offset=off, sm_scale=sm_scale, block_kv=bk,
+                                  num_warps=c.get("warps"), num_stages=c.get("stages", 2),
+                                  prefetch_pages=bool(c.get("pf", 0))),
                            list(zip(qs, mdw)), note, offsettable=True)
             elif impl == "xla_reference":
                 record(impl, lambda kc, vc, q, md, off=0: reference.ragged_paged_attention(

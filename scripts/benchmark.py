@@ -49,8 +49,8 @@ flags.DEFINE_integer("workload_seed", 0, "workload seed")
 
 
 def _commit() -> str:
-    # The device machine's copy of the tree carries a stale .git (the session's first HEAD):
-    # device scripts pass the real commit in JAXSERVE_COMMIT, which wins.
+    # The device machine's copy of the tree may carry a stale .git: device scripts pass the real
+    # commit in JAXSERVE_COMMIT, which wins.
     if os.environ.get("JAXSERVE_COMMIT", "unknown") != "unknown":
         return os.environ["JAXSERVE_COMMIT"]
     try:

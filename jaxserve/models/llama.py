@@ -85,7 +85,7 @@ class LlamaForCausalLM(nnx.Module):
         before the L slices are placed, so they fill exactly the hole it leaves. Slicing on device
         instead puts the slices elsewhere and leaves a hole per parameter: on the H100 the free
         memory then summed to the KV budget but had no contiguous block for the second KV cache
-        (19.23 GiB out of memory in `jnp.zeros`, session 3). Costs one copy of the weights each
+        (19.23 GiB out of memory in `jnp.zeros`). Costs one copy of the weights each
         way over PCIe; peak extra host memory is the largest parameter."""
         for name, var in vars(self.layers).items():
             if isinstance(var, nnx.Param) and not isinstance(var.value, (tuple, list)):

@@ -1,4 +1,4 @@
-"""Deterministic synthetic workloads with token-level control of lengths (DESIGN.md §6 families).
+"""Deterministic synthetic workloads with token-level control of lengths.
 
 Each request is a dict in run_batch's JSONL format: {"id", "prompt_token_ids", "max_tokens",
 "ignore_eos": true}. Token ids are random over the vocabulary (ids below `reserved` are avoided, so

@@ -41,12 +41,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.common import MASK_VALUE
 from pallas_kernels.metadata import AttentionMetadata
 from pallas_kernels.tpu import block_sizes as bsz
 
-# Finite mask value (DESIGN §4): the running max starts here, so a block in which a row sees no
-# key never computes inf - inf.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LANES = bsz.LANES
 
 # Fields of one work item (int32, flat `items[i * NF + f]` in SMEM).
