@@ -222,6 +222,10 @@ class EngineConfig:
                                            "attention (GPU kernel's shared-prefix work lists)")
     schedule_policy: str = _field("batchllm", "admission order", SCHEDULE_POLICIES)
     admission_control: bool = _field(True, "admit only what fits at full length (no preemption)")
+    async_scheduling: bool = _field(True, "overlap host and device: plan and send step N + 1 "
+                                    "while step N runs (its tokens reach the host a step late; a "
+                                    "finished row costs at most one dropped step); batches with "
+                                    "penalties run in turn (their history needs every token)")
     # scan: compile time independent of depth; unrolled: no per-step copies of each layer's
     # weights (faster on GPU), longer compiles.
     layer_loop: str = _field("auto", "decoder layer loop: scan over stacked weights, or unrolled "

@@ -244,3 +244,36 @@ def test_n_samples_share_the_prompt_and_differ(tiny_models):
     # Sample 0 of n=4 is the same stream as n=1 with that seed.
     one = eng.run([Request("o", prompt, SamplingParams(max_tokens=12, temperature=1.0, seed=11))])[0]
     assert one.token_ids == a.samples[0].token_ids == a.token_ids
+
+
+@pytest.mark.parametrize("kind,fused", [("llama3", 1), ("qwen2", 4)])
+def test_overlap_on_and_off_give_identical_outputs(kind, fused, tiny_models):
+    """Host/device overlap (step N + 1 planned and sent before step N's tokens are read) changes
+    no output: greedy and seeded sampling, stop ids hit mid-run (one dropped step each), min_tokens,
+    n > 1, shared prefixes, fused blocks; and it really ran ahead."""
+    path, hf = tiny_models[kind]
+    reqs = ragged_requests(18, hf.config.vocab_size, seed=17, max_prompt=60, max_out=30)
+    shared = list(range(3, 40))
+    reqs += [Request(f"s{i}", shared + [50 + i] * (i + 1), SamplingParams(max_tokens=12 + i,
+             temperature=0.0)) for i in range(4)]
+    ref = make_engine(path, async_scheduling=False, fused_decode_steps=fused).run(reqs)
+    reqs[0].params = SamplingParams(max_tokens=25, temperature=0, stop_token_ids=[ref[0].token_ids[3]])
+    reqs[1].params = SamplingParams(max_tokens=25, temperature=0, min_tokens=5,
+                                    stop_token_ids=[ref[1].token_ids[1], ref[1].token_ids[6]])
+    reqs[2].params = SamplingParams(max_tokens=20, temperature=0.9, top_p=0.9, seed=4, n=3)
+    sync = make_engine(path, async_scheduling=False, fused_decode_steps=fused)
+    ahead = make_engine(path, async_scheduling=True, fused_decode_steps=fused)
+    out_s, out_a = sync.run(reqs), ahead.run(reqs)
+    for a, b in zip(out_s, out_a):
+        assert [x.token_ids for x in a.samples] == [x.token_ids for x in b.samples], a.request_id
+        assert a.finish_reason == b.finish_reason
+    stop0 = ref[0].token_ids[3]
+    assert out_a[0].finish_reason == "stop"
+    assert out_a[0].token_ids == ref[0].token_ids[:ref[0].token_ids.index(stop0) + 1]
+    for r, o in zip(reqs[3:18], out_a[3:18]):
+        assert o.token_ids == hf_greedy(hf, r), r.request_id
+    # Ahead of the host: a sample that stopped had one more step planned (its token dropped).
+    st_s, st_a = sync.last_stats, ahead.last_stats
+    assert st_a.generated_tokens == st_s.generated_tokens
+    assert st_a.computed_prefill_tokens == st_s.computed_prefill_tokens
+    assert st_s.dropped_tokens == 0 < st_a.dropped_tokens

@@ -106,23 +106,48 @@ class Engine:
                           reserve=self.ecfg.admission_control)
         sched.add_all(samples)
         metrics = {id(s): RequestMetrics(arrival_time=t_start) for s in samples}
+
+        def commit(plan, pending) -> None:
+            finished = sched.commit(plan, pending.result())
+            self._account(plan, finished, metrics, stats, t_start)
+            for s in finished:
+                outputs.add(s, self._text(s), metrics[id(s)])
+            if progress is not None:
+                progress(len(finished), plan.num_tokens * plan.decode_steps, stats)
+
         with CompileEvents() as mid_run:
-            while sched.has_work:
-                plan = (sched.schedule_decode_block(self.sizes.fused_decode_steps)
-                        or sched.schedule())
-                result = self.runner.execute(plan, features if plan.needs_extras else PLAIN)
-                finished = sched.commit(plan, result)
-                self._account(plan, result, finished, metrics, stats, t_start)
-                for s in finished:
-                    outputs.add(s, self._text(s), metrics[id(s)])
-                if progress is not None:
-                    progress(len(finished), plan.num_tokens * plan.decode_steps, stats)
+            self._loop(sched, features, commit)
         stats.mid_run_compiles = mid_run.compiles + mid_run.cache_hits
         stats.preemptions = sched.num_preemptions
+        stats.dropped_tokens = sched.num_dropped
         stats.peak_kv_pages = sched.pool.peak_used
         stats.wall_seconds = time.perf_counter() - t_start
         self.last_stats = stats
         return outputs.results()
+
+    def _loop(self, sched: Scheduler, features: Features, commit: Callable) -> None:
+        """schedule -> run -> commit until every sample is done. With host/device overlap one step
+        stays in flight: step N + 1 is planned and sent before step N's tokens are read, so the
+        device does not wait for the host (batches with penalties run in turn: each step's
+        penalty history needs every token before it)."""
+        overlap = self.ecfg.async_scheduling and not features.hist_width
+        in_flight = None
+        while sched.has_work or in_flight:
+            plan = (sched.schedule_decode_block(self.sizes.fused_decode_steps)
+                    or sched.schedule()) if sched.has_work else None
+            if plan is None or not plan.rows:
+                if in_flight is None:
+                    raise RuntimeError("scheduler produced an empty step with work pending")
+                commit(*in_flight)       # its tokens (or the pages it frees) unblock planning
+                in_flight = None
+                continue
+            pending = self.runner.dispatch(plan, features if plan.needs_extras else PLAIN)
+            if in_flight is not None:
+                commit(*in_flight)
+            in_flight = (plan, pending)
+            if not overlap:
+                commit(*in_flight)
+                in_flight = None
 
     # -- before the first step --------------------------------------------------------------------
     def _samples(self, requests: list[Request], outputs: OutputCollector,
@@ -211,7 +236,7 @@ class Engine:
         return stats.compiled_programs
 
     # -- after each step -----------------------------------------------------------------------
-    def _account(self, plan, result, finished, metrics, stats: RunStats, t_start: float) -> None:
+    def _account(self, plan, finished, metrics, stats: RunStats, t_start: float) -> None:
         now = time.perf_counter()
         generated = 0
         for row, seq in zip(plan.rows, plan.owners):

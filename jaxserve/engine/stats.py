@@ -15,6 +15,7 @@ class RunStats:
     generated_tokens: int = 0
     decode_tokens: int = 0
     preemptions: int = 0
+    dropped_tokens: int = 0         # sampled for samples that had finished (planned a step ahead)
     num_steps: int = 0
     fused_blocks: int = 0           # fused decode blocks (each counts decode_steps in num_steps)
     padded_tokens: int = 0          # sum of token buckets actually run

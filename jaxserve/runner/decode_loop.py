@@ -22,7 +22,7 @@ from jaxserve.runner import logprobs as lp_mod
 from jaxserve.runner.penalties import history_to_dense, penalize, penalize_dense
 from jaxserve.runner.programs import ProgramKey
 from jaxserve.runner.sampler import sample
-from jaxserve.runner.step_inputs import StepInputs
+from jaxserve.runner.step_inputs import Carry, StepInputs
 from pallas_kernels import AttentionMetadata, AttentionSpec
 
 
@@ -39,6 +39,7 @@ class ProgramOutput:
     plp_top_lp: Optional[jax.Array] = None     # f32[T, K]
     plp_top_ids: Optional[jax.Array] = None    # i32[T, K]
     logits: Optional[jax.Array] = None         # f32[S, V] (runners built with return_logits)
+    carry: Optional[Carry] = None              # for the next program (host/device overlap)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,7 @@ class ProgramContext:
     num_pages: int
     page_size: int
     vocab_size: int
+    max_rows: int                   # R: rows of the carry between programs (max_num_seqs)
     return_logits: bool = False
 
 
@@ -84,13 +86,28 @@ def advanced_metadata(md0: AttentionMetadata, i, live_row, ctx: ProgramContext) 
     return pallas_kernels.advance(md0, md, i, ctx.attention)
 
 
-def step_program(model, opts, k_cache, v_cache, inputs: StepInputs, *, key: ProgramKey,
-                 ctx: ProgramContext):
-    """One program: returns (ProgramOutput, k_cache, v_cache)."""
+def _carry_out(tokens, done, ctx: ProgramContext) -> Carry:
+    pad = ctx.max_rows - tokens.shape[0]
+    return Carry(tokens=jnp.pad(tokens, (0, pad)), done=jnp.pad(done, (0, pad)))
+
+
+def step_program(model, opts, k_cache, v_cache, inputs: StepInputs, carry: Carry, *,
+                 key: ProgramKey, ctx: ProgramContext):
+    """One program: returns (ProgramOutput, k_cache, v_cache). `carry` is the previous program's:
+    tokens the host does not know yet come from it, and rows it saw stop stay stopped."""
     feats = key.features
     k_top = lp_mod.num_top(ctx.vocab_size)
     ex = inputs.extras
+    lim = inputs.limits
     k_cache, v_cache = copy_pages(k_cache, v_cache, inputs.copy_src, inputs.copy_dst, ctx)
+    input_ids = jnp.where(inputs.prev_row >= 0,
+                          carry.tokens[jnp.maximum(inputs.prev_row, 0)], inputs.input_ids)
+    done0 = (inputs.row_prev >= 0) & carry.done[jnp.maximum(inputs.row_prev, 0)]
+
+    def stopped(tok, i):
+        """Rows whose token i stops them: a stop id past min_tokens, or no tokens left."""
+        is_stop = jnp.any((tok[:, None] == lim.stop_ids) & (lim.stop_ids >= 0), axis=-1)
+        return (is_stop & (i + 1 >= lim.min_left)) | (i + 1 >= lim.remaining)
 
     def forward_sample(i, md, tokens_in, k_cache, v_cache, dense):
         md = pallas_kernels.device_prepare(md, ctx.attention)
@@ -120,9 +137,13 @@ def step_program(model, opts, k_cache, v_cache, inputs: StepInputs, *, key: Prog
         return tok, out, k_cache, v_cache
 
     if key.steps == 1:
-        tok, out, k_cache, v_cache = forward_sample(0, inputs.attn, inputs.input_ids, k_cache,
-                                                    v_cache, None)
-        po = ProgramOutput(tokens=tok[None], logits=out.get("logits"))
+        md = inputs.attn
+        # A row the previous program saw stop computes a dropped token: its K/V go to the sink.
+        md = dataclasses.replace(md, slot_mapping=jnp.where(done0[md.token_seq], 0,
+                                                            md.slot_mapping))
+        tok, out, k_cache, v_cache = forward_sample(0, md, input_ids, k_cache, v_cache, None)
+        po = ProgramOutput(tokens=tok[None], logits=out.get("logits"),
+                           carry=_carry_out(tok, done0 | stopped(tok, 0), ctx))
         if feats.logprobs:
             po.sampled_lp, po.top_lp, po.top_ids = (out["sampled_lp"][None], out["top_lp"][None],
                                                     out["top_ids"][None])
@@ -132,7 +153,6 @@ def step_program(model, opts, k_cache, v_cache, inputs: StepInputs, *, key: Prog
 
     md0 = inputs.attn
     s_rows = inputs.logits_indices.shape[0]
-    lim = inputs.limits
     row = md0.token_seq
     n = key.steps
     dense = None
@@ -158,10 +178,12 @@ def step_program(model, opts, k_cache, v_cache, inputs: StepInputs, *, key: Prog
             po = dataclasses.replace(po, sampled_lp=po.sampled_lp.at[i].set(out["sampled_lp"]),
                                      top_lp=po.top_lp.at[i].set(out["top_lp"]),
                                      top_ids=po.top_ids.at[i].set(out["top_ids"]))
-        is_stop = jnp.any((tok[:, None] == lim.stop_ids) & (lim.stop_ids >= 0), axis=-1)
-        done = done | (is_stop & (i + 1 >= lim.min_left)) | (i + 1 >= lim.remaining)
+        done = done | stopped(tok, i)
         return k_cache, v_cache, tok[row], done, po, dense
 
-    carry = (k_cache, v_cache, inputs.input_ids, jnp.zeros(s_rows, bool), stacked, dense)
-    k_cache, v_cache, _, _, po, _ = jax.lax.fori_loop(0, n, body, carry)
+    init = (k_cache, v_cache, input_ids, done0, stacked, dense)
+    k_cache, v_cache, _, done, po, _ = jax.lax.fori_loop(0, n, body, init)
+    # Each row's newest token: the last one it produced (min(steps, remaining) of them).
+    last = jnp.clip(jnp.minimum(n, lim.remaining) - 1, 0, n - 1)
+    po.carry = _carry_out(po.tokens[last, jnp.arange(s_rows)], done, ctx)
     return po, k_cache, v_cache

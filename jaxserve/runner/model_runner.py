@@ -1,9 +1,12 @@
 """Owns the device side: the parameters, the KV cache and the compiled programs.
 
-`execute(plan, features)` lays the plan out at the smallest compiled program that fits
-(`step_inputs`), runs it (`decode_loop.step_program`; the KV cache is donated to every program and
-replaced by its output) and returns the sampled tokens and extras as numpy (`StepResult`).
-Programs are compiled only through `compile(keys)`, before a run's first step.
+`dispatch(plan, features)` lays the plan out at the smallest compiled program that fits
+(`step_inputs`) and starts it (`decode_loop.step_program`; the KV cache is donated to every
+program and replaced by its output) without waiting: it returns a `Pending` whose `result()`
+brings the sampled tokens and extras back as numpy (`StepResult`). Each program also hands the
+next one its newest tokens on the device (`Carry`), so the host can plan and dispatch step N + 1
+before it has step N's tokens. `execute` is dispatch + result. Programs are compiled only through
+`compile(keys)`, before a run's first step.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from jaxserve.models.llama import ForwardOptions
 from jaxserve.runner.buckets import BucketSet
 from jaxserve.runner.decode_loop import ProgramContext, step_program
 from jaxserve.runner.programs import Features, ProgramKey, ProgramSet
-from jaxserve.runner.step_inputs import abstract_step_inputs, build_step_inputs
+from jaxserve.runner.step_inputs import abstract_step_inputs, build_step_inputs, empty_carry
 from jaxserve.scheduler.step_plan import StepPlan
 from pallas_kernels import AttentionSpec
 
@@ -38,6 +41,28 @@ class StepResult:
     logits: Optional[np.ndarray] = None         # [rows, V] (runners built with return_logits)
 
 
+class Pending:
+    """A dispatched program: `result()` waits for it and copies its outputs to the host."""
+
+    def __init__(self, out, n_rows: int):
+        self._out = out
+        self._n = n_rows
+
+    def result(self) -> StepResult:
+        out, n = self._out, self._n
+        res = StepResult(tokens=np.asarray(out.tokens)[:, :n])
+        if out.top_ids is not None:
+            res.sampled_lp = np.asarray(out.sampled_lp)[:, :n]
+            res.top_lp = np.asarray(out.top_lp)[:, :n]
+            res.top_ids = np.asarray(out.top_ids)[:, :n]
+        if out.plp_lp is not None:
+            res.prompt_logprobs = (np.asarray(out.plp_top_ids), np.asarray(out.plp_top_lp),
+                                   np.asarray(out.plp_lp))
+        if out.logits is not None:
+            res.logits = np.asarray(out.logits)[:n]
+        return res
+
+
 class ModelRunner:
     def __init__(self, model: nnx.Module, cfg: ModelConfig, *, num_pages: int, page_size: int,
                  buckets: BucketSet, attention: AttentionSpec, kv_dtype,
@@ -50,13 +75,15 @@ class ModelRunner:
         self.opts = ForwardOptions(attention)
         self.ctx = ProgramContext(attention=attention, num_layers=cfg.num_layers,
                                   num_pages=num_pages, page_size=page_size,
-                                  vocab_size=cfg.vocab_size, return_logits=return_logits)
+                                  vocab_size=cfg.vocab_size, max_rows=buckets.max_num_seqs,
+                                  return_logits=return_logits)
         self.graphdef, self.params = nnx.split(model)
         shape = (cfg.num_kv_heads, cfg.num_layers * num_pages, page_size, cfg.head_dim)
         self.k_cache = jnp.zeros(shape, kv_dtype)
         self.v_cache = jnp.zeros(shape, kv_dtype)
         self._jit = jax.jit(self._program, donate_argnums=(1, 2), static_argnames=("key",))
         self.programs = ProgramSet(self._lower)
+        self._carry = empty_carry(buckets.max_num_seqs)   # the last program's, on the device
 
     @property
     def kv_bytes(self) -> int:
@@ -70,24 +97,27 @@ class ModelRunner:
     def compile_seconds(self) -> float:
         return self.programs.compile_seconds
 
-    def _program(self, params, k_cache, v_cache, inputs, *, key: ProgramKey):
+    def _program(self, params, k_cache, v_cache, inputs, carry, *, key: ProgramKey):
         model = nnx.merge(self.graphdef, params)
-        return step_program(model, self.opts, k_cache, v_cache, inputs, key=key, ctx=self.ctx)
+        return step_program(model, self.opts, k_cache, v_cache, inputs, carry, key=key,
+                            ctx=self.ctx)
 
     def _layout(self, key: ProgramKey) -> dict:
         return dict(T=key.tokens, P=key.pages, S=self.buckets.seqs_for(key.tokens),
                     features=key.features, page_size=self.page_size, attention=self.attention)
 
     def _lower(self, key: ProgramKey):
+        carry = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                             empty_carry(self.buckets.max_num_seqs))
         return self._jit.lower(self.params, self.k_cache, self.v_cache,
-                               abstract_step_inputs(**self._layout(key)), key=key)
+                               abstract_step_inputs(**self._layout(key)), carry, key=key)
 
     def compile(self, keys: Iterable[ProgramKey],
                 progress: Optional[Callable[[int, int, float], None]] = None) -> int:
         return self.programs.compile(keys, progress)
 
-    def execute(self, plan: StepPlan, features: Features) -> StepResult:
-        """Run one step (or a fused block) of `plan` with the programs computing `features`."""
+    def dispatch(self, plan: StepPlan, features: Features) -> Pending:
+        """Start one step (or a fused block) of `plan` with the programs computing `features`."""
         if plan.decode_steps > 1:
             features = features.for_decode_block()
         key = self.programs.pick(self.buckets.token_bucket(plan.num_tokens),
@@ -95,16 +125,9 @@ class ModelRunner:
                                  features)
         inputs = build_step_inputs(plan, **self._layout(key))
         out, self.k_cache, self.v_cache = self.programs[key](self.params, self.k_cache,
-                                                             self.v_cache, inputs)
-        n = len(plan.rows)
-        res = StepResult(tokens=np.asarray(out.tokens)[:, :n])
-        if out.top_ids is not None:
-            res.sampled_lp = np.asarray(out.sampled_lp)[:, :n]
-            res.top_lp = np.asarray(out.top_lp)[:, :n]
-            res.top_ids = np.asarray(out.top_ids)[:, :n]
-        if out.plp_lp is not None:
-            res.prompt_logprobs = (np.asarray(out.plp_top_ids), np.asarray(out.plp_top_lp),
-                                   np.asarray(out.plp_lp))
-        if out.logits is not None:
-            res.logits = np.asarray(out.logits)[:n]
-        return res
+                                                             self.v_cache, inputs, self._carry)
+        self._carry = out.carry
+        return Pending(out, len(plan.rows))
+
+    def execute(self, plan: StepPlan, features: Features) -> StepResult:
+        return self.dispatch(plan, features).result()

@@ -122,17 +122,21 @@ def enable_compilation_cache(setting: str = "auto") -> Optional[str]:
 
     if setting == "auto":
         current = jax.config.jax_compilation_cache_dir
-        if current:
+        if current and jax.config.jax_enable_compilation_cache:
             return current
         setting = os.environ.get("JAXSERVE_COMPILATION_CACHE_DIR") or os.path.join(
             os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jaxserve", "xla")
     if setting.strip().lower() in _OFF:
+        jax.config.update("jax_enable_compilation_cache", False)
         return None
     path = os.path.abspath(os.path.expanduser(setting))
     try:
         os.makedirs(path, exist_ok=True)
     except OSError:
         return None          # an unwritable cache folder costs compile time, never the run
+    if not jax.config.jax_enable_compilation_cache:
+        jax.config.update("jax_enable_compilation_cache", True)
+        cc.reset_cache()
     if jax.config.jax_compilation_cache_dir != path:
         jax.config.update("jax_compilation_cache_dir", path)
         # Every program counts: on 2 CPU cores even the small ones add up to a minute.

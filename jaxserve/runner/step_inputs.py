@@ -47,8 +47,24 @@ class ExtrasInputs:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
+class Carry:
+    """What a program hands the next one on the device (host/device overlap): each row's newest
+    sampled token and whether the row has stopped, for R = max_num_seqs rows."""
+
+    tokens: jax.Array   # i32[R]
+    done: jax.Array     # bool[R]
+
+
+def empty_carry(rows: int) -> Carry:
+    return Carry(tokens=np.zeros(rows, np.int32), done=np.zeros(rows, bool))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
 class StepInputs:
-    input_ids: jax.Array          # i32[T]
+    input_ids: jax.Array          # i32[T] (-1 where the previous program's carry holds the token)
+    prev_row: jax.Array           # i32[T] row of the previous program whose newest token this is; -1
+    row_prev: jax.Array           # i32[S] the same for each row's last token (stopped rows stay stopped)
     attn: AttentionMetadata
     logits_indices: jax.Array     # i32[S] last token row of each sequence row
     sampling: SamplingInputs
@@ -115,6 +131,8 @@ def build_step_inputs(plan: StepPlan, *, T: int, P: int, S: int, features: Featu
     assert len(rows) <= S and n_tok <= T, (len(rows), S, n_tok, T)
 
     input_ids = np.zeros(T, np.int32)
+    prev_row = np.full(T, -1, np.int32)
+    row_prev = np.full(S, -1, np.int32)
     positions = np.zeros(T, np.int32)
     slot_mapping = np.zeros(T, np.int32)            # pad tokens -> sink page 0
     token_seq = np.full(T, min(len(rows), S - 1), np.int32)
@@ -138,6 +156,8 @@ def build_step_inputs(plan: StepPlan, *, T: int, P: int, S: int, features: Featu
         pos = np.arange(row.start, row.start + n, dtype=np.int32)
         pages = np.asarray(row.page_table, np.int32)
         input_ids[t:t + n] = row.token_ids
+        if row.last_token_from is not None:
+            prev_row[t + n - 1] = row_prev[s] = row.last_token_from
         positions[t:t + n] = pos
         slot_mapping[t:t + n] = pages[pos // page_size] * page_size + pos % page_size
         token_seq[t:t + n] = s
@@ -166,7 +186,8 @@ def build_step_inputs(plan: StepPlan, *, T: int, P: int, S: int, features: Featu
     for c, (src, dst) in enumerate(plan.copies):
         copy_src[c], copy_dst[c] = src, dst
     return StepInputs(
-        input_ids=input_ids, attn=md, logits_indices=logits_indices,
+        input_ids=input_ids, prev_row=prev_row, row_prev=row_prev, attn=md,
+        logits_indices=logits_indices,
         sampling=SamplingInputs(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 seeds=seeds, token_index=token_index),
         limits=RowLimits(remaining=remaining, min_left=min_left, stop_ids=stop_ids),

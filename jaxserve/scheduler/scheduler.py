@@ -15,8 +15,11 @@ run out and nothing is preempted. With `reserve=False` (vLLM-style) a sample is 
 first chunk fits; when a running sample then cannot get a page, the lowest-priority, newest
 running sample is preempted (pages freed, recomputed later from its prefix) and counted.
 
-`schedule()` returns a `StepPlan` of plain rows for the runner; `commit()` takes the step's
-sampled tokens (and logprobs) back and advances the sequences.
+`schedule()` returns a `StepPlan` of plain rows for the runner and advances the sequences as if the
+step had run (positions computed, a placeholder for each token it samples); `commit()` takes the
+step's sampled tokens (and logprobs) back, possibly one step later (host/device overlap): a sample
+that finishes then has had at most one more step scheduled, whose token is dropped. A sample with
+placeholders is never preempted (its next token is still on the device).
 """
 from __future__ import annotations
 
@@ -57,6 +60,7 @@ class Scheduler:
         self.running: list[KVSequence] = []    # samples and prefixes being computed
         self.committed = 0                     # pages reserved by admitted, unfinished sequences
         self.num_preemptions = 0
+        self.num_dropped = 0                   # tokens sampled for samples already finished
         self._copies: list[tuple[int, int]] = []
         self._sampling: dict[int, RowSampling] = {}
 
@@ -162,12 +166,16 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0 and len(picked) < self.max_num_seqs:
             seq = self.running[i]
+            if seq.samples and seq.remaining <= 0:
+                i += 1          # every token it may generate is on the device: it ends at commit
+                continue
             n = min(seq.num_pending, budget)
             while not self._ensure_pages(seq, seq.num_computed + n):
-                victims = [s for s in self.running if s.samples and id(s) not in scheduled]
+                victims = [s for s in self.running if s.samples and id(s) not in scheduled
+                           and not s.placeholders]
                 if not victims:
-                    if picked:
-                        return self._plan(picked)
+                    if picked or any(getattr(s, "placeholders", 0) for s in self.running):
+                        return self._plan(picked)   # a commit may free pages: plan again then
                     raise RuntimeError(
                         f"KV page pool of {self.pool.num_usable} pages cannot hold sequence "
                         f"{seq.index} ({seq.num_tokens} tokens); raise num_pages")
@@ -218,9 +226,11 @@ class Scheduler:
         the block would have admitted or prefilled anything, so fusing changes no scheduling
         decision. Pages for every row's next `min(n_steps, remaining)` tokens are allocated first.
         """
-        if n_steps <= 1 or self.waiting or not self.running or len(self.running) > self.max_num_seqs:
+        if (n_steps <= 1 or self.waiting or not self.running
+                or len(self.running) > min(self.max_num_seqs, self.budget)):
             return None
-        if any(not seq.samples or seq.num_pending != 1 for seq in self.running):
+        if any(not seq.samples or seq.num_pending != 1 or seq.remaining <= 0
+               for seq in self.running):
             return None
         need = 0
         for seq in self.running:
@@ -239,12 +249,14 @@ class Scheduler:
         row = PlannedRow(seq.tokens(start, n), start, seq.page_table(self.ps))
         if not seq.samples:
             return row
+        if seq.placeholders and start + n == seq.num_tokens:
+            row.last_token_from = seq.last_from     # the newest token is on the device
         if start + n == seq.num_tokens:
             sp = self._sampling.get(id(seq))
             if sp is None:
                 sp = self._sampling[id(seq)] = _row_sampling(seq)
             row.samples, row.sampling = True, sp
-            row.num_generated = len(seq.output_ids)
+            row.num_generated = seq.num_generated
             row.remaining = seq.remaining
             if seq.history is not None:
                 row.history = (list(seq.history.ids), list(seq.history.counts))
@@ -268,30 +280,42 @@ class Scheduler:
         plan = StepPlan([self._row(seq, n) for seq, n in picked], decode_steps=decode_steps,
                         copies=self._copies, owners=[seq for seq, _ in picked])
         self._copies = []
+        # The sequences move on as if the plan had run: the device runs plans in order, so the
+        # next plan can build on this one before its tokens are known.
+        for r, (row, (seq, n)) in enumerate(zip(plan.rows, picked)):
+            if row.samples:
+                k = min(decode_steps, row.remaining)     # tokens this plan samples for the row
+                seq.num_computed = row.end + k - 1        # a fused block computes k positions
+                seq.placeholders += k
+                seq.last_from = r
+            else:
+                seq.num_computed = row.end
+                if not seq.samples and seq.num_computed == seq.num_tokens:
+                    # Shared prefix resident from the next step on, until its last member finishes.
+                    seq.mark_computed(self.ps)
+                    self.running.remove(seq)
         return plan
 
     # -- after the step ---------------------------------------------------------------------------
     def commit(self, plan: StepPlan, result) -> list[Sample]:
-        """Advance the plan's sequences by the step's `result` (`runner.StepResult`: tokens
-        [decode_steps, rows] and the logprobs asked for); returns the samples that finished."""
+        """The step's `result` (`runner.StepResult`: tokens [decode_steps, rows] and the logprobs
+        asked for) for the plan's samples; returns the samples that finished. A sample that
+        finished at an earlier commit drops this plan's token (it was scheduled before the host
+        knew)."""
         finished = []
         t = 0
         for r, (row, seq) in enumerate(zip(plan.rows, plan.owners)):
             t0, t = t, t + row.num_tokens
+            if not seq.samples:
+                continue
+            if seq.status is Status.FINISHED:
+                self.num_dropped += min(plan.decode_steps, row.remaining) if row.samples else 0
+                continue
             if row.prompt_logprob_targets is not None and result.prompt_logprobs is not None:
                 self._record_prompt_logprobs(seq, row, t0, result.prompt_logprobs)
-            if not seq.samples:
-                seq.num_computed = row.end
-                if seq.num_computed == seq.num_tokens:
-                    # Shared prefix resident until its last member finishes.
-                    seq.mark_computed(self.ps)
-                    self.running.remove(seq)
-                continue
             if not row.samples:
-                seq.num_computed = row.end
                 continue
-            for i in range(plan.decode_steps):
-                seq.num_computed = row.end + i
+            for i in range(min(plan.decode_steps, row.remaining)):
                 tok = int(result.tokens[i, r])
                 lp = None
                 if seq.logprobs is not None and result.top_ids is not None:

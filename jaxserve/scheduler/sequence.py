@@ -9,6 +9,12 @@ inside a page, that page is the prefix's last, partially filled one: the sample 
 
 A shared prefix is computed once (it samples nothing) and stays resident until the last sample
 below it finishes.
+
+With host/device overlap the scheduler plans step N + 1 before it has step N's tokens: a sample's
+tokens are its known ones (prompt + committed outputs) followed by `placeholders`, tokens sampled
+by steps already sent to the device but not yet committed. Positions are counted with them
+(`num_tokens`), and the newest one's value reaches the next step on the device (`last_from`: its
+row in the previous plan, whose program's output holds it).
 """
 from __future__ import annotations
 
@@ -129,6 +135,8 @@ class Sample(KVSequence):
     """One of a request's n samples: the unit that is scheduled, generates tokens and finishes."""
 
     params: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+    placeholders: int = 0           # tokens sampled on the device, not committed yet
+    last_from: Optional[int] = None  # row of the previous plan that samples the newest placeholder
     request: int = 0                # the user's request this is a sample of
     sample: int = 0                 # which of the request's n samples
     seed: int = 0                   # its own random stream
@@ -167,12 +175,20 @@ class Sample(KVSequence):
         return self.params.prompt_logprobs is not None and self.sample == 0
 
     @property
+    def num_generated(self) -> int:
+        """Tokens generated so far, placeholders included (the index of the next one)."""
+        return len(self.output_ids) + self.placeholders
+
+    @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.prompt_ids) + self.num_generated
 
     def token_at(self, i: int) -> int:
+        """The token at position i; -1 for a placeholder (its value is on the device)."""
         n = len(self.prompt_ids)
-        return self.prompt_ids[i] if i < n else self.output_ids[i - n]
+        if i < n:
+            return self.prompt_ids[i]
+        return self.output_ids[i - n] if i - n < len(self.output_ids) else -1
 
     def tokens(self, start: int, n: int) -> list[int]:
         if start + n <= len(self.prompt_ids):
@@ -182,7 +198,7 @@ class Sample(KVSequence):
     @property
     def remaining(self) -> int:
         """Tokens this sample may still generate (max_tokens and max_model_len)."""
-        return min(self.params.max_tokens - len(self.output_ids), self.max_len - self.num_tokens)
+        return min(self.params.max_tokens - self.num_generated, self.max_len - self.num_tokens)
 
     @property
     def longest(self) -> int:
@@ -190,6 +206,10 @@ class Sample(KVSequence):
 
     def append(self, token: int, logprobs: Optional[dict] = None) -> None:
         """Record a sampled token (and its logprobs) and decide whether the sample is done."""
+        if self.placeholders:
+            self.placeholders -= 1
+            if not self.placeholders:
+                self.last_from = None
         self.output_ids.append(token)
         if self.history is not None:
             self.history.add(token)
@@ -205,5 +225,5 @@ class Sample(KVSequence):
                 self.finish_reason = "stop"
                 self.stop_text = text
                 return
-        if n_out >= self.params.max_tokens or self.num_tokens >= self.max_len:
+        if n_out >= self.params.max_tokens or len(self.prompt_ids) + n_out >= self.max_len:
             self.finish_reason = "length"

@@ -38,13 +38,17 @@ class RowSampling:
 
 @dataclasses.dataclass
 class PlannedRow:
-    token_ids: list[int]            # the tokens computed this step, positions [start, start + n)
+    token_ids: list[int]            # the tokens computed this step, positions [start, start + n);
+                                    # -1: a token only the device has (see last_token_from)
     start: int
     page_table: list[int]           # layer-local pages of the whole context, prefix pages first
     samples: bool = False           # the row's last logits draw its next token
     sampling: Optional[RowSampling] = None   # sampling rows only
     num_generated: int = 0          # tokens the sample has generated so far (its random stream index)
     remaining: int = 0              # tokens it may still generate (fused blocks stop on device)
+    # The row's last token was sampled by the previous plan, whose output has not reached the
+    # host: that plan's row, whose newest token the device takes from the previous program.
+    last_token_from: Optional[int] = None
     # Shared-prefix group this row reads once per group: a key naming the group in this step and
     # the group prefix's full pages (whole pages only; the partial last page is the row's own).
     group: Optional[int] = None
