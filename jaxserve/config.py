@@ -201,8 +201,10 @@ class EngineConfig:
                               "model's shape), safetensors, gguf", LOAD_FORMATS)
     seed: int = _field(0, "engine seed: dummy weights, and samples without their own seed")
     page_size: int = _field(16, "tokens per KV page (a power of two)")
-    max_num_batched_tokens: int = _field(512, "token budget of one step (the largest token bucket)")
-    max_num_seqs: int = _field(256, "sequences (rows) in one step")
+    max_num_batched_tokens: Optional[int] = _field(None, "token budget of one step (the largest "
+                                                   "token bucket; default: from the device)")
+    max_num_seqs: Optional[int] = _field(None, "sequences (rows) in one step (default: from the "
+                                         "device)")
     max_model_len: Optional[int] = _field(None, "prompt + output tokens per request (default: the "
                                           "model's context, capped by what the KV cache holds)")
     num_pages: Optional[int] = _field(None, "KV pages per layer (default: sized from device memory)")
@@ -246,10 +248,10 @@ class EngineConfig:
             if choices and getattr(self, f.name) not in choices:
                 raise ConfigError(f"engine: field '{f.name}'={getattr(self, f.name)!r} must be one "
                                   f"of {', '.join(choices)}")
-        for name in ("page_size", "max_num_batched_tokens", "max_num_seqs", "page_bucket_growth",
-                     "cpu_kv_cache_bytes"):
+        for name in ("page_size", "page_bucket_growth", "cpu_kv_cache_bytes"):
             pos_int(name)
-        for name in ("max_model_len", "num_pages", "fused_decode_steps"):
+        for name in ("max_model_len", "num_pages", "fused_decode_steps", "max_num_batched_tokens",
+                     "max_num_seqs"):
             if getattr(self, name) is not None:
                 pos_int(name)
         if self.page_size & (self.page_size - 1):

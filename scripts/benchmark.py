@@ -32,11 +32,13 @@ flags.DEFINE_string("workload", "nosharing", "named workload (jaxserve.workloads
                     "JSONL file from make_workload.py")
 flags.DEFINE_float("scale", 1.0, "scale the number of requests/groups of a named workload")
 flags.DEFINE_integer("max_requests", None, "run only the first N requests (e.g. a slow peer)")
-define_engine_flags(load_format="dummy", max_num_batched_tokens=2048, max_num_seqs=256,
-                    max_model_len=4608)
+define_engine_flags(load_format="dummy", max_model_len=4608)
 flags.DEFINE_integer("hf_batch_size", 64, "HF peer: requests per generate() call")
-flags.DEFINE_string("hf_cache_implementation", "dynamic", "HF peer: generate()'s KV cache "
-                    "(dynamic is its default; static preallocates)")
+flags.DEFINE_enum("hf_mode", "generate", ["generate", "static_compile", "continuous"],
+                  "HF peer: generate() with its default dynamic cache; generate() with a static "
+                  "cache under torch.compile; or continuous batching (generate_batch, paged cache)")
+flags.DEFINE_string("hf_cache_implementation", "dynamic", "HF peer, generate mode: generate()'s "
+                    "KV cache (dynamic is its default; static preallocates)")
 flags.DEFINE_integer("hf_max_batch_tokens", 0, "HF peer: also cap a generate() batch at this many "
                      "padded tokens (rows x (prompt + output)); 0: only --hf_batch_size")
 flags.DEFINE_bool("hf_group_by_shape", True, "HF peer: batch requests of the same (prompt length, "
@@ -109,6 +111,10 @@ def run_jaxserve(cfg_holder: dict, reqs: list[dict]) -> dict:
         compiled_programs=n_prog, load_seconds=llm.load_seconds,
         weights_bytes=sum(x.nbytes for x in jtu.tree_leaves(runner.params)),
         kv_cache_bytes=runner.kv_bytes, num_kv_pages=llm.engine.num_pages,
+        kv_capacity_tokens=(llm.engine.num_pages - 1) * llm.engine_config.page_size,
+        max_num_seqs=llm.engine.sizes.max_num_seqs,
+        max_num_batched_tokens=llm.engine.sizes.max_num_batched_tokens,
+        dropped_tokens=st["dropped_tokens"], mid_run_compiles=st["mid_run_compiles"],
         computed_prefill_tokens=st["computed_prefill_tokens"],
         optimal_prefill_tokens=st["optimal_prefill_tokens"], reuse_ratio=st["reuse_ratio"],
         num_groups=st["num_groups"], num_steps=st["num_steps"], fused_blocks=st["fused_blocks"],
@@ -169,6 +175,13 @@ def run_hf(cfg_holder: dict, reqs: list[dict]) -> dict:
                            min_new_tokens=out_len, do_sample=False, pad_token_id=0, **kw)
         torch.cuda.synchronize()
 
+    if FLAGS.hf_mode == "continuous":
+        return run_hf_continuous(model, reqs, load_s)
+    if FLAGS.hf_mode == "static_compile":
+        # generate() compiles the forward pass when the cache is static and a compile config is
+        # set; each new (batch, length) shape compiles once, so batches are grouped by shape.
+        model.generation_config.cache_implementation = "static"
+        model.generation_config.compile_config = transformers.CompileConfig(fullgraph=True)
     t1 = time.perf_counter()
     gen(reqs[:min(4, len(reqs))], max_out=8)         # CUDA kernels and allocator warm-up
     warm_s = time.perf_counter() - t1
@@ -185,7 +198,46 @@ def run_hf(cfg_holder: dict, reqs: list[dict]) -> dict:
                 computed_prefill_tokens=sum(len(r["prompt_token_ids"]) for r in reqs),
                 hf_batch_size=bs, hf_group_by_shape=FLAGS.hf_group_by_shape,
                 hf_cache_implementation=FLAGS.hf_cache_implementation,
-                hf_max_batch_tokens=FLAGS.hf_max_batch_tokens,
+                hf_max_batch_tokens=FLAGS.hf_max_batch_tokens, hf_mode=FLAGS.hf_mode,
+                transformers_version=transformers.__version__, trace=trace)
+
+
+def run_hf_continuous(model, reqs: list[dict], load_s: float) -> dict:
+    """transformers' continuous batching (`generate_batch`: paged KV cache, requests join and
+    leave every step), one call per distinct output length (its GenerationConfig fixes
+    max_new_tokens for the call); EOS off so every request produces exactly its tokens."""
+    import torch
+    import transformers
+    from transformers.generation import GenerationConfig
+
+    def config(n_out):
+        return GenerationConfig(max_new_tokens=n_out, do_sample=False, eos_token_id=None,
+                                pad_token_id=0)
+
+    t1 = time.perf_counter()
+    model.generate_batch([r["prompt_token_ids"] for r in reqs[:4]], generation_config=config(8))
+    torch.cuda.synchronize()
+    warm_s = time.perf_counter() - t1
+    by_len: dict = {}
+    for r in reqs:
+        by_len.setdefault(r["max_tokens"], []).append(r)
+    trace = []
+    produced = 0
+    t2 = time.perf_counter()
+    for n_out, group in sorted(by_len.items()):
+        out = model.generate_batch([r["prompt_token_ids"] for r in group],
+                                   generation_config=config(n_out))
+        torch.cuda.synchronize()
+        produced += sum(len(o.generated_tokens) for o in out.values())
+        n_tok = sum(len(r["prompt_token_ids"]) + n_out for r in group)
+        trace.append((time.perf_counter() - t2, n_tok, n_out * len(group), n_tok))
+    run_s = time.perf_counter() - t2
+    expect = sum(r["max_tokens"] for r in reqs)
+    if produced != expect:
+        raise SystemExit(f"generate_batch produced {produced} tokens, {expect} expected")
+    return dict(run_seconds=run_s, compile_seconds=0.0, warmup_seconds=warm_s, load_seconds=load_s,
+                computed_prefill_tokens=sum(len(r["prompt_token_ids"]) for r in reqs),
+                hf_mode="continuous", hf_calls=len(by_len),
                 transformers_version=transformers.__version__, trace=trace)
 
 
@@ -236,8 +288,9 @@ def main(argv):
         fl = roofline.workload_floor(cfg, [len(p) for p in prompts], [r["max_tokens"] for r in reqs],
                                      shared, optimal_prefill_tokens=tree.optimal_prefill_tokens,
                                      peak_flops=flops, hbm_bandwidth=bw,
-                                     max_num_batched_tokens=FLAGS.max_num_batched_tokens,
-                                     max_num_seqs=FLAGS.max_num_seqs)
+                                     max_num_batched_tokens=rec["max_num_batched_tokens"],
+                                     max_num_seqs=rec["max_num_seqs"],
+                                     kv_capacity_tokens=res.get("kv_capacity_tokens"))
         rec.update(floor_seconds=fl.seconds, floor_bound=fl.bound, floor_flops=fl.flops,
                    floor_bytes=fl.bytes, floor_fraction=fl.seconds / run_s)
     else:

@@ -26,6 +26,15 @@ def test_presets_have_promised_shape(name):
         assert tree.optimal_prefill_tokens == d * spec["doc_len"] + len(reqs) * spec["question_len"]
     elif spec["family"] == "system":
         assert tree.optimal_prefill_tokens == spec["system_len"] + len(reqs) * spec["unique_len"]
+    elif spec["family"] == "ragged":
+        assert tree.optimal_prefill_tokens == sum(lens)      # nothing shared
+        outs = [r["max_tokens"] for r in reqs]
+        assert len(set(lens)) > len(reqs) // 4 and len(set(outs)) > len(reqs) // 4   # spread
+        assert max(lens) <= spec["max_in"] and 1 <= min(outs) and max(outs) <= spec["max_out"]
+        big = workloads.preset(name, vocab_size=50000, scale=1, seed=1)
+        med_in = sorted(len(r["prompt_token_ids"]) for r in big)[len(big) // 2]
+        med_out = sorted(r["max_tokens"] for r in big)[len(big) // 2]
+        assert abs(med_in / spec["in_median"] - 1) < 0.15 and abs(med_out / spec["out_median"] - 1) < 0.15
     elif spec["family"] == "mixed":
         assert {(l, r["max_tokens"]) for l, r in zip(lens, reqs)} == {
             (spec["short_in"], spec["long_out"]), (spec["long_in"], spec["short_out"])}

@@ -102,7 +102,7 @@ class Engine:
         self._plan(samples, stats)
         features = self._compile(samples, stats)
         sched = Scheduler(PagePool(self.num_pages, self.ecfg.page_size),
-                          self.ecfg.max_num_batched_tokens, self.ecfg.max_num_seqs,
+                          self.sizes.max_num_batched_tokens, self.sizes.max_num_seqs,
                           reserve=self.ecfg.admission_control)
         sched.add_all(samples)
         metrics = {id(s): RequestMetrics(arrival_time=t_start) for s in samples}
@@ -194,7 +194,7 @@ class Engine:
         b = self.buckets
         if not samples:
             return []
-        step_tokens = min(self.ecfg.max_num_batched_tokens,
+        step_tokens = min(self.sizes.max_num_batched_tokens,
                           sum(len(s.prompt_ids) for s in samples) + len(samples))
         ts = b.tokens_upto(step_tokens)
         ps = b.pages_upto(-(-max(s.longest for s in samples) // self.ecfg.page_size))
@@ -203,7 +203,7 @@ class Engine:
             keys += [ProgramKey(t, ps[-1], 1, features) for t in ts]
         n = self.sizes.fused_decode_steps
         if n > 1:
-            tb = b.tokens_upto(min(self.ecfg.max_num_seqs, len(samples)))
+            tb = b.tokens_upto(min(self.sizes.max_num_seqs, len(samples)))
             keys += [ProgramKey(t, p, n) for t in tb for p in ps]
             fb = features.for_decode_block()
             if not fb.plain:

@@ -41,6 +41,29 @@ def resolve_fused_steps(n: Optional[int]) -> int:
     return n
 
 
+def _device_memory() -> Optional[int]:
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001  (backends without memory stats)
+        return None
+    return stats.get("bytes_limit") if stats else None
+
+
+def resolve_batch_limits(ecfg: EngineConfig) -> tuple[int, int]:
+    """(tokens per step, rows per step). Defaults from the device, as vLLM's offline defaults: an
+    accelerator of >= 70 GiB runs 16,384 tokens and 1,024 rows a step (prefill matmuls are near
+    their peak rate well before 16k rows, and decode steps amortise the weights over 1,024 rows);
+    a smaller one 8,192 and 256; the CPU 512 and 256 (compile time dominates there)."""
+    mem = _device_memory() if jax.default_backend() != "cpu" else None
+    if mem is not None and mem >= 70 * 2 ** 30:
+        tokens, rows = 16384, 1024
+    elif jax.default_backend() != "cpu":
+        tokens, rows = 8192, 256
+    else:
+        tokens, rows = 512, 256
+    return (ecfg.max_num_batched_tokens or tokens), (ecfg.max_num_seqs or rows)
+
+
 def kv_budget_pages(cfg: ModelConfig, ecfg: EngineConfig, kv_dtype) -> int:
     """Pages per layer the memory left after the weights holds (or the explicit `num_pages`)."""
     if ecfg.num_pages is not None:
@@ -83,6 +106,8 @@ class Sizes:
     fused_decode_steps: int
     num_pages: int
     max_model_len: int
+    max_num_batched_tokens: int
+    max_num_seqs: int
     buckets: BucketSet
 
 
@@ -95,15 +120,16 @@ def plan_sizes(cfg: ModelConfig, ecfg: EngineConfig, kv_dtype, *, unstack=None) 
         unstack()
     pages = kv_budget_pages(cfg, ecfg, kv_dtype)
     max_len = resolve_max_model_len(cfg, ecfg, pages)
+    budget, rows = resolve_batch_limits(ecfg)
     pages_per_seq = -(-max_len // ecfg.page_size)
     # Never more than every row at full length needs (plus the sink).
     if ecfg.num_pages is None:
-        pages = min(pages, ecfg.max_num_seqs * pages_per_seq + 1)
+        pages = min(pages, rows * pages_per_seq + 1)
     # Page-width buckets only pay where attention cost grows with the page-table width: the
     # gather-based reference on CPU. The Pallas kernels stop at each row's length, and on an
     # accelerator the reference is only a peer, so one width keeps compile time down there.
     growth = (ecfg.page_bucket_growth
               if impl == "reference" and jax.default_backend() == "cpu" else 1)
-    buckets = BucketSet.make(ecfg.max_num_batched_tokens, ecfg.max_num_seqs, pages_per_seq,
-                             page_growth=growth)
-    return Sizes(impl, loop, resolve_fused_steps(ecfg.fused_decode_steps), pages, max_len, buckets)
+    buckets = BucketSet.make(budget, rows, pages_per_seq, page_growth=growth)
+    return Sizes(impl, loop, resolve_fused_steps(ecfg.fused_decode_steps), pages, max_len, budget,
+                 rows, buckets)

@@ -4,8 +4,14 @@ measured on that device. Used by the benchmark (achieved fraction of the floor) 
 FLOPs: 2 x matmul parameters x tokens that must be computed (prefill with every shared prefix once,
 plus one decode token per output token) + attention (QK^T and PV over each token's context).
 Bytes: the weights once per step, times the fewest steps the engine can take (budget-limited
-prefill, and at least one step per output token of the longest request), plus the KV each decode
-token must read, with a shared prefix read once per group per step.
+prefill, at least one step per output token of the longest request, and decode steps of at most
+as many rows as the step limit and the KV memory hold at once), plus the KV each decode token must
+read, with a shared prefix read once per group per step.
+
+Ceilings are measured inside one program each (`measure_ceilings`): many passes of a large copy
+and a chain of large bf16 matmuls, timed over the whole program, best of a few sizes. A single
+host-timed op reads 20-30 % low (launch and synchronisation in every measurement), which would
+make every floor fraction look better than it is.
 """
 from __future__ import annotations
 
@@ -42,9 +48,10 @@ def workload_floor(cfg: ModelConfig, prompt_lens: Sequence[int], output_lens: Se
                    shared_lens: Optional[Sequence[int]] = None, *,
                    optimal_prefill_tokens: Optional[int] = None, peak_flops: float,
                    hbm_bandwidth: float, max_num_batched_tokens: int, max_num_seqs: int,
-                   dtype_bytes: int = 2) -> Floor:
+                   dtype_bytes: int = 2, kv_capacity_tokens: Optional[int] = None) -> Floor:
     """`shared_lens[i]`: prompt tokens of request i that it shares with others (KV read once per
-    group); with `optimal_prefill_tokens` from the prefix tree."""
+    group); with `optimal_prefill_tokens` from the prefix tree. `kv_capacity_tokens`: tokens the KV
+    cache holds, which bounds the rows a decode step can run (each at its full length)."""
     n = len(prompt_lens)
     shared = list(shared_lens) if shared_lens is not None else [0] * n
     prefill = optimal_prefill_tokens if optimal_prefill_tokens is not None else sum(prompt_lens)
@@ -59,8 +66,12 @@ def workload_floor(cfg: ModelConfig, prompt_lens: Sequence[int], output_lens: Se
     attn_ctx += sum(s * s / 2 for s in set(shared))  # each distinct shared prefix once (approx.)
     flops += 4.0 * attn_ctx * hq * hd * L
     weights = cfg.num_params() * dtype_bytes
+    rows = max_num_seqs
+    if kv_capacity_tokens is not None and n:
+        mean_len = (sum(prompt_lens) - sum(shared) + decode) / n + 1
+        rows = max(1, min(rows, int(kv_capacity_tokens // mean_len)))
     steps = max(-(-(prefill + decode) // max_num_batched_tokens), max(output_lens, default=0),
-                -(-decode // max_num_seqs))
+                -(-decode // rows))
     kv_tok = cfg.kv_bytes_per_token(dtype_bytes)
     kv_reads = 0.0
     for p, d, s in zip(prompt_lens, output_lens, shared):
@@ -76,26 +87,47 @@ def workload_floor(cfg: ModelConfig, prompt_lens: Sequence[int], output_lens: Se
     return Floor(flops, total_bytes, flops / peak_flops, total_bytes / hbm_bandwidth)
 
 
-def measure_ceilings(size_bytes: int = 1 << 30, matmul_n: int = 8192, repeats: int = 10):
-    """(HBM bandwidth in bytes/s counting read + write of a large copy, bf16 matmul FLOP/s)."""
+def _program_seconds(fn, *args, repeats: int = 3) -> float:
+    """Best wall time of a whole (long) program over a few runs, after a compile-and-warm-up run."""
+    fn(*args).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(*args).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_ceilings(copy_bytes=(1 << 30, 2 << 30, 4 << 30), matmul_sizes=(4096, 8192),
+                     passes: int = 40) -> tuple[float, float]:
+    """(HBM bandwidth in bytes/s counting read + write, bf16 matmul FLOP/s), each the best over a
+    few sizes of one program that makes `passes` passes: a copy (x -> x + 1 over the whole array:
+    every pass reads and writes it) and a chain of square bf16 matmuls."""
+    import functools
+
     import jax
     import jax.numpy as jnp
 
-    def bench(fn, *args):
-        fn(*args).block_until_ready()
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn(*args).block_until_ready()
-            ts.append(time.perf_counter() - t0)
-        return sorted(ts)[len(ts) // 2]
+    @functools.partial(jax.jit, static_argnums=1)
+    def copies(x, n):
+        return jax.lax.fori_loop(0, n, lambda i, x: x + jnp.asarray(1, x.dtype), x)
 
-    x = jax.random.normal(jax.random.key(0), (size_bytes // 4,), jnp.float32)
-    copy = jax.jit(lambda a: a * 1.0001 + 1.0)
-    bw = 2 * size_bytes / bench(copy, x)
-    del x
-    a = jax.random.normal(jax.random.key(1), (matmul_n, matmul_n), jnp.bfloat16)
-    b = jax.random.normal(jax.random.key(2), (matmul_n, matmul_n), jnp.bfloat16)
-    mm = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.bfloat16))
-    flops = 2 * matmul_n ** 3 / bench(mm, a, b)
+    @functools.partial(jax.jit, static_argnums=2)
+    def matmuls(a, b, n):
+        return jax.lax.fori_loop(0, n, lambda i, x: jnp.dot(
+            x, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16), a)
+
+    bw = 0.0
+    for size in copy_bytes:
+        x = jnp.zeros((size // 2,), jnp.bfloat16) + jax.random.normal(
+            jax.random.key(0), (size // 2,), jnp.bfloat16)
+        bw = max(bw, 2 * size * passes / _program_seconds(copies, x, passes))
+        del x
+    flops = 0.0
+    for n in matmul_sizes:
+        a = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+        # Scaled so the chain's values stay O(1) (no overflow to inf, no denormals).
+        b = (jax.random.normal(jax.random.key(2), (n, n), jnp.float32) / n ** 0.5).astype(jnp.bfloat16)
+        flops = max(flops, 2 * n ** 3 * passes / _program_seconds(matmuls, a, b, passes))
+        del a, b
     return bw, flops

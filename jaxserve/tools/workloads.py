@@ -19,6 +19,13 @@ PRESETS = {
                    output_len=128),
     "mixed": dict(family="mixed", num_requests=1024, short_in=64, long_out=512, long_in=2048,
                   short_out=16),
+    # Short prompts, long outputs: decode steps of many rows, KV-memory-bound.
+    "decode_heavy": dict(family="nosharing", num_requests=1024, input_len=128, output_len=1024),
+    # ShareGPT-like spread: lognormal prompt and output lengths (medians and log-sigmas fitted
+    # to the ShareGPT V3 chat set as vLLM's benchmarks sample it: mean ~ 230 in / ~ 280 out,
+    # long tails), each request with its own max_tokens.
+    "ragged": dict(family="ragged", num_requests=2048, in_median=150, in_sigma=1.0,
+                   out_median=180, out_sigma=0.9, max_in=2048, max_out=1024),
 }
 
 
@@ -57,6 +64,15 @@ def generate(family: str, *, vocab_size: int, seed: int = 0, reserved: int = 256
         for i in range(kw["num_requests"]):
             out.append(_req(i, system + _ids(rng, kw["unique_len"], vocab_size, reserved),
                             kw["output_len"]))
+    elif family == "ragged":
+        # Lengths drawn first, so the token draws do not shift them between seeds' uses.
+        ins = np.clip(rng.lognormal(np.log(kw["in_median"]), kw["in_sigma"], kw["num_requests"]),
+                      4, kw["max_in"]).astype(int)
+        outs = np.clip(rng.lognormal(np.log(kw["out_median"]), kw["out_sigma"], kw["num_requests"]),
+                       1, kw["max_out"]).astype(int)
+        for i, (n_in, n_out) in enumerate(zip(ins, outs)):
+            head = [reserved + i % (vocab_size - reserved), reserved + i // (vocab_size - reserved)]
+            out.append(_req(i, head + _ids(rng, int(n_in) - 2, vocab_size, reserved), n_out))
     elif family == "mixed":
         # Half compute-heavy (long prompt, short output), half memory-heavy (short prompt, long
         # output), interleaved in input order.
