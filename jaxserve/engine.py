@@ -167,6 +167,10 @@ class Engine:
         bad = [t for t in req.prompt_ids if not 0 <= t < self.cfg.vocab_size]
         if bad:
             return f"prompt token id {bad[0]} is outside the vocabulary (size {self.cfg.vocab_size})"
+        bad = [t for t in req.params.stop_token_ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:   # a stop id past the vocabulary can never match, and is masked out of range
+            return (f"field 'stop_token_ids': token id {bad[0]} is outside the vocabulary "
+                    f"(size {self.cfg.vocab_size})")
         longest = min(n + req.params.max_tokens, self.max_model_len)
         # +1: a request below a shared prefix holds its own copy of the prefix's partial page.
         if pool.pages_for(longest) + 1 > pool.num_usable:
