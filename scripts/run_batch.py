@@ -124,6 +124,8 @@ def main(argv):
     from jaxserve.io import OutputLocked, OutputPathError, PartialRefused
     from jaxserve.weights import WeightError
 
+    # From the start: a Ctrl-C while JAX imports or the input is read is a clean exit too.
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         return run()
     except (UserError, ConfigError, WeightError, OutputPathError, OutputLocked,
@@ -131,6 +133,13 @@ def main(argv):
         if FLAGS.verbose:
             traceback.print_exc()
         return _fail(str(e))
+    except Interrupted as e:   # before any result could be saved (run_locked reports the rest)
+        print(f"interrupted by {signal.Signals(e.signum).name} before the job started; nothing "
+              "was written: run the same command again to start it", file=sys.stderr)
+        return 128 + e.signum
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def run() -> int:
@@ -145,11 +154,14 @@ def run() -> int:
         raise UserError(str(e)) from None
     bad = [it for it in items if it.error is not None]
     logging.info("read %d requests from %s (%d invalid)", len(items), FLAGS.input, len(bad))
-    if FLAGS.strict and bad:
-        for it in bad:
-            print(it.error, file=sys.stderr)
-        print(f"--strict: {len(bad)} invalid lines in {FLAGS.input}; nothing was run", file=sys.stderr)
-        return 3
+    if FLAGS.strict:
+        errors = strict_errors(items, bad)
+        if errors:
+            for e in errors:
+                print(e, file=sys.stderr)
+            print(f"--strict: {len(errors)} invalid lines in {FLAGS.input}; nothing was run",
+                  file=sys.stderr)
+            return 3
     if not items:
         return _fail(f"nothing to run: {FLAGS.input} has no requests (it is empty)", 3)
     if len(bad) == len(items):
@@ -171,13 +183,28 @@ def run() -> int:
     if stale:
         print(f"took over a stale lock {lock.path} (left by {lock.describe(stale)}, no longer "
               "running)")
-    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         return run_locked(items, defaults)
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
         lock.release()
+
+
+def strict_errors(items, bad) -> list[str]:
+    """Every invalid line, those only the model can tell (vocabulary, max_model_len, tokenizer)
+    included: --strict refuses before any compute, and the config and tokenizer load in seconds.
+    When the model cannot be read, the lines that are invalid on their own are enough to refuse."""
+    from jaxserve.config import ConfigError
+    from jaxserve.io.precheck import model_errors
+    from jaxserve.weights import WeightError
+
+    try:
+        extra = model_errors(items, FLAGS.model, FLAGS.max_model_len)
+    except (ConfigError, WeightError, OSError) as e:
+        if not bad:
+            raise UserError(f"cannot read the model: {e}") from None
+        extra = {}
+    return [it.error if it.error is not None else extra[i] for i, it in enumerate(items)
+            if it.error is not None or i in extra]
 
 
 def run_locked(items, defaults) -> int:
