@@ -17,7 +17,7 @@ class ConfigError(ValueError):
 
 
 # The HF architectures `jaxserve.models.REGISTRY` implements, and the `model_type` of each. Listed
-# here because models imports this module; tests/test_weights.py checks that the two agree.
+# here because models imports this module; tests/test_batch_io.py checks that the two agree.
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                            "Qwen2ForCausalLM": "qwen2"}
 

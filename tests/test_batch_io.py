@@ -290,14 +290,13 @@ def test_output_path_checks(tmp_path):
     ro.mkdir()
     ro.chmod(0o500)
     try:
-        if os.access(ro, os.W_OK) and os.geteuid() == 0:
-            target = "/sys/jaxserve-test/o.jsonl"   # root writes anywhere but here
-            if os.path.isdir("/sys/jaxserve-test"):
-                pytest.skip("cannot find a folder root may not write")
-        else:
-            target = str(ro / "o.jsonl")
-        with pytest.raises(OutputPathError, match="cannot (write in|create) the output folder"):
-            check_output_path(target)
+        # An existing folder this process may not write in. Root writes in any folder whatever
+        # its mode (and os.access says yes), but not in sysfs.
+        folder = str(ro) if not os.access(ro, os.W_OK) else "/sys/kernel"
+        if not os.path.isdir(folder):
+            pytest.skip("no folder this process may not write in")
+        with pytest.raises(OutputPathError, match=f"cannot write in the output folder {folder}"):
+            check_output_path(os.path.join(folder, "o.jsonl"))
     finally:
         ro.chmod(0o700)
 

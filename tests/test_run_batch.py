@@ -141,6 +141,9 @@ def _corpus(seed=0, n_good=16):
         if i == 3:   # an OpenAI line among the plain ones
             good.append((_oa(f"g{i}", {"prompt": ids, "max_tokens": mt, "temperature": 0}),
                          ("openai", ids, mt)))
+        elif i % 4 == 2:   # sampled, without a seed: a resumed job must sample the same
+            good.append((json.dumps({"id": f"g{i}", "prompt_token_ids": ids, "max_tokens": mt,
+                                     "temperature": 1.0}), ("sampled", ids, mt)))
         else:
             good.append((json.dumps({"id": f"g{i}", "prompt_token_ids": ids, "max_tokens": mt}),
                          ("ok", ids, mt)))
@@ -163,13 +166,15 @@ def _check_corpus_output(recs, lines, expect, hf):
     assert len(recs) == len(expect) == len(line_of)
     greedy_cache = {}
     for rec, exp, line_no in zip(recs, expect, line_of):
-        if exp[0] in ("ok", "openai"):
+        if exp[0] == "ok":
             key = (tuple(exp[1]), exp[2])
             if key not in greedy_cache:
                 greedy_cache[key] = greedy(hf, exp[1], exp[2])
         if exp[0] == "ok":
             assert rec["finish_reason"] == "length" and rec["error"] is None, rec
             assert rec["token_ids"] == greedy_cache[(tuple(exp[1]), exp[2])]
+        elif exp[0] == "sampled":
+            assert rec["finish_reason"] == "length" and len(rec["token_ids"]) == exp[2], rec
         elif exp[0] == "openai":
             assert rec["error"] is None and rec["response"]["status_code"] == 200
             assert rec["response"]["body"]["usage"]["completion_tokens"] == exp[2]
@@ -556,7 +561,7 @@ def test_job_refuses_to_start_before_loading_the_model(tiny_models, tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
-    unwritable = ro if not os.access(ro, os.W_OK) else "/sys/kernel"   # root writes in any folder
+    unwritable = ro if not os.access(ro, os.W_OK) else "/sys/kernel"   # root writes in any other
     rc, msg = run(out=os.path.join(unwritable, "o.jsonl"))
     assert rc == 2 and f"cannot write in the output folder {unwritable}" in msg, msg
     (tmp_path / "afile").write_text("")
