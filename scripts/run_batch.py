@@ -173,6 +173,9 @@ def run() -> int:
     if FLAGS.dry_run:
         return dry_run(items, defaults)
 
+    if os.path.realpath(FLAGS.output) == os.path.realpath(FLAGS.input):
+        raise UserError(f"--output={FLAGS.output} is the input file; the job would replace its own "
+                        "input: choose another --output")
     if check_output_path(FLAGS.output):
         print(f"created the output folder {os.path.dirname(os.path.abspath(FLAGS.output))}")
     lock = OutputLock(FLAGS.output)
@@ -209,15 +212,16 @@ def strict_errors(items, bad) -> list[str]:
 
 def run_locked(items, defaults) -> int:
     """The job, once its output is locked: resume, load the model, run, write."""
-    from jaxserve.config import ConfigError
     from jaxserve.io import Hashes, ResultsLog, ResultsLogWriteError, check_record, result_record
     from jaxserve.io.content_key import (engine_identity, model_identity, request_hash,
                                          resolved_dtype)
-    from jaxserve.weights import WeightError
 
     log = None
     try:
-        ident = model_identity(FLAGS.model, FLAGS.load_format, FLAGS.seed)
+        try:
+            ident = model_identity(FLAGS.model, FLAGS.load_format, FLAGS.seed)
+        except OSError as e:
+            raise UserError(f"cannot read the model {FLAGS.model}: {e.strerror or e}") from None
         engine_id = engine_identity(dtype=resolved_dtype(FLAGS.dtype), load_format=FLAGS.load_format,
                                     seed=FLAGS.seed, max_model_len=FLAGS.max_model_len)
         keys = [ResultsLog.key(it.line_no, it.id) for it in items]
@@ -242,7 +246,7 @@ def run_locked(items, defaults) -> int:
 
         try:
             llm = LLM(FLAGS.model, seed=FLAGS.seed, **engine_kwargs(FLAGS))
-        except (ConfigError, WeightError, OSError) as e:
+        except (ValueError, OSError) as e:   # ConfigError, WeightError, TokenizerError, bad dtype
             if FLAGS.verbose:
                 traceback.print_exc()
             log.close(remove=log.saved == 0)

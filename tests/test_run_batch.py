@@ -564,6 +564,9 @@ def test_job_refuses_to_start_before_loading_the_model(tiny_models, tmp_path):
     unwritable = ro if not os.access(ro, os.W_OK) else "/sys/kernel"   # root writes in any other
     rc, msg = run(out=os.path.join(unwritable, "o.jsonl"))
     assert rc == 2 and f"cannot write in the output folder {unwritable}" in msg, msg
+    rc, msg = run(out=inp)
+    assert rc == 2 and "is the input file" in msg
+    assert inp.read_text() == '{"id": 1, "prompt_token_ids": [1, 2]}\n'
     (tmp_path / "afile").write_text("")
     assert run(out=tmp_path / "afile" / "o.jsonl")[1].startswith(
         f"error: cannot create the output folder {tmp_path / 'afile'}")

@@ -92,9 +92,12 @@ def engine_identity(*, dtype: str, load_format: str, seed: int, max_model_len: O
                  "max_model_len": max_model_len})
 
 
+_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
 def resolved_dtype(dtype: str) -> str:
     if dtype not in (None, "auto"):
-        return str(dtype)
+        return _DTYPE_NAMES.get(str(dtype), str(dtype))
     import jax
 
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"

@@ -39,7 +39,8 @@ def _describe(info: dict) -> str:
 
 class OutputLock:
     def __init__(self, output_path: str):
-        self.path = os.path.abspath(output_path) + ".lock"
+        # The real path: two jobs naming one output through different symlinks share one lock.
+        self.path = os.path.realpath(output_path) + ".lock"
         self._fd: Optional[int] = None
 
     def _read(self, fd: int) -> dict:
