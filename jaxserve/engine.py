@@ -168,7 +168,7 @@ class Engine:
         if bad:
             return f"prompt token id {bad[0]} is outside the vocabulary (size {self.cfg.vocab_size})"
         bad = [t for t in req.params.stop_token_ids if not 0 <= t < self.cfg.vocab_size]
-        if bad:   # a stop id past the vocabulary can never match, and is masked out of range
+        if bad:   # it can never be sampled, and a banned id (min_tokens) would index past the logits
             return (f"field 'stop_token_ids': token id {bad[0]} is outside the vocabulary "
                     f"(size {self.cfg.vocab_size})")
         longest = min(n + req.params.max_tokens, self.max_model_len)

@@ -18,6 +18,7 @@ resumes).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging as std_logging
@@ -101,6 +102,18 @@ def _on_signal(signum, frame):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """SIGINT / SIGTERM wait until the block is done: a result is then either saved and counted
+    or not written at all, never torn by the interruption."""
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class UserError(Exception):
@@ -280,9 +293,10 @@ def run_locked(items, defaults) -> int:
         def persist(j, out):
             i = todo[j]
             rec = result_record(items[i], out, model_name, token_text)
-            log.append(keys[i], hashes[i], rec)
-            done[keys[i]] = rec
-            finish_order.append(keys[i])
+            with _signals_deferred():
+                log.append(keys[i], hashes[i], rec)
+                done[keys[i]] = rec
+                finish_order.append(keys[i])
 
         try:
             llm.generate(prompts, params, priority=prios, use_tqdm=FLAGS.use_tqdm, on_output=persist)
