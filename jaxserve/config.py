@@ -16,6 +16,12 @@ class ConfigError(ValueError):
     """A configuration we cannot honour; the message names the source and the field."""
 
 
+# The HF architectures `jaxserve.models.REGISTRY` implements, and the `model_type` of each. Listed
+# here because models imports this module; tests/test_batch_io.py checks that the two agree.
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+                           "Qwen2ForCausalLM": "qwen2"}
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """RoPE frequency scaling. Only the types whose math we implement are accepted."""
@@ -81,8 +87,25 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any], source: str = "config.json") -> "ModelConfig":
         """Build from a HF `config.json` dict (transformers 4 `rope_scaling`/`rope_theta` and 5 `rope_parameters`)."""
-        archs = cfg.get("architectures") or [cfg.get("model_type", "?")]
-        arch = archs[0]
+        # The architecture first: a GPT-2 or Mamba config lacks Llama's fields, and "required
+        # field 'hidden_size' is missing" would hide that the model itself is unsupported.
+        archs = cfg.get("architectures")
+        model_type = cfg.get("model_type", "")
+        supported = ", ".join(SUPPORTED_ARCHITECTURES)
+        if isinstance(archs, list) and archs:
+            arch = archs[0]
+            if arch not in SUPPORTED_ARCHITECTURES:
+                raise ConfigError(f"{source}: architecture {arch!r} is not supported "
+                                  f"(supported: {supported})")
+        elif model_type:
+            by_type = {t: a for a, t in SUPPORTED_ARCHITECTURES.items()}
+            if model_type not in by_type:
+                raise ConfigError(f"{source}: model_type {model_type!r} is not supported "
+                                  f"(supported: {', '.join(by_type)})")
+            arch = by_type[model_type]
+        else:
+            raise ConfigError(f"{source}: neither 'architectures' nor 'model_type' says which "
+                              f"model this is (supported: {supported})")
 
         def need(key):
             if key not in cfg:
@@ -116,7 +139,6 @@ class ModelConfig:
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
         window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
-        model_type = cfg.get("model_type", "")
         attention_bias = bool(cfg.get("attention_bias", model_type == "qwen2"))
         try:
             return cls(

@@ -7,6 +7,21 @@ import math
 from typing import Optional, Sequence
 
 MAX_LOGPROBS = 20   # top log-probabilities per token (OpenAI's top_logprobs limit, vLLM's default)
+# Integers that reach the device (top_k, max_tokens, min_tokens, stop token ids) live in int32
+# arrays; a larger value would overflow there, so it is refused here, naming the field.
+INT32_MAX = 2**31 - 1
+# Seeds are reduced to 64 bits by the engine; vLLM accepts the int64 range, and so do we.
+SEED_MIN, SEED_MAX = -2**63, 2**63 - 1
+# Float fields become float32 on the device: a larger magnitude would turn into inf there.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _show(v) -> str:
+    """repr of a user value for an error message, bounded (a 5,000-digit int has no repr)."""
+    if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 128:
+        return f"an integer of {v.bit_length()} bits"
+    r = repr(v)
+    return r if len(r) <= 80 else r[:77] + "..."
 
 
 class InvalidRequest(ValueError):
@@ -43,19 +58,30 @@ class SamplingParams:
 
     def __post_init__(self):
         def bad(field, why):
-            raise InvalidRequest(f"field '{field}': {why} (got {getattr(self, field)!r})")
+            raise InvalidRequest(f"field '{field}': {why} (got {_show(getattr(self, field))})")
 
         for field in ("n", "max_tokens", "min_tokens", "top_k"):
             v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, int):
                 bad(field, "must be an integer")
+            if v > INT32_MAX:   # lower bounds: below, per field
+                bad(field, f"must be at most {INT32_MAX} (int32)")
         for field in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
                       "repetition_penalty"):
             v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 bad(field, "must be a number")
+            try:
+                v = float(v)
+            except OverflowError:   # an int too large for a float
+                bad(field, "must be finite")
             if not math.isfinite(v):
                 bad(field, "must be finite")
+            if abs(v) > FLOAT32_MAX:
+                bad(field, "is beyond the float32 range")
+        for field in ("include_stop_str_in_output", "ignore_eos"):
+            if not isinstance(getattr(self, field), bool):
+                bad(field, "must be true or false")
         for field in ("logprobs", "prompt_logprobs"):
             v = getattr(self, field)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
@@ -85,15 +111,21 @@ class SamplingParams:
             bad("top_k", "must be -1 (disabled) or >= 0")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             bad("seed", "must be an integer or null")
-        if isinstance(self.stop_token_ids, (str, bytes)) or not all(
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            bad("seed", "must fit in 64 bits (int64)")
+        if not isinstance(self.stop_token_ids, (list, tuple, set, frozenset)) or not all(
                 isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "must be a list of non-negative integers")
+        if any(t > INT32_MAX for t in self.stop_token_ids):
+            bad("stop_token_ids", f"token ids must be at most {INT32_MAX} (int32)")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
-        if not all(isinstance(x, str) and x for x in self.stop):
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(x, str) and x
+                                                               for x in self.stop):
             bad("stop", "must be a string or a list of non-empty strings")
         self.stop = tuple(self.stop)
-        self.stop_token_ids = tuple(self.stop_token_ids)
+        self.stop_token_ids = tuple(sorted(self.stop_token_ids) if isinstance(
+            self.stop_token_ids, (set, frozenset)) else self.stop_token_ids)
         self.temperature = float(self.temperature)
         self.top_p = float(self.top_p)
         self.min_p = float(self.min_p)

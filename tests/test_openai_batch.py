@@ -34,13 +34,15 @@ def vocab_model_dir(tmp_path_factory):
     return path
 
 
-def run(model, inp, out, *extra):
+def run(model, inp, out, *extra, stdout=None):
     res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "run_batch.py"),
                           f"--model={model}", f"--input={inp}", f"--output={out}", "--use_tqdm=false",
                           "--max_num_batched_tokens=64", "--max_num_seqs=8", "--max_model_len=256",
                           "--page_size=8", "--num_pages=200", "--attention_impl=reference", *extra],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
+    if stdout is not None:
+        stdout.append(res.stdout)
     return [json.loads(x) for x in open(out)]
 
 
@@ -75,13 +77,32 @@ def test_openai_batch_file_round_trips(vocab_model_dir, tmp_path):
          "body": {"prompt": "a", "logprobs": 30}},
         {"custom_id": "bad-pen", "method": "POST", "url": "/v1/completions",
          "body": {"prompt": "a", "presence_penalty": 2.5}},
+        # Issue #12: text content parts and the sampling extras vLLM's run-batch accepts.
+        {"custom_id": "c-parts", "method": "POST", "url": "/v1/chat/completions",
+         "body": {**chat("x"), "messages": [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                                            {"role": "user", "content": [{"type": "text", "text": "Hi"},
+                                                                         {"type": "text", "text": "there"}]}]}},
+        {"custom_id": "t-extras", "method": "POST", "url": "/v1/completions",
+         "body": {"prompt": "Once upon a time", "max_tokens": 6, "temperature": 0.7, "seed": 5,
+                  "top_k": 20, "min_p": 0.05, "min_tokens": 6, "ignore_eos": True,
+                  "stop_token_ids": [2], "include_stop_str_in_output": False,
+                  "repetition_penalty": 1.1, "skip_special_tokens": True, "priority": -1}},
+        {"custom_id": "bad-part", "method": "POST", "url": "/v1/chat/completions",
+         "body": {**chat("x"), "messages": [{"role": "user", "content": [
+             {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}},
+        {"custom_id": "bad-topk", "method": "POST", "url": "/v1/completions",
+         "body": {"prompt": "a", "top_k": 10**10}},
     ]
     inp = tmp_path / "batch.jsonl"
     inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    recs = run(vocab_model_dir, inp, tmp_path / "out.jsonl")
+    stdout = []
+    recs = run(vocab_model_dir, inp, tmp_path / "out.jsonl", stdout=stdout)
     assert [r["custom_id"] for r in recs] == [x["custom_id"] for x in lines]
     ok = {r["custom_id"]: r for r in recs if r["error"] is None}
-    assert set(ok) == {"c1", "t1", "c2", "c-lp", "t-lp"}
+    assert set(ok) == {"c1", "t1", "c2", "c-lp", "t-lp", "c-parts", "t-extras"}
+    # The closing line counts this format's errors too.
+    assert f"wrote {len(lines)} results to" in stdout[0] and "(7 ok, 10 errors;" in stdout[0]
+    assert ok["t-extras"]["response"]["body"]["usage"]["completion_tokens"] == 6
     for cid, obj in (("c1", "chat.completion"), ("t1", "text_completion"), ("c2", "chat.completion"),
                      ("c-lp", "chat.completion"), ("t-lp", "text_completion")):
         r = ok[cid]
@@ -99,6 +120,8 @@ def test_openai_batch_file_round_trips(vocab_model_dir, tmp_path):
     assert "max_tokens" in errs["bad-max"]
     assert "'body.top_logprobs'" in errs["bad-top"] and "'body.top_logprobs'" in errs["bad-top-nolp"]
     assert "'body.logprobs'" in errs["bad-lp"] and "'body.presence_penalty'" in errs["bad-pen"]
+    assert "field 'body.messages[0].content[0].type': content parts of type 'image_url'" in errs["bad-part"]
+    assert "field 'body.top_k': must be at most 2147483647" in errs["bad-topk"]
     for cid in ("c1", "t1", "c2"):
         assert ok[cid]["response"]["body"]["choices"][0]["logprobs"] is None
     # Chat logprobs: one entry per completion token, top 3 sorted, the chosen token's among them
@@ -136,13 +159,20 @@ def test_openai_batch_file_round_trips(vocab_model_dir, tmp_path):
              {"id": "t1", "prompt": "Once upon a time", "max_tokens": 9, "temperature": 0},
              {"id": "t-lp", "prompt": "The weather today", "max_tokens": 7, "temperature": 0,
               "logprobs": 4, "prompt_logprobs": 2, "repetition_penalty": 1.3,
-              "frequency_penalty": 0.4}]
+              "frequency_penalty": 0.4},
+             # Text parts are joined with newlines (vLLM's string content format), in both formats.
+             {"id": "c-parts", "max_tokens": 12, "temperature": 0,
+              "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi\nthere"}]},
+             {"id": "c-parts2", "max_tokens": 12, "temperature": 0,
+              "messages": lines[13]["body"]["messages"]}]
     inp2 = tmp_path / "plain.jsonl"
     inp2.write_text("".join(json.dumps(x) + "\n" for x in plain))
     recs2 = run(vocab_model_dir, inp2, tmp_path / "out2.jsonl")
     assert recs2[0]["text"] == ok["c1"]["response"]["body"]["choices"][0]["message"]["content"]
     assert recs2[1]["text"] == ok["t1"]["response"]["body"]["choices"][0]["text"]
     assert "logprobs" not in recs2[0] and "prompt_logprobs" not in recs2[1]
+    parts_text = ok["c-parts"]["response"]["body"]["choices"][0]["message"]["content"]
+    assert recs2[3]["text"] == recs2[4]["text"] == parts_text
     # The plain record of the same completion: the same text and chosen-token logprobs, which are
     # transformers' log-softmax of the raw logits (before the penalties that chose the tokens).
     r = recs2[2]

@@ -3,6 +3,10 @@
 "status_code", "request_id", "body": {... "choices", "usage"}}, "error"}.
 
 Fields we cannot honour yet are refused per line with a message naming them, never ignored.
+Besides OpenAI's fields, bodies take the sampling extras of vLLM's run-batch that the engine
+implements (top_k, min_p, min_tokens, ignore_eos, stop_token_ids, include_stop_str_in_output,
+repetition_penalty, prompt_logprobs, priority); vLLM extras it does not implement (beam search,
+echo, ...) are accepted only at their "off" value. Chat messages take text content parts.
 
 Log-probabilities and penalties follow OpenAI's fields: /v1/chat/completions takes `logprobs`
 (bool) and `top_logprobs` (0..20, needs `logprobs`), /v1/completions takes `logprobs` (an int: how
@@ -16,17 +20,34 @@ are each token decoded on its own (as vLLM does), `bytes` their UTF-8 bytes.
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Callable, Optional
 
+from jaxserve.io.fields import check_priority, check_token_ids, normalize_messages
 from jaxserve.sampling_params import MAX_LOGPROBS, InvalidRequest, SamplingParams
 
 URLS = ("/v1/completions", "/v1/chat/completions")
 # Body fields we honour; `model` names the served model and is not checked (one model per job).
+# Besides OpenAI's own, the sampling extras vLLM's run-batch accepts (vLLM's protocol.py
+# "sampling params" of ChatCompletionRequest / CompletionRequest) that this engine implements,
+# and vLLM's `priority`.
 _BODY_FIELDS = {"model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature",
                 "top_p", "n", "stop", "seed", "user", "logprobs", "top_logprobs", "stream",
-                "presence_penalty", "frequency_penalty", "repetition_penalty"}
+                "presence_penalty", "frequency_penalty", "repetition_penalty", "top_k", "min_p",
+                "stop_token_ids", "include_stop_str_in_output", "ignore_eos", "min_tokens",
+                "prompt_logprobs", "priority"}
+_PASSED_THROUGH = ("temperature", "top_p", "seed", "stop", "n", "presence_penalty",
+                   "frequency_penalty", "repetition_penalty", "top_k", "min_p", "stop_token_ids",
+                   "include_stop_str_in_output", "ignore_eos", "min_tokens", "prompt_logprobs")
+# vLLM extras this engine does not implement, accepted at the value that means "off" (clients
+# send them with their defaults) and refused, naming them, at any other value.
+_NOOP_DEFAULTS = {"use_beam_search": False, "length_penalty": 1.0, "skip_special_tokens": True,
+                  "spaces_between_special_tokens": True, "echo": False,
+                  "truncate_prompt_tokens": None, "continue_final_message": False}
+_NOOP_PER_URL = {"/v1/chat/completions": {"add_generation_prompt": True, "add_special_tokens": False},
+                 "/v1/completions": {"add_special_tokens": True}}
 
 
 def is_openai_line(obj: dict) -> bool:
@@ -40,7 +61,7 @@ def parse_openai(item, obj: dict, defaults: dict) -> None:
     item.id = obj.get("custom_id")
     unknown = sorted(set(obj) - {"custom_id", "method", "url", "body"})
     if unknown:
-        item.error = f"{where}: unknown field '{unknown[0]}'"
+        item.error = f"{where}: unknown field '{unknown[0][:80]}'"
         return
     if not isinstance(item.id, str) or not item.id:
         item.error = f"{where}: field 'custom_id' must be a non-empty string"
@@ -50,27 +71,34 @@ def parse_openai(item, obj: dict, defaults: dict) -> None:
         return
     url = obj.get("url")
     if url not in URLS:
-        item.error = f"{where}: field 'url'={url!r} is not one of {', '.join(URLS)}"
+        shown = repr(url) if len(repr(url)) <= 80 else repr(url)[:77] + "..."
+        item.error = f"{where}: field 'url'={shown} is not one of {', '.join(URLS)}"
         return
     item.url = url
     body = obj.get("body")
     if not isinstance(body, dict):
         item.error = f"{where}: field 'body' must be an object"
         return
-    unknown = sorted(set(body) - _BODY_FIELDS)
+    noop = {**_NOOP_DEFAULTS, **_NOOP_PER_URL[url]}
+    unknown = sorted(set(body) - _BODY_FIELDS - set(noop) - {"best_of"})
     if unknown:
-        item.error = f"{where}: unknown field 'body.{unknown[0]}'"
+        item.error = f"{where}: unknown field 'body.{unknown[0][:80]}'"
         return
 
     def refuse(field, why):
         item.error = f"{where}: field 'body.{field}': {why}"
 
+    for f, off in noop.items():
+        if f in body and body[f] != off:
+            return refuse(f, f"is not supported (only {json.dumps(off)}, which is the default)")
+    if body.get("best_of") is not None and body["best_of"] != body.get("n", 1):
+        return refuse("best_of", "is not supported (only best_of equal to n)")
+
     if url == "/v1/chat/completions":
-        msgs = body.get("messages")
-        if not (isinstance(msgs, list) and msgs and all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in msgs)):
-            return refuse("messages", "must be a non-empty list of {role, content} strings")
+        msgs, err = normalize_messages(body.get("messages"), "body.messages")
+        if err:
+            item.error = f"{where}: {err}"
+            return
         item.messages = msgs
     else:
         prompt = body.get("prompt")
@@ -78,11 +106,20 @@ def parse_openai(item, obj: dict, defaults: dict) -> None:
             item.prompt = prompt
         elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
                                                          for t in prompt):
+            err = check_token_ids(prompt, "body.prompt")
+            if err:
+                item.error = f"{where}: {err}"
+                return
             item.prompt_token_ids = prompt
         else:
             return refuse("prompt", "must be a string or a list of token ids")
     if body.get("stream", False):
         return refuse("stream", "streaming does not apply to batch files")
+    err = check_priority(body.get("priority", 0), "body.priority")
+    if err:
+        item.error = f"{where}: {err}"
+        return
+    item.priority = body.get("priority", 0)
     kw = dict(defaults)
     lp, top = body.get("logprobs"), body.get("top_logprobs")
     if url == "/v1/chat/completions":
@@ -104,8 +141,7 @@ def parse_openai(item, obj: dict, defaults: dict) -> None:
     mt = body.get("max_completion_tokens", body.get("max_tokens"))
     if mt is not None:
         kw["max_tokens"] = mt
-    for f in ("temperature", "top_p", "seed", "stop", "n", "presence_penalty", "frequency_penalty",
-              "repetition_penalty"):
+    for f in _PASSED_THROUGH:
         if body.get(f) is not None:
             kw[f] = body[f]
     try:

@@ -19,12 +19,16 @@ DEVICES = {
 
 
 def analyse(cfg: ModelConfig, prompts: list[list[int]], params: list[SamplingParams], *,
-            device: str = "h100", page_size: int = 16, max_num_batched_tokens: int = 2048,
-            max_num_seqs: int = 256, dtype_bytes: int = 2, policy: str = "batchllm",
+            device: str = "h100", page_size: int = 16, max_num_batched_tokens: Optional[int] = None,
+            max_num_seqs: Optional[int] = None, dtype_bytes: int = 2, policy: str = "batchllm",
             num_errors: int = 0) -> dict:
+    """`max_num_batched_tokens` / `max_num_seqs` None: the engine's defaults on that device."""
     if device not in DEVICES:
         raise ValueError(f"unknown device {device!r} (known: {', '.join(DEVICES)})")
     dev = DEVICES[device]
+    big = dev["memory_bytes"] >= 70 * 2 ** 30      # engine.sizing.resolve_batch_limits
+    max_num_batched_tokens = max_num_batched_tokens or (16384 if big else 8192)
+    max_num_seqs = max_num_seqs or (1024 if big else 256)
     seqs = [Sample(prompt_ids=list(p), index=i, params=sp, request=i)
             for i, (p, sp) in enumerate(zip(prompts, params))]
     # As the engine does: a request asking for prompt logprobs prefills its whole prompt itself.

@@ -22,6 +22,20 @@ _DTYPES = {
 }
 
 
+def _check_inside(model_dir: str, name: str, index: str) -> None:
+    """A file named by the index must lie in the model folder: a downloaded index must not make
+    the loader read `../secret/model.safetensors` or `/etc/...`. The folder that will hold the
+    file is resolved (so a symlinked subfolder cannot lead out); the file itself may be a symlink,
+    as in the HF hub cache, whose snapshot files link to blobs outside the snapshot folder."""
+    root = os.path.realpath(model_dir)
+    if os.path.isabs(name) or not name:
+        raise WeightError(f"{index}: weight file {name!r} is not a path inside the model folder")
+    parent = os.path.realpath(os.path.dirname(os.path.join(root, name)))
+    base = os.path.basename(name)
+    if (parent != root and not parent.startswith(root + os.sep)) or base in ("", ".", ".."):
+        raise WeightError(f"{index}: weight file {name!r} lies outside the model folder {root}")
+
+
 class SafetensorsFile:
     def __init__(self, path: str):
         self.path = path
@@ -75,9 +89,14 @@ class SafetensorsCheckpoint:
             try:
                 with open(index) as f:
                     weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise WeightError(f"{index}: unreadable index ({e})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str)
+                                                           for v in weight_map.values()):
+                raise WeightError(f"{index}: 'weight_map' must map tensor names to file names")
             files = sorted(set(weight_map.values()))
+            for f in files:
+                _check_inside(model_dir, f, index)
         else:
             files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
             if not files:
