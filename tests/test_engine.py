@@ -277,3 +277,37 @@ def test_overlap_on_and_off_give_identical_outputs(kind, fused, tiny_models):
     assert st_a.generated_tokens == st_s.generated_tokens
     assert st_a.computed_prefill_tokens == st_s.computed_prefill_tokens
     assert st_s.dropped_tokens == 0 < st_a.dropped_tokens
+
+
+def test_programs_load_from_the_cache_on_a_second_start(tiny_models, tmp_path):
+    """A second engine with the same model and settings loads every program from the executable
+    cache (no tracing, no compile) and computes the same tokens; other settings never load a
+    stale program, and a corrupt entry costs only a compile."""
+    import os
+
+    path, _ = tiny_models["tied"]
+    reqs = ragged_requests(6, 384, seed=9, max_prompt=30, max_out=8)
+    cold = make_engine(path, compilation_cache_dir=str(tmp_path))
+    ref = [o.token_ids for o in cold.run(reqs)]
+    assert cold.last_stats.compile_cache_hits == 0 and cold.last_stats.compiled_programs > 0
+    compiles, listener = _count_compiles()
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        warm = make_engine(path, compilation_cache_dir=str(tmp_path))
+        out = [o.token_ids for o in warm.run(reqs)]
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    st = warm.last_stats
+    assert out == ref
+    assert st.compile_cache_hits == st.compiled_programs == cold.last_stats.compiled_programs
+    assert compiles == []
+    other = make_engine(path, compilation_cache_dir=str(tmp_path), page_size=16)
+    assert [o.token_ids for o in other.run(reqs)] == ref
+    assert other.runner.programs.cache_hits == 0     # another layout: nothing loaded
+    folder = os.path.join(str(tmp_path), "jaxserve-programs")
+    for f in os.listdir(folder):
+        with open(os.path.join(folder, f), "wb") as fh:
+            fh.write(b"not an executable")
+    again = make_engine(path, compilation_cache_dir=str(tmp_path))
+    assert [o.token_ids for o in again.run(reqs)] == ref
+    assert again.runner.programs.cache_hits == 0

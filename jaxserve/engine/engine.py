@@ -84,7 +84,8 @@ class Engine:
         self.runner = ModelRunner(model, model_cfg, num_pages=sizes.num_pages,
                                   page_size=ecfg.page_size, buckets=sizes.buckets,
                                   attention=self.attention, kv_dtype=kv_dtype,
-                                  return_logits=return_logits)
+                                  return_logits=return_logits,
+                                  cache_dir=self.compilation_cache_dir)
         self.limits = Limits(sizes.max_model_len, model_cfg.vocab_size, sizes.num_pages - 1,
                              ecfg.page_size, self.eos_token_ids, tokenizer is not None)
         self.last_stats = RunStats()
@@ -214,10 +215,11 @@ class Engine:
         features = batch_features(samples, self.cfg.vocab_size)
         keys = self.program_keys(samples, features)
         t0 = time.perf_counter()
+        hits0 = self.runner.programs.cache_hits
         with CompileEvents() as ev:
             stats.compiled_programs = self.runner.compile(keys, self.compile_progress)
         stats.compile_seconds = time.perf_counter() - t0
-        stats.compile_cache_hits = ev.cache_hits
+        stats.compile_cache_hits = ev.cache_hits + self.runner.programs.cache_hits - hits0
         if stats.compiled_programs:
             print(f"compiled {stats.compiled_programs} programs in {stats.compile_seconds:.1f} s "
                   f"({ev.cache_hits} from the compilation cache"

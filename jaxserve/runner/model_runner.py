@@ -11,6 +11,7 @@ before it has step N's tokens. `execute` is dispatch + result. Programs are comp
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Callable, Iterable, Optional
 
 import jax
@@ -22,7 +23,8 @@ from jaxserve.config import ModelConfig
 from jaxserve.models.llama import ForwardOptions
 from jaxserve.runner.buckets import BucketSet
 from jaxserve.runner.decode_loop import ProgramContext, step_program
-from jaxserve.runner.programs import Features, ProgramKey, ProgramSet
+from jaxserve.runner.programs import (COMPILER_OPTIONS, ExecutableCache, Features, ProgramKey,
+                                      ProgramSet, source_fingerprint)
 from jaxserve.runner.step_inputs import abstract_step_inputs, build_step_inputs, empty_carry
 from jaxserve.scheduler.step_plan import StepPlan
 from pallas_kernels import AttentionSpec
@@ -66,7 +68,7 @@ class Pending:
 class ModelRunner:
     def __init__(self, model: nnx.Module, cfg: ModelConfig, *, num_pages: int, page_size: int,
                  buckets: BucketSet, attention: AttentionSpec, kv_dtype,
-                 return_logits: bool = False):
+                 return_logits: bool = False, cache_dir: Optional[str] = None):
         self.cfg = cfg
         self.num_pages = num_pages
         self.page_size = page_size
@@ -82,7 +84,9 @@ class ModelRunner:
         self.k_cache = jnp.zeros(shape, kv_dtype)
         self.v_cache = jnp.zeros(shape, kv_dtype)
         self._jit = jax.jit(self._program, donate_argnums=(1, 2), static_argnames=("key",))
-        self.programs = ProgramSet(self._lower)
+        cache = ExecutableCache(os.path.join(cache_dir, "jaxserve-programs")) if cache_dir else None
+        self._static_print = self._static_fingerprint() if cache else ""
+        self.programs = ProgramSet(self._lower, self._fingerprint, cache)
         self._carry = empty_carry(buckets.max_num_seqs)   # the last program's, on the device
 
     @property
@@ -101,6 +105,25 @@ class ModelRunner:
         model = nnx.merge(self.graphdef, params)
         return step_program(model, self.opts, k_cache, v_cache, inputs, carry, key=key,
                             ctx=self.ctx)
+
+    def _static_fingerprint(self) -> str:
+        """Everything but the key that shapes a compiled program."""
+        import hashlib
+
+        shapes = jax.tree.map(lambda a: (a.shape, str(a.dtype), str(getattr(a, "sharding", ""))),
+                              self.params)
+        devices = [(d.platform, d.device_kind, d.id) for d in jax.devices()]
+        parts = [source_fingerprint(), jax.__version__, jax.lib.__version__, repr(devices),
+                 repr(self.cfg), repr(self.ctx), repr(self.opts), str(self.graphdef),
+                 repr(jax.tree.structure(self.params)), repr(jax.tree.leaves(shapes)),
+                 repr((self.k_cache.shape, str(self.k_cache.dtype))), repr(COMPILER_OPTIONS),
+                 os.environ.get("XLA_FLAGS", "")]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+    def _fingerprint(self, key: ProgramKey) -> str:
+        import hashlib
+
+        return hashlib.sha256((self._static_print + repr(key)).encode()).hexdigest()[:40]
 
     def _layout(self, key: ProgramKey) -> dict:
         return dict(T=key.tokens, P=key.pages, S=self.buckets.seqs_for(key.tokens),

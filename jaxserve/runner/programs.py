@@ -53,11 +53,78 @@ class ProgramKey:
         return f"T={self.tokens} P={self.pages} steps={self.steps}{f}"
 
 
+class ExecutableCache:
+    """Compiled programs on disk, keyed by a fingerprint of everything that shapes them (the
+    runner's `fingerprint(key)`: the program key, the model's structure and shapes, the runner's
+    static settings, the source of jaxserve and pallas_kernels, JAX's version and the devices).
+    A hit skips tracing and lowering as well as XLA's compile, which JAX's own persistent cache
+    cannot: tracing an unrolled 32-layer model costs seconds per program. Like JAX's cache, the
+    folder is trusted (its files are loaded as executables)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        os.makedirs(folder, exist_ok=True)
+
+    def _path(self, fingerprint: str) -> str:
+        return os.path.join(self.folder, fingerprint + ".bin")
+
+    def load(self, fingerprint: str):
+        import pickle
+
+        from jax.experimental import serialize_executable
+
+        try:
+            with open(self._path(fingerprint), "rb") as f:
+                payload, in_tree, out_tree = pickle.load(f)
+            return serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+        except FileNotFoundError:
+            return None
+        except Exception:  # noqa: BLE001  (a stale or torn entry costs a compile, never the run)
+            return None
+
+    def save(self, fingerprint: str, compiled) -> None:
+        import pickle
+        import tempfile
+
+        from jax.experimental import serialize_executable
+
+        try:
+            blob = pickle.dumps(serialize_executable.serialize(compiled))
+            fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob)
+            os.replace(tmp, self._path(fingerprint))
+        except Exception:  # noqa: BLE001  (a full disk or an unserialisable program: no entry)
+            pass
+
+
+def source_fingerprint() -> str:
+    """Hash of the source every program is built from (a code change must never load a stale
+    program)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for pkg in ("jaxserve", "pallas_kernels"):
+        for d, dirs, files in sorted(os.walk(os.path.join(root, pkg))):
+            dirs.sort()
+            for f in sorted(files):
+                if f.endswith(".py"):
+                    with open(os.path.join(d, f), "rb") as fh:
+                        h.update(f.encode() + fh.read())
+    return h.hexdigest()
+
+
 class ProgramSet:
-    def __init__(self, lower: Callable[[ProgramKey], object]):
+    def __init__(self, lower: Callable[[ProgramKey], object],
+                 fingerprint: Optional[Callable[[ProgramKey], str]] = None,
+                 cache: Optional[ExecutableCache] = None):
         self._lower = lower          # key -> jax Lowered
+        self._fingerprint = fingerprint
+        self._cache = cache if fingerprint is not None else None
         self._compiled: dict[ProgramKey, object] = {}
         self.compile_seconds = 0.0
+        self.cache_hits = 0          # programs loaded from the executable cache
 
     def __len__(self) -> int:
         return len(self._compiled)
@@ -79,13 +146,31 @@ class ProgramSet:
             return 0
         t0 = time.perf_counter()
         done = 0
+        prints = {}
+        if self._cache is not None:
+            for k in list(todo):
+                prints[k] = self._fingerprint(k)
+                exe = self._cache.load(prints[k])
+                if exe is not None:
+                    self._compiled[k] = exe
+                    self.cache_hits += 1
+                    done += 1
+                    if progress is not None:
+                        progress(done, len(todo), time.perf_counter() - t0)
+            missing = [k for k in todo if k not in self._compiled]
+        else:
+            missing = todo
 
         def compile_one(key_lowered):
-            return key_lowered[0], key_lowered[1].compile(compiler_options=COMPILER_OPTIONS)
+            key, lowered = key_lowered
+            exe = lowered.compile(compiler_options=COMPILER_OPTIONS)
+            if self._cache is not None:
+                self._cache.save(prints[key], exe)
+            return key, exe
 
-        workers = max(1, min(len(todo), 8, (os.cpu_count() or 2) // 2))
+        workers = max(1, min(len(missing), 8, (os.cpu_count() or 2) // 2))
         with cf.ThreadPoolExecutor(workers) as pool:
-            futures = [pool.submit(compile_one, (k, self._lower(k))) for k in todo]
+            futures = [pool.submit(compile_one, (k, self._lower(k))) for k in missing]
             for fut in cf.as_completed(futures):
                 key, exe = fut.result()
                 self._compiled[key] = exe

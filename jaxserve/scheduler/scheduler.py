@@ -226,22 +226,24 @@ class Scheduler:
         the block would have admitted or prefilled anything, so fusing changes no scheduling
         decision. Pages for every row's next `min(n_steps, remaining)` tokens are allocated first.
         """
-        if (n_steps <= 1 or self.waiting or not self.running
-                or len(self.running) > min(self.max_num_seqs, self.budget)):
+        if n_steps <= 1 or self.waiting:
             return None
-        if any(not seq.samples or seq.num_pending != 1 or seq.remaining <= 0
-               for seq in self.running):
+        # Samples whose every token is on the device already end at a commit: not in the block.
+        rows = [s for s in self.running if not (s.samples and s.remaining <= 0)]
+        if not rows or len(rows) > min(self.max_num_seqs, self.budget):
+            return None
+        if any(not seq.samples or seq.num_pending != 1 for seq in rows):
             return None
         need = 0
-        for seq in self.running:
+        for seq in rows:
             upto = seq.num_computed + min(n_steps, seq.remaining)
             need += max(0, self._own_pages_for(seq, upto) - len(seq.pages))
         if need > self.pool.num_free:
             return None
-        self.running.sort(key=lambda s: s.sort_key)
-        for seq in self.running:
+        rows.sort(key=lambda s: s.sort_key)
+        for seq in rows:
             self._ensure_pages(seq, seq.num_computed + min(n_steps, seq.remaining))
-        return self._plan([(seq, 1) for seq in self.running], decode_steps=n_steps)
+        return self._plan([(seq, 1) for seq in rows], decode_steps=n_steps)
 
     # -- rows -----------------------------------------------------------------------------------
     def _row(self, seq: KVSequence, n: int) -> PlannedRow:

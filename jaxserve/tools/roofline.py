@@ -98,11 +98,12 @@ def _program_seconds(fn, *args, repeats: int = 3) -> float:
     return best
 
 
-def measure_ceilings(copy_bytes=(1 << 30, 2 << 30, 4 << 30), matmul_sizes=(4096, 8192),
+def measure_ceilings(copy_bytes=(1 << 30, 4 << 30), matmul_sizes=(8192, 16384),
                      passes: int = 40) -> tuple[float, float]:
     """(HBM bandwidth in bytes/s counting read + write, bf16 matmul FLOP/s), each the best over a
-    few sizes of one program that makes `passes` passes: a copy (x -> x + 1 over the whole array:
-    every pass reads and writes it) and a chain of square bf16 matmuls."""
+    few sizes (and, for the copy, element types: narrow elementwise kernels do not always reach the
+    widest loads) of one program that makes `passes` passes: a copy (x -> x + 1 over the whole
+    array: every pass reads and writes it) and a chain of square bf16 matmuls."""
     import functools
 
     import jax
@@ -114,15 +115,14 @@ def measure_ceilings(copy_bytes=(1 << 30, 2 << 30, 4 << 30), matmul_sizes=(4096,
 
     @functools.partial(jax.jit, static_argnums=2)
     def matmuls(a, b, n):
-        return jax.lax.fori_loop(0, n, lambda i, x: jnp.dot(
-            x, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16), a)
+        return jax.lax.fori_loop(0, n, lambda i, x: jnp.dot(x, b), a)
 
     bw = 0.0
     for size in copy_bytes:
-        x = jnp.zeros((size // 2,), jnp.bfloat16) + jax.random.normal(
-            jax.random.key(0), (size // 2,), jnp.bfloat16)
-        bw = max(bw, 2 * size * passes / _program_seconds(copies, x, passes))
-        del x
+        for dtype in (jnp.float32, jnp.int32, jnp.bfloat16):
+            x = jnp.ones((size // jnp.dtype(dtype).itemsize,), dtype)
+            bw = max(bw, 2 * size * passes / _program_seconds(copies, x, passes))
+            del x
     flops = 0.0
     for n in matmul_sizes:
         a = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
