@@ -221,12 +221,13 @@ class Engine:
         stats.compile_seconds = time.perf_counter() - t0
         stats.compile_cache_hits = ev.cache_hits + self.runner.programs.cache_hits - hits0
         if stats.compiled_programs:
+            where = (f"from the cache in {self.compilation_cache_dir}" if self.compilation_cache_dir
+                     else "from the cache (off)")
             print(f"compiled {stats.compiled_programs} programs in {stats.compile_seconds:.1f} s "
-                  f"({ev.cache_hits} from the compilation cache"
-                  f"{' in ' + self.compilation_cache_dir if self.compilation_cache_dir else ', off'})",
-                  file=sys.stderr, flush=True)
+                  f"({stats.compile_cache_hits} {where})", file=sys.stderr, flush=True)
         self.last_compile = dict(programs=stats.compiled_programs, seconds=stats.compile_seconds,
-                                 cache_hits=ev.cache_hits, total_programs=self.runner.num_compiled)
+                                 cache_hits=stats.compile_cache_hits,
+                                 total_programs=self.runner.num_compiled)
         return features
 
     def compile_for(self, requests: list[Request]) -> int:

@@ -214,6 +214,10 @@ def enable_compilation_cache(setting: str = "auto") -> Optional[str]:
     if setting.strip().lower() in _OFF:
         jax.config.update("jax_enable_compilation_cache", False)
         return None
+    import logging
+
+    # Resetting JAX's cache logs a line at INFO that says nothing to a user.
+    logging.getLogger("jax._src.compilation_cache").setLevel(logging.WARNING)
     path = os.path.abspath(os.path.expanduser(setting))
     try:
         os.makedirs(path, exist_ok=True)
