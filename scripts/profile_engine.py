@@ -91,7 +91,8 @@ def main(argv):
 
     tm = Timers()
     tm.wrap(model_runner, "build_step_inputs", "host: build step inputs")
-    tm.wrap(llm.engine.runner, "execute", "execute (build + dispatch + wait)")
+    tm.wrap(llm.engine.runner, "dispatch", "dispatch (build inputs + send)")
+    tm.wrap(model_runner.Pending, "result", "wait for the step + copy tokens back")
     for name in ("schedule", "schedule_decode_block", "commit"):
         tm.wrap(scheduler.Scheduler, name, f"host: scheduler.{name}")
 
@@ -112,11 +113,14 @@ def main(argv):
     wall_traced = time.perf_counter() - t0
     jax.profiler.stop_trace()
     summ = summarise(FLAGS.trace_dir, FLAGS.top)
+    summ["gpu_idle_fraction"] = 1 - summ["gpu_busy_s"] / summ["gpu_span_s"] if summ["gpu_span_s"] else None
     summ.update(wall_untraced_s=wall_plain, wall_traced_s=wall_traced, host_timers=host,
+                commit=os.environ.get("JAXSERVE_COMMIT", "unknown"),
                 stats={k: v for k, v in st.items() if isinstance(v, (int, float, str))},
                 device=jax.devices()[0].device_kind, command=" ".join(sys.argv))
     print(f"# traced run {wall_traced:.2f}s; GPU busy {summ['gpu_busy_s']:.2f}s of span "
-          f"{summ['gpu_span_s']:.2f}s; kernel sum {summ['kernel_total_s']:.2f}s")
+          f"{summ['gpu_span_s']:.2f}s (idle {summ['gpu_idle_fraction'] or 0:.1%}); kernel sum "
+          f"{summ['kernel_total_s']:.2f}s")
     print("# lines:", summ["lines"])
     print("# categories:", {k: round(v, 3) for k, v in summ["categories"].items()})
     print("# modules (s, count):")

@@ -279,12 +279,16 @@ def test_overlap_on_and_off_give_identical_outputs(kind, fused, tiny_models):
     assert st_s.dropped_tokens == 0 < st_a.dropped_tokens
 
 
-def test_programs_load_from_the_cache_on_a_second_start(tiny_models, tmp_path):
+def test_programs_load_from_the_cache_on_a_second_start(tiny_models, tmp_path, monkeypatch):
     """A second engine with the same model and settings loads every program from the executable
     cache (no tracing, no compile) and computes the same tokens; other settings never load a
-    stale program, and a corrupt entry costs only a compile."""
+    stale program, and a corrupt entry costs only a compile. (The cache keeps accelerator
+    programs; here it is let on the CPU for greedy programs, which survive serialisation there.)"""
     import os
 
+    from jaxserve.runner import model_runner
+
+    monkeypatch.setattr(model_runner, "EXECUTABLE_CACHE_BACKENDS", ("cpu",))
     path, _ = tiny_models["tied"]
     reqs = ragged_requests(6, 384, seed=9, max_prompt=30, max_out=8)
     cold = make_engine(path, compilation_cache_dir=str(tmp_path))

@@ -43,6 +43,13 @@ class StepResult:
     logits: Optional[np.ndarray] = None         # [rows, V] (runners built with return_logits)
 
 
+# XLA:CPU executables do not always survive serialisation (a deserialised program can name a
+# kernel function that another compile in the same process provided: "Function wrapped_iota not
+# found"), so only accelerator programs are kept; on CPU, JAX's own persistent cache still saves
+# the XLA compile.
+EXECUTABLE_CACHE_BACKENDS = ("gpu", "tpu")
+
+
 class Pending:
     """A dispatched program: `result()` waits for it and copies its outputs to the host."""
 
@@ -84,7 +91,8 @@ class ModelRunner:
         self.k_cache = jnp.zeros(shape, kv_dtype)
         self.v_cache = jnp.zeros(shape, kv_dtype)
         self._jit = jax.jit(self._program, donate_argnums=(1, 2), static_argnames=("key",))
-        cache = ExecutableCache(os.path.join(cache_dir, "jaxserve-programs")) if cache_dir else None
+        cache = (ExecutableCache(os.path.join(cache_dir, "jaxserve-programs"))
+                 if cache_dir and jax.default_backend() in EXECUTABLE_CACHE_BACKENDS else None)
         self._static_print = self._static_fingerprint() if cache else ""
         self.programs = ProgramSet(self._lower, self._fingerprint, cache)
         self._carry = empty_carry(buckets.max_num_seqs)   # the last program's, on the device
