@@ -2,6 +2,10 @@
 
   python scripts/run_batch.py --input=examples/prompts.jsonl --output=out/results.jsonl
 
+Multi-host (docs/parallel.md): the same command on every host, plus --tensor_parallel_size and
+--coordinator_address=HOST0:PORT --num_processes=N --process_id=I; every process reads the same
+input, process 0 alone writes the output (and its resume log).
+
 Each input line is {"id", "prompt" | "messages" | "prompt_token_ids", optional sampling fields and
 "priority"}; the output has one line per input line, in the same order. Bad lines get an error
 record; the rest of the batch runs.
@@ -13,13 +17,15 @@ import os
 import sys
 import time
 
+import numpy as np
 from absl import app, flags, logging
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from jaxserve.tools.cli_flags import define_engine_flags, engine_kwargs  # noqa: E402
+from jaxserve.tools.cli_flags import (define_distributed_flags, define_engine_flags,  # noqa: E402
+                                      engine_kwargs, initialize_distributed)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "HF model directory, .gguf file or preset name "
@@ -44,11 +50,14 @@ flags.DEFINE_string("plot", None, "save a PNG of throughput and token fill over 
 flags.DEFINE_bool("resume", True, "skip requests already finished by an earlier, interrupted run "
                   "of the same command (recorded in OUTPUT.partial)")
 define_engine_flags(max_num_batched_tokens=256, max_num_seqs=64)
+define_distributed_flags()
 
 
 def main(argv):
     del argv
+    multi = initialize_distributed(FLAGS)    # before anything initialises JAX's devices
     from jaxserve import LLM
+    from jaxserve.runner import distributed
     from jaxserve.io import ResultsLog, read_batch, result_record, write_jsonl_atomic
 
     defaults = dict(max_tokens=FLAGS.max_tokens, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
@@ -70,12 +79,17 @@ def main(argv):
     if FLAGS.dry_run:
         return dry_run(items, defaults)
 
+    main_process = not multi or distributed.is_main_process()
+    if not main_process:   # runs the same steps as process 0; writes nothing
+        return run_follower(items, defaults)
     log = ResultsLog(FLAGS.output)
     done = log.load() if FLAGS.resume else {}
     if not FLAGS.resume:
         log.close(remove=True)
     keys = [ResultsLog.key(it.line_no, it.id) for it in items]
     todo = [i for i, k in enumerate(keys) if k not in done]
+    if multi:              # every process must run the same requests: process 0's log decides
+        distributed.broadcast_from_main(np.array([k in done for k in keys], np.int32))
     if done:
         logging.info("resuming: %d of %d requests already done (%s)", len(items) - len(todo),
                      len(items), log.path)
@@ -92,19 +106,7 @@ def main(argv):
     logging.info("model loaded and %d programs compiled in %.1fs", llm.engine.runner.num_compiled,
                  time.perf_counter() - t0)
 
-    prompts, params, prios = [], [], []
-    for i in todo:
-        it = items[i]
-        if it.error:
-            prompts.append({"error": it.error})
-        elif it.messages is not None:
-            prompts.append({"messages": it.messages})
-        elif it.prompt_token_ids is not None:
-            prompts.append({"prompt_token_ids": it.prompt_token_ids})
-        else:
-            prompts.append({"prompt": it.prompt})
-        params.append(it.params if it.params is not None else defaults)
-        prios.append(it.priority)
+    prompts, params, prios = request_args(items, todo, defaults)
     finish_order = [keys[i] for i in range(len(items)) if keys[i] in done]
     model_name = os.path.basename(FLAGS.model or "SmolLM2-135M-Instruct")
     tok = llm.tokenizer
@@ -132,6 +134,40 @@ def main(argv):
     print(f"wrote {len(done)} results ({n_err} errors; {len(outs)} run now) to {FLAGS.output}")
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats.items()},
                      indent=1))
+    return 0
+
+
+def request_args(items, todo, defaults):
+    """`generate`'s prompts, sampling params and priorities for the items `todo`."""
+    prompts, params, prios = [], [], []
+    for i in todo:
+        it = items[i]
+        if it.error:
+            prompts.append({"error": it.error})
+        elif it.messages is not None:
+            prompts.append({"messages": it.messages})
+        elif it.prompt_token_ids is not None:
+            prompts.append({"prompt_token_ids": it.prompt_token_ids})
+        else:
+            prompts.append({"prompt": it.prompt})
+        params.append(it.params if it.params is not None else defaults)
+        prios.append(it.priority)
+    return prompts, params, prios
+
+
+def run_follower(items, defaults) -> int:
+    """A process other than 0 of a multi-process run: the same requests as process 0 (its results
+    log says which are left), the same engine, every step in lockstep; no output of its own."""
+    from jaxserve import LLM
+    from jaxserve.runner import distributed
+
+    done = distributed.broadcast_from_main(np.zeros(len(items), np.int32))
+    todo = [i for i in range(len(items)) if not done[i]]
+    if not todo:
+        return 0
+    llm = LLM(FLAGS.model, **engine_kwargs(FLAGS))
+    prompts, params, prios = request_args(items, todo, defaults)
+    llm.generate(prompts, params, priority=prios, use_tqdm=False)
     return 0
 
 
@@ -163,7 +199,8 @@ def dry_run(items, defaults) -> int:
         params.append(it.params or SamplingParams(**defaults))
     d = analyse(cfg, prompts, params, device=FLAGS.dry_run_device, page_size=FLAGS.page_size,
                 max_num_batched_tokens=FLAGS.max_num_batched_tokens, max_num_seqs=FLAGS.max_num_seqs,
-                policy=FLAGS.schedule_policy, num_errors=n_err)
+                policy=FLAGS.schedule_policy, num_errors=n_err,
+                tensor_parallel_size=FLAGS.tensor_parallel_size)
     print(format_table(d))
     path = FLAGS.output + ".dryrun.json"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
