@@ -1,6 +1,8 @@
 """Tensor parallelism on 8 CPU devices. Run by tests/test_tensor_parallel.py in a subprocess with
 XLA_FLAGS=--xla_force_host_platform_device_count=8 set before JAX starts (the rest of the suite
-sees one device); skipped anywhere fewer devices are visible.
+sees one device); skipped where only one device is visible. On a machine of several GPUs,
+`python -m pytest tests/tp_multidevice.py` runs the cases that fit its devices through the
+compiled GPU kernel.
 
 TP = 2 and 4 against TP = 1 and transformers (greedy tokens and float32 logits) over chunked
 prefill, shared-prefix groups and fused decode blocks, on both layer loops; every device holds
@@ -18,8 +20,8 @@ import pytest
 import torch
 from jax.sharding import PartitionSpec as P
 
-if jax.device_count() < 8:
-    pytest.skip("needs 8 devices: run through tests/test_tensor_parallel.py",
+if jax.device_count() < 2:
+    pytest.skip("needs several devices: run through tests/test_tensor_parallel.py",
                 allow_module_level=True)
 
 import pallas_kernels  # noqa: E402
@@ -31,11 +33,17 @@ from jaxserve.weights.safetensors_loader import SafetensorsCheckpoint  # noqa: E
 from tests.test_engine import hf_greedy  # noqa: E402
 from tests.test_prefix_sharing import groups_workload  # noqa: E402
 
+ON_GPU = jax.default_backend() == "gpu"
+
 # The smallest shapes that still chunk prefills (32-token budget, 45-token shared prefixes),
 # share prefixes and fuse decode blocks; one page-table width: 3 programs per engine.
 SETTINGS = dict(page_size=8, max_num_batched_tokens=32, max_num_seqs=8, max_model_len=128,
-                num_pages=64, attention_impl="reference", compilation_cache_dir="off",
-                page_bucket_growth=1, fused_decode_steps=4)
+                num_pages=64, attention_impl="pallas_gpu" if ON_GPU else "reference",
+                compilation_cache_dir="off", page_bucket_growth=1, fused_decode_steps=4)
+
+
+def devices(n):
+    return pytest.mark.skipif(jax.device_count() < n, reason=f"needs {n} devices")
 
 # Split params: axis split -> expected spec (stacked layout); the rest replicated.
 SPLIT = {"qkv_proj": P(None, None, "tp"), "qkv_bias": P(None, "tp"),
@@ -96,8 +104,9 @@ def rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@pytest.mark.parametrize("kind,tp,loop", [("llama3", 2, "scan"), ("qwen2", 2, "unrolled"),
-                                          ("tied", 4, "scan")])
+@pytest.mark.parametrize("kind,tp,loop", [
+    ("llama3", 2, "scan"), ("qwen2", 2, "unrolled"),
+    pytest.param("tied", 4, "scan", marks=devices(4))])
 def test_tensor_parallel_equals_one_device_and_transformers(kind, tp, loop, tiny_models):
     path, hf = tiny_models[kind]
     reqs = groups_workload(np.random.default_rng(13), n_groups=3, share=3, shared_len=45,
@@ -132,6 +141,7 @@ def test_tensor_parallel_equals_one_device_and_transformers(kind, tp, loop, tiny
     assert worst < 1e-4, worst
 
 
+@devices(4)
 def test_heads_that_do_not_divide_are_a_clear_error(tiny_models):
     from jaxserve import LLM
 
@@ -144,6 +154,7 @@ def test_heads_that_do_not_divide_are_a_clear_error(tiny_models):
         load_engine(path, 4)
 
 
+@devices(4)
 def test_dummy_weights_are_created_on_their_shards():
     cfg = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
                       num_heads=8, num_kv_heads=4, head_dim=8)
@@ -156,7 +167,8 @@ def test_dummy_weights_are_created_on_their_shards():
     assert float(jnp.std(qkv)) > 0.01
 
 
-@pytest.mark.parametrize("impl", ["pallas_gpu_interpret", "pallas_tpu"])
+@pytest.mark.parametrize("impl", ["pallas_gpu"] if ON_GPU else ["pallas_gpu_interpret",
+                                                                 "pallas_tpu"])
 def test_pallas_kernels_on_local_heads_under_shard_map(impl):
     """The kernels run per device on their heads (host-built shared-prefix work list or the
     groups, with the local head counts) and together equal the reference over all heads."""
@@ -184,6 +196,7 @@ def test_pallas_kernels_on_local_heads_under_shard_map(impl):
     assert_close(out, reference_out(c), c, jnp.float32)
 
 
+@devices(4)
 def test_vocabulary_that_does_not_divide_is_replicated():
     """vocab 390 over 4 devices: the embedding and LM head stay whole on every device (the rest
     is split) and the outputs equal one device's."""
@@ -216,3 +229,27 @@ def test_vocabulary_that_does_not_divide_is_replicated():
             assert model.layers.o_proj.value.addressable_shards[0].data.shape == (1, 8, 32)
     assert outs[0] == outs[1] and len(outs[0]) == 5
     assert rel(logits[1], logits[0]) < 1e-5
+
+
+def test_sampling_extras_equal_one_device(tiny_models):
+    """Seeded temperature sampling, penalties, logprobs and prompt logprobs (logits gathered at
+    every prompt row) on the gathered logits: as on one device."""
+    from jaxserve.engine import Request
+    from jaxserve.sampling_params import SamplingParams
+
+    path, _ = tiny_models["llama3"]
+    rng = np.random.default_rng(2)
+    reqs = [Request("s", rng.integers(0, 384, 13).tolist(),
+                    SamplingParams(max_tokens=6, temperature=0.9, seed=5, top_p=0.9,
+                                   presence_penalty=0.5, logprobs=3, prompt_logprobs=2)),
+            Request("g", rng.integers(0, 384, 7).tolist(),
+                    SamplingParams(max_tokens=4, temperature=0.0, repetition_penalty=1.3))]
+    outs = [load_engine(path, tp, fused_decode_steps=1, max_num_batched_tokens=16)[0].run(reqs)
+            for tp in (1, 2)]
+    for a, b in zip(*outs):
+        assert a.token_ids == b.token_ids, a.request_id
+    s1, s2 = outs[0][0], outs[1][0]
+    for d1, d2 in zip(s1.logprobs + s1.prompt_logprobs[1:], s2.logprobs + s2.prompt_logprobs[1:]):
+        assert list(d1) == list(d2)
+        np.testing.assert_allclose(list(d1.values()), list(d2.values()), rtol=1e-5, atol=1e-5)
+    assert len(s1.logprobs) == 6 and len(s1.prompt_logprobs) == 13
