@@ -1,7 +1,6 @@
 """The run loop: requests -> samples -> batch plan -> (schedule -> run -> commit)* -> outputs.
 
-The engine owns one model on one device, or split over a tensor-parallel mesh, its runner and the
-start-up sizes. `run` takes a whole
+The engine owns one model on one device, its runner and the start-up sizes. `run` takes a whole
 batch of tokenized requests and returns one RequestOutput per request, in input order. A request
 that cannot run (empty, too long, bad parameters) gets an error output and costs only itself.
 Every program the batch can reach is compiled before its first step (`compile_for`).
@@ -66,7 +65,7 @@ class Engine:
                  return_logits: bool = False,
                  compile_progress: Optional[Callable] = None, mesh=None):
         """`mesh`: the tensor-parallel mesh `model` was loaded onto (`runner.mesh.make_mesh`;
-        needed when ecfg.tensor_parallel_size > 1)."""
+        needed when ecfg.tensor_parallel_size > 1: the model then runs split over its devices)."""
         tp = ecfg.tensor_parallel_size
         mesh_mod.check_tensor_parallel(model_cfg, tp)
         if mesh_mod.mesh_size(mesh) != tp:

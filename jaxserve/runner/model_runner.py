@@ -56,7 +56,7 @@ class ModelRunner:
         self.attention = attention
         self.mesh = mesh
         tp = mesh_mod.mesh_size(mesh)
-        self.opts = ForwardOptions(attention, tp_axis=mesh_mod.AXIS if mesh else None, tp_size=tp)
+        self.opts = ForwardOptions(attention, tp_axis=None if mesh is None else mesh_mod.AXIS, tp_size=tp)
         self.ctx = ProgramContext(attention=attention, num_layers=cfg.num_layers,
                                   num_pages=num_pages, page_size=page_size,
                                   vocab_size=cfg.vocab_size, return_logits=return_logits)
