@@ -120,7 +120,7 @@ def test_two_processes_split_one_model(tiny_models, tmp_path):
               "max_tokens": 3 + i} for i in range(6)]
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    settings = dict(page_size=8, max_num_batched_tokens=32, max_num_seqs=8, max_model_len=128,
+    settings = dict(page_size=8, max_num_batched_tokens=16, max_num_seqs=8, max_model_len=128,
                     num_pages=64, attention_impl="reference", compilation_cache_dir="off",
                     page_bucket_growth=1, fused_decode_steps=4)
     port = _free_port()

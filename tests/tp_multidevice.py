@@ -35,9 +35,10 @@ from tests.test_prefix_sharing import groups_workload  # noqa: E402
 
 ON_GPU = jax.default_backend() == "gpu"
 
-# The smallest shapes that still chunk prefills (32-token budget, 45-token shared prefixes),
-# share prefixes and fuse decode blocks; one page-table width: 3 programs per engine.
-SETTINGS = dict(page_size=8, max_num_batched_tokens=32, max_num_seqs=8, max_model_len=128,
+# The smallest shapes that still chunk prefills (16-token budget, 45-token shared prefixes),
+# share prefixes and fuse decode blocks; one token bucket and one page-table width: 2 programs
+# per engine.
+SETTINGS = dict(page_size=8, max_num_batched_tokens=16, max_num_seqs=8, max_model_len=128,
                 num_pages=64, attention_impl="pallas_gpu" if ON_GPU else "reference",
                 compilation_cache_dir="off", page_bucket_growth=1, fused_decode_steps=4)
 
@@ -244,7 +245,7 @@ def test_sampling_extras_equal_one_device(tiny_models):
                                    presence_penalty=0.5, logprobs=3, prompt_logprobs=2)),
             Request("g", rng.integers(0, 384, 7).tolist(),
                     SamplingParams(max_tokens=4, temperature=0.0, repetition_penalty=1.3))]
-    outs = [load_engine(path, tp, fused_decode_steps=1, max_num_batched_tokens=16)[0].run(reqs)
+    outs = [load_engine(path, tp, fused_decode_steps=1)[0].run(reqs)
             for tp in (1, 2)]
     for a, b in zip(*outs):
         assert a.token_ids == b.token_ids, a.request_id

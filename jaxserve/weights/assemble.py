@@ -63,24 +63,23 @@ def build_model(cfg: ModelConfig, get: Callable[[str], np.ndarray], dtype,
     graphdef, state = nnx.split(model)
     flat = dict(nnx.to_flat_state(state))
 
-    def put(path, value: np.ndarray) -> jax.Array:
+    def put(pname: str, value: np.ndarray) -> jax.Array:
         if mesh is None:
             return jax.device_put(value, device) if device is not None else jax.device_put(value)
-        order = spec.tp_column_order(cfg, str(path[-1]), tp) if spec.tp_column_order else None
-        if order is not None:
-            value = np.take(value, order, axis=-1)
-        sharding = jax.sharding.NamedSharding(
-            mesh, mesh_mod.param_spec(cfg, str(path[-1]), value.ndim, tp))
+        sharding = jax.sharding.NamedSharding(mesh, mesh_mod.param_spec(cfg, pname, value.ndim, tp))
         return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
 
     for path, var in flat.items():
         if path[0] == "layers":
             pname = path[1]
             names = spec.layer_map[pname]
+            # Fused columns in per-shard order, one layer at a time (no second stacked copy).
+            order = spec.tp_column_order(cfg, pname, tp) if spec.tp_column_order else None
             stacked = np.empty(var.value.shape, dtype=np_dtype)
             for i in range(cfg.num_layers):
                 parts = [fetch(n.format(i=i)).astype(np.float32, copy=False) for n in names]
-                stacked[i] = spec.to_param(pname, parts).astype(np_dtype)
+                layer = spec.to_param(pname, parts)
+                stacked[i] = (layer if order is None else layer[..., order]).astype(np_dtype)
             value = stacked
         else:
             pname = path[0]
@@ -89,7 +88,7 @@ def build_model(cfg: ModelConfig, get: Callable[[str], np.ndarray], dtype,
         if tuple(value.shape) != tuple(var.value.shape):
             raise WeightError(f"parameter {'/'.join(map(str, path))}: built shape {value.shape}, "
                               f"model expects {var.value.shape}")
-        var.value = put(path, value)
+        var.value = put(pname, value)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
