@@ -7,7 +7,9 @@
 
 `LLM(model, **settings)` takes every field of `jaxserve.config.EngineConfig` as a keyword
 argument (dtype, load_format, seed, page_size, max_num_batched_tokens, max_num_seqs,
-max_model_len, ...): the one definition of the engine's settings, which the scripts' flags share.
+max_model_len, tensor_parallel_size, ...): the one definition of the engine's settings, which the
+scripts' flags share. `tensor_parallel_size=N` splits the model over N devices (those of several
+processes after `jaxserve.runner.distributed.initialize()`; docs/parallel.md).
 """
 from __future__ import annotations
 
@@ -34,9 +36,11 @@ def resolve_dtype(name: str):
 
 
 class LLM:
-    """An offline batch engine for one model on one device."""
+    """An offline batch engine for one model on one device, or split over `tensor_parallel_size`
+    devices."""
 
     def __init__(self, model: Optional[str] = None, **settings):
+        from jaxserve.runner.mesh import make_mesh
         from jaxserve.weights import default_model_path, load_model
 
         self.engine_config = EngineConfig.from_kwargs(**settings)
@@ -44,12 +48,13 @@ class LLM:
         self.dtype = resolve_dtype(ec.dtype)
         t0 = time.perf_counter()
         source = model if model is not None else default_model_path()
+        mesh = make_mesh(ec.tensor_parallel_size) if ec.tensor_parallel_size > 1 else None
         self.model_config, model_obj, self.tokenizer = load_model(
-            source, dtype=self.dtype, load_format=ec.load_format, seed=ec.seed)
+            source, dtype=self.dtype, load_format=ec.load_format, seed=ec.seed, mesh=mesh)
         self.load_seconds = time.perf_counter() - t0
         eos = tuple(self.tokenizer.eos_token_ids) if self.tokenizer is not None else ()
         self.engine = Engine(self.model_config, model_obj, ec, eos_token_ids=eos,
-                             tokenizer=self.tokenizer)
+                             tokenizer=self.tokenizer, mesh=mesh)
 
     def _run(self, requests, use_tqdm: bool, on_output=None) -> list[RequestOutput]:
         bar = progress = None
@@ -131,6 +136,7 @@ class LLM:
         d["load_seconds"] = self.load_seconds
         d["attention_impl"] = self.engine.attention_impl
         d["num_kv_pages"] = self.engine.num_pages
+        d["tensor_parallel_size"] = self.engine_config.tensor_parallel_size
         d["max_model_len"] = self.engine.max_model_len
         d["compilation_cache_dir"] = self.engine.compilation_cache_dir
         return d

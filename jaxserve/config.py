@@ -222,6 +222,9 @@ class EngineConfig:
     load_format: str = _field("auto", "weight source: auto (by path), dummy (random weights at the "
                               "model's shape), safetensors, gguf", LOAD_FORMATS)
     seed: int = _field(0, "engine seed: dummy weights, and samples without their own seed")
+    tensor_parallel_size: int = _field(1, "devices one model is split over (Megatron-style tensor "
+                                       "parallelism; across processes after "
+                                       "jax.distributed.initialize)")
     page_size: int = _field(16, "tokens per KV page (a power of two)")
     max_num_batched_tokens: Optional[int] = _field(None, "token budget of one step (the largest "
                                                    "token bucket; default: from the device)")
@@ -270,7 +273,8 @@ class EngineConfig:
             if choices and getattr(self, f.name) not in choices:
                 raise ConfigError(f"engine: field '{f.name}'={getattr(self, f.name)!r} must be one "
                                   f"of {', '.join(choices)}")
-        for name in ("page_size", "page_bucket_growth", "cpu_kv_cache_bytes"):
+        for name in ("page_size", "page_bucket_growth", "cpu_kv_cache_bytes",
+                     "tensor_parallel_size"):
             pos_int(name)
         for name in ("max_model_len", "num_pages", "fused_decode_steps", "max_num_batched_tokens",
                      "max_num_seqs"):

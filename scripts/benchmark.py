@@ -23,7 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from jaxserve.tools.cli_flags import define_engine_flags, engine_kwargs  # noqa: E402
+from jaxserve.tools.cli_flags import (define_distributed_flags, define_engine_flags,  # noqa: E402
+                                      engine_kwargs, initialize_distributed)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "llama-3-8b", "preset name (dummy weights) or checkpoint path")
@@ -48,6 +49,7 @@ flags.DEFINE_bool("measure_ceilings", True, "measure copy bandwidth and matmul r
 flags.DEFINE_string("results_dir", os.path.join(ROOT, "benchmarks", "results"), "where results go")
 flags.DEFINE_string("tag", "", "suffix for the result file name")
 flags.DEFINE_integer("workload_seed", 0, "workload seed")
+define_distributed_flags()
 
 
 def _commit() -> str:
@@ -247,6 +249,7 @@ def main(argv):
         # JAX only measures the ceilings here: keep it from reserving the GPU PyTorch needs.
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         os.environ.setdefault("XLA_PYTHON_CLIENT_ALLOCATOR", "platform")
+    initialize_distributed(FLAGS)    # multi-host: before JAX initialises its devices
     import jax
 
     from jaxserve.tools import roofline
@@ -280,14 +283,17 @@ def main(argv):
                              shared_prefix_attention=FLAGS.shared_prefix_attention,
                              schedule_policy=FLAGS.schedule_policy,
                              fused_decode_steps=FLAGS.fused_decode_steps or "auto",
-                             admission_control=FLAGS.admission_control),
+                             admission_control=FLAGS.admission_control,
+                             tensor_parallel_size=FLAGS.tensor_parallel_size),
                command="python " + " ".join(sys.argv))
     trace = res.pop("trace")
     rec.update(res)
     if bw and flops:
+        # The ceilings are one device's; a tensor-parallel run has N of them.
+        tp = FLAGS.tensor_parallel_size
         fl = roofline.workload_floor(cfg, [len(p) for p in prompts], [r["max_tokens"] for r in reqs],
                                      shared, optimal_prefill_tokens=tree.optimal_prefill_tokens,
-                                     peak_flops=flops, hbm_bandwidth=bw,
+                                     peak_flops=flops * tp, hbm_bandwidth=bw * tp,
                                      max_num_batched_tokens=rec["max_num_batched_tokens"],
                                      max_num_seqs=rec["max_num_seqs"],
                                      kv_capacity_tokens=res.get("kv_capacity_tokens"))
@@ -295,6 +301,8 @@ def main(argv):
                    floor_bytes=fl.bytes, floor_fraction=fl.seconds / run_s)
     else:
         rec.update(floor_seconds=None, floor_fraction=None)
+    if jax.process_index() != 0:     # multi-host: process 0 writes the record
+        return
     os.makedirs(FLAGS.results_dir, exist_ok=True)
     stem = f"e2e_{name}_{FLAGS.model}_{FLAGS.engine}{FLAGS.tag}"
     with open(os.path.join(FLAGS.results_dir, stem + ".json"), "w") as f:

@@ -2,6 +2,10 @@
 
   python scripts/run_batch.py --input=examples/prompts.jsonl --output=out/results.jsonl
 
+Multi-host (docs/parallel.md): the same command on every host, plus --tensor_parallel_size and
+--coordinator_address=HOST0:PORT --num_processes=N --process_id=I; every process reads the same
+input, process 0 alone writes the output (and its resume log).
+
 Each input line is {"id", "prompt" | "messages" | "prompt_token_ids", optional sampling fields and
 "priority"} (or an OpenAI Batch API line); the output has one line per input line, in the same
 order. Bad lines get an error record; the rest of the batch runs.
@@ -35,7 +39,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import jaxserve.tools.cli_flags as cli_flags  # noqa: E402
-from jaxserve.tools.cli_flags import define_engine_flags, engine_kwargs  # noqa: E402
+from jaxserve.tools.cli_flags import (define_distributed_flags, define_engine_flags,  # noqa: E402
+                                      engine_kwargs, initialize_distributed)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "HF model directory, .gguf file or preset name "
@@ -68,6 +73,7 @@ flags.DEFINE_enum("errors", "strict", ["strict", "replace"], "invalid UTF-8 byte
                   "line: strict = an error for that line, replace = replaced by U+FFFD")
 flags.DEFINE_bool("verbose", False, "print the traceback behind a model or configuration error")
 define_engine_flags()
+define_distributed_flags()
 # `--help` lists the engine flags too (they are defined in cli_flags, not in this module).
 flags.adopt_module_key_flags(cli_flags)
 
@@ -130,6 +136,7 @@ def _line_seed(engine_seed: int, line_no: int) -> int:
 
 def main(argv):
     del argv
+    initialize_distributed(FLAGS)    # before anything initialises JAX's devices
     from jaxserve.config import ConfigError
     from jaxserve.io import OutputLocked, OutputPathError, PartialRefused
     from jaxserve.weights import WeightError
@@ -182,6 +189,10 @@ def run() -> int:
 
     if FLAGS.dry_run:
         return dry_run(items, defaults)
+    from jaxserve.runner import distributed
+
+    if not distributed.is_main_process():   # the same steps as process 0; writes nothing
+        return run_follower(items, defaults)
 
     if os.path.realpath(FLAGS.output) == os.path.realpath(FLAGS.input):
         raise UserError(f"--output={FLAGS.output} is the input file; the job would replace its own "
@@ -247,6 +258,12 @@ def run_locked(items, defaults) -> int:
             print(line)
         n_reused = len(done)
         todo = [i for i, k in enumerate(keys) if k not in done]
+        import numpy as np
+
+        from jaxserve.runner import distributed
+
+        # Every process of a multi-process run runs what process 0's log leaves (a no-op alone).
+        distributed.broadcast_from_main(np.array([k in done for k in keys], np.int32))
 
         if not todo:   # everything was done by an earlier run: only the final file is missing
             return finish(log, items, keys, done, keys, n_reused, stats=None)
@@ -264,24 +281,7 @@ def run_locked(items, defaults) -> int:
         logging.info("model loaded and %d programs compiled in %.1fs", llm.engine.runner.num_compiled,
                      time.perf_counter() - t0)
 
-        prompts, params, prios = [], [], []
-        for i in todo:
-            it = items[i]
-            if it.error:
-                prompts.append({"error": it.error})
-            elif it.messages is not None:
-                prompts.append({"messages": it.messages})
-            elif it.prompt_token_ids is not None:
-                prompts.append({"prompt_token_ids": it.prompt_token_ids})
-            else:
-                prompts.append({"prompt": it.prompt})
-            p = it.params if it.params is not None else defaults
-            if it.params is not None and p.seed is None:
-                # The engine would derive it from the request's position in this call, which
-                # changes when a resumed job runs only part of the file.
-                p = dataclasses.replace(p, seed=_line_seed(FLAGS.seed, it.line_no))
-            params.append(p)
-            prios.append(it.priority)
+        prompts, params, prios = request_args(items, todo, defaults)
         finish_order = [keys[i] for i in range(len(items)) if keys[i] in done]
         model_name = os.path.basename(FLAGS.model or "SmolLM2-135M-Instruct")
         tok = llm.tokenizer
@@ -318,6 +318,47 @@ def run_locked(items, defaults) -> int:
         print(f"interrupted by {name}: {saved} of {len(items)} results are saved in "
               f"{FLAGS.output}.partial; run the same command again to resume", file=sys.stderr)
         return 128 + e.signum
+
+
+def request_args(items, todo, defaults):
+    """`generate`'s prompts, sampling params and priorities for the items `todo`."""
+    prompts, params, prios = [], [], []
+    for i in todo:
+        it = items[i]
+        if it.error:
+            prompts.append({"error": it.error})
+        elif it.messages is not None:
+            prompts.append({"messages": it.messages})
+        elif it.prompt_token_ids is not None:
+            prompts.append({"prompt_token_ids": it.prompt_token_ids})
+        else:
+            prompts.append({"prompt": it.prompt})
+        p = it.params if it.params is not None else defaults
+        if it.params is not None and p.seed is None:
+            # The engine would derive it from the request's position in this call, which
+            # changes when a resumed job runs only part of the file.
+            p = dataclasses.replace(p, seed=_line_seed(FLAGS.seed, it.line_no))
+        params.append(p)
+        prios.append(it.priority)
+    return prompts, params, prios
+
+
+def run_follower(items, defaults) -> int:
+    """A process other than 0 of a multi-process run: the same requests as process 0 (its results
+    log says which are left), the same engine, every step in lockstep; no output of its own."""
+    import numpy as np
+
+    from jaxserve import LLM
+    from jaxserve.runner import distributed
+
+    done = distributed.broadcast_from_main(np.zeros(len(items), np.int32))
+    todo = [i for i in range(len(items)) if not done[i]]
+    if not todo:
+        return 0
+    llm = LLM(FLAGS.model, **engine_kwargs(FLAGS))
+    prompts, params, prios = request_args(items, todo, defaults)
+    llm.generate(prompts, params, priority=prios, use_tqdm=False)
+    return 0
 
 
 def finish(log, items, keys, done, order, n_reused, stats) -> int:
@@ -361,7 +402,8 @@ def dry_run(items, defaults) -> int:
         params.append(req.params)
     d = analyse(cfg, prompts, params, device=FLAGS.dry_run_device, page_size=FLAGS.page_size,
                 max_num_batched_tokens=FLAGS.max_num_batched_tokens, max_num_seqs=FLAGS.max_num_seqs,
-                policy=FLAGS.schedule_policy, num_errors=n_err)
+                policy=FLAGS.schedule_policy, num_errors=n_err,
+                tensor_parallel_size=FLAGS.tensor_parallel_size)
     print(format_table(d))
     path = FLAGS.output + ".dryrun.json"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

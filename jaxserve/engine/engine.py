@@ -11,11 +11,12 @@ import sys
 import time
 from typing import Callable, Optional
 
-from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.config import ConfigError, EngineConfig, ModelConfig
 from jaxserve.engine.outputs import OutputCollector, RequestMetrics, RequestOutput
 from jaxserve.engine.requests import Limits, Request, make_samples, validate
 from jaxserve.engine.sizing import plan_sizes
 from jaxserve.engine.stats import RunStats
+from jaxserve.runner import mesh as mesh_mod
 from jaxserve.runner.model_runner import ModelRunner
 from jaxserve.runner.programs import (PLAIN, CompileEvents, Features, ProgramKey,
                                       enable_compilation_cache)
@@ -62,7 +63,15 @@ class Engine:
     def __init__(self, model_cfg: ModelConfig, model, ecfg: EngineConfig, *,
                  eos_token_ids: tuple[int, ...] = (), kv_dtype=None, tokenizer=None,
                  return_logits: bool = False,
-                 compile_progress: Optional[Callable] = None):
+                 compile_progress: Optional[Callable] = None, mesh=None):
+        """`mesh`: the tensor-parallel mesh `model` was loaded onto (`runner.mesh.make_mesh`;
+        needed when ecfg.tensor_parallel_size > 1: the model then runs split over its devices)."""
+        tp = ecfg.tensor_parallel_size
+        mesh_mod.check_tensor_parallel(model_cfg, tp)
+        if mesh_mod.mesh_size(mesh) != tp:
+            raise ConfigError(f"engine: tensor_parallel_size={tp} but the model was loaded onto "
+                              f"{mesh_mod.mesh_size(mesh)} device(s) (pass its mesh)")
+        self.mesh = mesh
         self.cfg = model_cfg
         self.ecfg = ecfg
         self.eos_token_ids = tuple(eos_token_ids) or tuple(model_cfg.eos_token_ids)
@@ -71,21 +80,23 @@ class Engine:
         self.compilation_cache_dir = enable_compilation_cache(ecfg.compilation_cache_dir)
         kv_dtype = kv_dtype or model.embed.value.dtype
         sizes = plan_sizes(model_cfg, ecfg, kv_dtype,
-                           unstack=getattr(model, "unstack_layers", None))
+                           unstack=getattr(model, "unstack_layers", None),
+                           devices=mesh_mod.local_devices(mesh) if mesh is not None else None)
         self.sizes = sizes
         self.attention_impl = sizes.attention_impl
         self.layer_loop = sizes.layer_loop
         self.max_model_len = sizes.max_model_len
         self.num_pages = sizes.num_pages
         self.buckets = sizes.buckets
-        self.attention = AttentionSpec(sizes.attention_impl, model_cfg.num_heads,
-                                       model_cfg.num_kv_heads, model_cfg.head_dim, ecfg.page_size,
-                                       shared_prefix=ecfg.shared_prefix_attention)
+        # One device's heads: under tensor parallelism each runs attention on its own.
+        self.attention = AttentionSpec(sizes.attention_impl, model_cfg.num_heads // tp,
+                                       model_cfg.num_kv_heads // tp, model_cfg.head_dim,
+                                       ecfg.page_size, shared_prefix=ecfg.shared_prefix_attention)
         self.runner = ModelRunner(model, model_cfg, num_pages=sizes.num_pages,
                                   page_size=ecfg.page_size, buckets=sizes.buckets,
                                   attention=self.attention, kv_dtype=kv_dtype,
                                   return_logits=return_logits,
-                                  cache_dir=self.compilation_cache_dir)
+                                  cache_dir=self.compilation_cache_dir, mesh=mesh)
         self.limits = Limits(sizes.max_model_len, model_cfg.vocab_size, sizes.num_pages - 1,
                              ecfg.page_size, self.eos_token_ids, tokenizer is not None)
         self.last_stats = RunStats()

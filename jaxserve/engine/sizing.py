@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 import pallas_kernels
 from jaxserve.config import ConfigError, EngineConfig, ModelConfig
+from jaxserve.runner import distributed
 from jaxserve.runner.buckets import BucketSet
 
 
@@ -64,20 +65,27 @@ def resolve_batch_limits(ecfg: EngineConfig) -> tuple[int, int]:
     return (ecfg.max_num_batched_tokens or tokens), (ecfg.max_num_seqs or rows)
 
 
-def kv_budget_pages(cfg: ModelConfig, ecfg: EngineConfig, kv_dtype) -> int:
-    """Pages per layer the memory left after the weights holds (or the explicit `num_pages`)."""
-    if ecfg.num_pages is not None:
-        return ecfg.num_pages
-    page_bytes = cfg.kv_bytes_per_token(jnp.dtype(kv_dtype).itemsize) * ecfg.page_size
+def device_kv_budget(device, ecfg: EngineConfig) -> float:
+    """Bytes of KV cache `device` can hold after what it holds now (the weights)."""
     try:
-        stats = jax.devices()[0].memory_stats()
+        stats = device.memory_stats()
     except Exception:  # noqa: BLE001  (backends without memory stats)
         stats = None
     if stats and "bytes_limit" in stats:
-        budget = ecfg.kv_cache_memory_fraction * stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    else:
-        budget = ecfg.cpu_kv_cache_bytes
-    pages = int(budget // page_bytes)
+        return ecfg.kv_cache_memory_fraction * stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    return ecfg.cpu_kv_cache_bytes
+
+
+def kv_budget_pages(cfg: ModelConfig, ecfg: EngineConfig, kv_dtype, devices=None) -> int:
+    """Pages per layer the memory left after the weights holds (or the explicit `num_pages`).
+    `devices`: the ones holding the KV cache, each its 1 / tensor_parallel_size of the KV heads
+    (default: the first device); the tightest one sizes the cache, agreed across processes."""
+    if ecfg.num_pages is not None:
+        return ecfg.num_pages
+    tp = ecfg.tensor_parallel_size
+    page_bytes = cfg.kv_bytes_per_token(jnp.dtype(kv_dtype).itemsize) * ecfg.page_size // tp
+    budget = min(device_kv_budget(d, ecfg) for d in (devices or jax.devices()[:1]))
+    pages = distributed.agree_min(int(budget // page_bytes))
     if pages < 2:
         raise ConfigError(f"engine: no memory left for the KV cache ({budget / 2**30:.2f} GiB "
                           f"budget, {page_bytes} bytes per page); lower max_model_len or set num_pages")
@@ -111,14 +119,15 @@ class Sizes:
     buckets: BucketSet
 
 
-def plan_sizes(cfg: ModelConfig, ecfg: EngineConfig, kv_dtype, *, unstack=None) -> Sizes:
+def plan_sizes(cfg: ModelConfig, ecfg: EngineConfig, kv_dtype, *, unstack=None,
+               devices=None) -> Sizes:
     """Everything sized at start-up. `unstack()` (the unrolled layer loop's weight split) runs
-    before the KV cache is sized from the memory left."""
+    before the KV cache is sized from the memory left on `devices` (see `kv_budget_pages`)."""
     impl = resolve_attention_impl(ecfg.attention_impl)
     loop = resolve_layer_loop(ecfg.layer_loop)
     if loop == "unrolled" and unstack is not None:
         unstack()
-    pages = kv_budget_pages(cfg, ecfg, kv_dtype)
+    pages = kv_budget_pages(cfg, ecfg, kv_dtype, devices)
     max_len = resolve_max_model_len(cfg, ecfg, pages)
     budget, rows = resolve_batch_limits(ecfg)
     pages_per_seq = -(-max_len // ecfg.page_size)

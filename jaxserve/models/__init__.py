@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Optional
 
 from jaxserve.config import ConfigError, ModelConfig
 from jaxserve.models import llama
@@ -15,10 +15,14 @@ class ModelSpec:
     top_map: dict                   # param name -> HF top-level tensor name
     expected_shapes: Callable       # ModelConfig -> {HF name: shape}
     to_param: Callable              # (param name, [np arrays]) -> our array
+    tp_split_axes: dict = dataclasses.field(default_factory=dict)   # param name -> axis TP splits
+    tp_vocab_params: tuple = ()     # params split on the vocabulary (replicated if it won't divide)
+    tp_column_order: Optional[Callable] = None   # (cfg, name, tp) -> fused column order | None
 
 
 _LLAMA = ModelSpec(llama.LlamaForCausalLM, llama.HF_LAYER_MAP, llama.HF_TOP_MAP,
-                   llama.hf_expected_shapes, llama.hf_to_param)
+                   llama.hf_expected_shapes, llama.hf_to_param, llama.TP_SPLIT_AXES,
+                   llama.TP_VOCAB_PARAMS, llama.tp_column_order)
 
 REGISTRY: dict[str, ModelSpec] = {
     "LlamaForCausalLM": _LLAMA,

@@ -7,6 +7,13 @@ only for the rows asked for.
 Layers are stacked (every per-layer parameter has a leading `num_layers` axis) and run with
 `lax.scan`: compile time is independent of depth, which matters because every token bucket is
 compiled up front. Q/K/V and gate/up are fused into single matmuls.
+
+Under tensor parallelism the whole forward runs per device inside `shard_map` (the runner wraps
+it; `ForwardOptions.tp_axis` names the mesh axis): each device holds its query / KV heads'
+columns of `qkv_proj` and its columns of `gate_up_proj` (laid out per shard at load time,
+`tp_column_order`), the matching rows of `o_proj` and `down_proj`, whose partial products are
+summed with one `psum` each per layer (Megatron), and a slice of the vocabulary: the embedding
+lookup is masked and summed, the logits of the sampled rows are gathered.
 """
 from __future__ import annotations
 
@@ -45,6 +52,12 @@ class ForwardOptions:
     """Static choices for the forward pass (part of the jit cache key)."""
 
     attention: AttentionSpec
+    tp_axis: Optional[str] = None   # mesh axis of tensor parallelism (inside shard_map), or None
+    tp_size: int = 1
+
+    def reduce(self, x):
+        """Sum the partial products of a row-parallel matmul over the devices."""
+        return x if self.tp_axis is None else jax.lax.psum(x, self.tp_axis)
 
 
 class DecoderLayers(nnx.Module):
@@ -64,6 +77,29 @@ class DecoderLayers(nnx.Module):
         self.down_proj = nnx.Param(init(rngs.params(), (L, f, d), dtype))
 
 
+def _unstack(stacked: jax.Array) -> tuple:
+    """[L, ...] -> L arrays [...] with the same sharding less the layer axis (see
+    `LlamaForCausalLM.unstack_layers`)."""
+    n, layer_shape = stacked.shape[0], stacked.shape[1:]
+    sharding = stacked.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        layer_sharding = jax.sharding.NamedSharding(sharding.mesh,
+                                                    jax.sharding.PartitionSpec(*sharding.spec[1:]))
+    else:
+        layer_sharding = sharding
+    shards = stacked.addressable_shards
+    devices = [s.device for s in shards]
+    if devices[0].platform != "cpu":
+        host = [np.asarray(s.data) for s in shards]
+        stacked.delete()
+        pieces = [[jax.device_put(h[i], d) for h, d in zip(host, devices)] for i in range(n)]
+        del host
+    else:
+        pieces = [[s.data[i] for s in shards] for i in range(n)]
+    return tuple(jax.make_array_from_single_device_arrays(layer_shape, layer_sharding, p)
+                 for p in pieces)
+
+
 class LlamaForCausalLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -81,41 +117,54 @@ class LlamaForCausalLM(nnx.Module):
         `lax.scan`: faster on GPU (no weight copies), slower to compile. Call before the KV cache
         is sized.
 
-        On an accelerator each parameter goes through host memory: its device buffer is freed
-        before the L slices are placed, so they fill exactly the hole it leaves. Slicing on device
-        instead puts the slices elsewhere and leaves a hole per parameter: on the H100 the free
-        memory then summed to the KV budget but had no contiguous block for the second KV cache
-        (19.23 GiB out of memory in `jnp.zeros`). Costs one copy of the weights each
-        way over PCIe; peak extra host memory is the largest parameter."""
+        Works shard by shard (a tensor-parallel parameter has one shard per device, a plain one
+        has one): each layer's array keeps the parameter's sharding less its layer axis, and no
+        device ever holds more than its own shard. On an accelerator each shard goes through host
+        memory: its device buffer is freed before the L slices are placed, so they fill exactly
+        the hole it leaves. Slicing on device instead puts the slices elsewhere and leaves a hole
+        per parameter: on the H100 the free memory then summed to the KV budget but had no
+        contiguous block for the second KV cache (19.23 GiB out of memory in `jnp.zeros`). Costs
+        one copy of the weights each way over PCIe; peak extra host memory is the largest
+        parameter's local shards."""
         for name, var in vars(self.layers).items():
             if isinstance(var, nnx.Param) and not isinstance(var.value, (tuple, list)):
                 stacked = var.value
-                n = stacked.shape[0]
-                sharding = stacked.sharding
-                if (isinstance(sharding, jax.sharding.SingleDeviceSharding)
-                        and stacked.device.platform != "cpu"):
-                    host = np.asarray(jax.device_get(stacked))
-                    stacked.delete()
-                    var.value = tuple(jax.device_put(host[i], sharding) for i in range(n))
-                    del host
-                else:
-                    var.value = tuple(stacked[i] for i in range(n))
+                var.value = _unstack(stacked)
                 del stacked
                 jax.block_until_ready(var.value)
 
-    def compute_logits(self, x: jax.Array) -> jax.Array:
-        """Final norm and LM head: hidden states [R, hidden] -> logits float32 [R, vocab]."""
+    def embed_tokens(self, input_ids: jax.Array, opts: Optional[ForwardOptions] = None):
+        """Embedding rows of `input_ids`. With the vocabulary sharded, each device looks up the ids
+        in its slice (zeros elsewhere) and one psum assembles the rows (exact: one term is
+        non-zero)."""
+        emb = self.embed.value
+        vl = emb.shape[0]
+        if opts is None or opts.tp_axis is None or vl == self.cfg.vocab_size:
+            return emb[input_ids]
+        local = input_ids - jax.lax.axis_index(opts.tp_axis) * vl
+        mine = (local >= 0) & (local < vl)
+        rows = jnp.where(mine[:, None], emb[jnp.clip(local, 0, vl - 1)], jnp.zeros((), emb.dtype))
+        return jax.lax.psum(rows, opts.tp_axis)
+
+    def compute_logits(self, x: jax.Array, opts: Optional[ForwardOptions] = None) -> jax.Array:
+        """Final norm and LM head: hidden states [R, hidden] -> logits float32 [R, vocab]. With
+        the vocabulary sharded, each device computes its slice and the slices are gathered (only
+        for the R rows asked for)."""
         dtype = self.embed.value.dtype
         prec = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
         h = rms_norm(x, self.final_norm.value, self.cfg.rms_norm_eps)
         head = self.embed.value.T if self.cfg.tie_word_embeddings else self.lm_head.value
-        return jnp.dot(h, head, precision=prec, preferred_element_type=jnp.float32)
+        logits = jnp.dot(h, head, precision=prec, preferred_element_type=jnp.float32)
+        if opts is not None and opts.tp_axis is not None and head.shape[1] != self.cfg.vocab_size:
+            logits = jax.lax.all_gather(logits, opts.tp_axis, axis=1, tiled=True)
+        return logits
 
     def __call__(self, input_ids: jax.Array, md: AttentionMetadata, k_cache: jax.Array,
                  v_cache: jax.Array, logits_indices: jax.Array, opts: ForwardOptions,
                  return_hidden: bool = False):
         """input_ids [T]; logits_indices [S] rows whose logits are returned; `md` is the step's
-        attention metadata, complete for `opts.attention` (the runner prepares it).
+        attention metadata, complete for `opts.attention` (the runner prepares it). Under tensor
+        parallelism the arrays are this device's shards (local heads, local KV cache).
 
         Returns (logits float32 [S, vocab], k_cache, v_cache), plus the final hidden states of all
         T rows (before the final norm; `compute_logits` turns them into logits) when
@@ -127,9 +176,9 @@ class LlamaForCausalLM(nnx.Module):
         dtype = self.embed.value.dtype
         prec = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
         inv_freq = jnp.asarray(rope_inv_freq(cfg), jnp.float32)
-        hq, hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        hq, hkv, hd = cfg.num_heads // opts.tp_size, cfg.num_kv_heads // opts.tp_size, cfg.head_dim
         t = input_ids.shape[0]
-        x = self.embed.value[input_ids]
+        x = self.embed_tokens(input_ids, opts)
         lp = {k: v.value for k, v in vars(self.layers).items() if isinstance(v, nnx.Param)}
         sm_scale = hd ** -0.5
 
@@ -149,10 +198,10 @@ class LlamaForCausalLM(nnx.Module):
             attn = pallas_kernels.ragged_paged_attention(
                 q, kc, vc, md, spec=opts.attention, page_offset=li * num_pages,
                 sm_scale=sm_scale, sliding_window=cfg.sliding_window)
-            x = x + jnp.dot(attn.reshape(t, hq * hd), w["o_proj"], precision=prec)
+            x = x + opts.reduce(jnp.dot(attn.reshape(t, hq * hd), w["o_proj"], precision=prec))
             h = rms_norm(x, w["post_norm"], cfg.rms_norm_eps)
             gate, up = jnp.split(jnp.dot(h, w["gate_up_proj"], precision=prec), 2, axis=-1)
-            x = x + jnp.dot(jax.nn.silu(gate) * up, w["down_proj"], precision=prec)
+            x = x + opts.reduce(jnp.dot(jax.nn.silu(gate) * up, w["down_proj"], precision=prec))
             return (x, kc, vc), None
 
         if isinstance(lp["qkv_proj"], (tuple, list)):
@@ -167,7 +216,7 @@ class LlamaForCausalLM(nnx.Module):
         else:
             (x, k_cache, v_cache), _ = jax.lax.scan(
                 layer, (x, k_cache, v_cache), (lp, jnp.arange(cfg.num_layers, dtype=jnp.int32)))
-        logits = self.compute_logits(x[logits_indices])
+        logits = self.compute_logits(x[logits_indices], opts)
         if return_hidden:
             return logits, k_cache, v_cache, x
         return logits, k_cache, v_cache
@@ -192,6 +241,38 @@ HF_TOP_MAP: dict[str, str] = {
     "final_norm": "model.norm.weight",
     "lm_head": "lm_head.weight",
 }
+
+
+# ---- tensor parallelism -----------------------------------------------------------------------
+# The axis (counted from the end, so stacked and per-layer arrays agree) that tensor parallelism
+# splits across devices; parameters not named here are replicated. Column-parallel: qkv_proj,
+# qkv_bias, gate_up_proj (by heads / columns); row-parallel: o_proj, down_proj; the vocabulary:
+# embed (rows) and lm_head (columns), replicated instead when the vocabulary does not divide.
+TP_SPLIT_AXES: dict[str, int] = {
+    "qkv_proj": -1, "qkv_bias": -1, "gate_up_proj": -1,
+    "o_proj": -2, "down_proj": -2,
+    "embed": -2, "lm_head": -1,
+}
+TP_VOCAB_PARAMS = ("embed", "lm_head")
+
+
+def tp_column_order(cfg: ModelConfig, name: str, tp: int) -> Optional[np.ndarray]:
+    """The fused parameters' column order for `tp` shards, or None when the order is the
+    checkpoint's. A contiguous split of the fused [q | k | v] axis would hand all K/V heads to the
+    last devices; laid out in this order, shard i's contiguous block is [its q heads | its k heads
+    | its v heads] (and [its gate | its up] columns), which is what the forward splits locally."""
+    if tp == 1 or name not in ("qkv_proj", "qkv_bias", "gate_up_proj"):
+        return None
+    if name == "gate_up_proj":
+        f = cfg.intermediate_size
+        sizes = [f, f]
+    else:
+        hd = cfg.head_dim
+        sizes = [cfg.num_heads * hd, cfg.num_kv_heads * hd, cfg.num_kv_heads * hd]
+    starts = np.cumsum([0] + sizes[:-1])
+    order = [np.arange(st + i * (n // tp), st + (i + 1) * (n // tp))
+             for i in range(tp) for st, n in zip(starts, sizes)]
+    return np.concatenate(order)
 
 
 def hf_expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

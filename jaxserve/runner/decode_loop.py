@@ -131,7 +131,8 @@ def step_program(model, opts, k_cache, v_cache, inputs: StepInputs, carry: Carry
         if feats.logprobs:
             out["sampled_lp"] = jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
         if feats.prompt_logprobs:
-            out["plp"] = lp_mod.prompt_logprobs(model.compute_logits, res[3], ex.plp_target, k_top)
+            out["plp"] = lp_mod.prompt_logprobs(lambda h: model.compute_logits(h, opts), res[3],
+                                                ex.plp_target, k_top)
         if ctx.return_logits:
             out["logits"] = logits
         return tok, out, k_cache, v_cache

@@ -7,6 +7,10 @@ brings the sampled tokens and extras back as numpy (`StepResult`). Each program 
 next one its newest tokens on the device (`Carry`), so the host can plan and dispatch step N + 1
 before it has step N's tokens. `execute` is dispatch + result. Programs are compiled only through
 `compile(keys)`, before a run's first step.
+
+With a mesh (tensor parallelism) every program runs under `shard_map`: the parameters and the KV
+cache (split on KV heads) are the devices' shards, a step's inputs, the carry and all outputs are
+replicated, and each device runs the forward on its local heads (`runner.mesh`).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from flax import nnx
 
 from jaxserve.config import ModelConfig
 from jaxserve.models.llama import ForwardOptions
+from jaxserve.runner import mesh as mesh_mod
 from jaxserve.runner.buckets import BucketSet
 from jaxserve.runner.decode_loop import ProgramContext, step_program
 from jaxserve.runner.programs import (COMPILER_OPTIONS, ExecutableCache, Features, ProgramKey,
@@ -59,47 +64,63 @@ class Pending:
 
     def result(self) -> StepResult:
         out, n = self._out, self._n
-        res = StepResult(tokens=np.asarray(out.tokens)[:, :n])
+        host = mesh_mod.to_host      # replicated outputs: this process's first copy
+        res = StepResult(tokens=host(out.tokens)[:, :n])
         if out.top_ids is not None:
-            res.sampled_lp = np.asarray(out.sampled_lp)[:, :n]
-            res.top_lp = np.asarray(out.top_lp)[:, :n]
-            res.top_ids = np.asarray(out.top_ids)[:, :n]
+            res.sampled_lp = host(out.sampled_lp)[:, :n]
+            res.top_lp = host(out.top_lp)[:, :n]
+            res.top_ids = host(out.top_ids)[:, :n]
         if out.plp_lp is not None:
-            res.prompt_logprobs = (np.asarray(out.plp_top_ids), np.asarray(out.plp_top_lp),
-                                   np.asarray(out.plp_lp))
+            res.prompt_logprobs = (host(out.plp_top_ids), host(out.plp_top_lp), host(out.plp_lp))
         if out.logits is not None:
-            res.logits = np.asarray(out.logits)[:n]
+            res.logits = host(out.logits)[:n]
         return res
 
 
 class ModelRunner:
     def __init__(self, model: nnx.Module, cfg: ModelConfig, *, num_pages: int, page_size: int,
                  buckets: BucketSet, attention: AttentionSpec, kv_dtype,
-                 return_logits: bool = False, cache_dir: Optional[str] = None):
+                 return_logits: bool = False, cache_dir: Optional[str] = None,
+                 mesh: Optional[jax.sharding.Mesh] = None):
+        """`attention` describes one device's heads (a tensor-parallel runner's local ones);
+        `mesh`: the model's parameters are sharded over it (`runner.mesh`)."""
         self.cfg = cfg
         self.num_pages = num_pages
         self.page_size = page_size
         self.buckets = buckets
         self.attention = attention
-        self.opts = ForwardOptions(attention)
+        self.mesh = mesh
+        tp = mesh_mod.mesh_size(mesh)
+        self.opts = ForwardOptions(attention, tp_axis=None if mesh is None else mesh_mod.AXIS,
+                                   tp_size=tp)
         self.ctx = ProgramContext(attention=attention, num_layers=cfg.num_layers,
                                   num_pages=num_pages, page_size=page_size,
                                   vocab_size=cfg.vocab_size, max_rows=buckets.max_num_seqs,
                                   return_logits=return_logits)
         self.graphdef, self.params = nnx.split(model)
         shape = (cfg.num_kv_heads, cfg.num_layers * num_pages, page_size, cfg.head_dim)
-        self.k_cache = jnp.zeros(shape, kv_dtype)
-        self.v_cache = jnp.zeros(shape, kv_dtype)
+        if mesh is None:
+            self.k_cache = jnp.zeros(shape, kv_dtype)
+            self.v_cache = jnp.zeros(shape, kv_dtype)
+        else:
+            zeros = jax.jit(lambda: jnp.zeros(shape, kv_dtype),
+                            out_shardings=jax.sharding.NamedSharding(mesh, mesh_mod.kv_spec()))
+            self.k_cache, self.v_cache = zeros(), zeros()
+            self.param_specs = mesh_mod.param_specs(self.params, cfg, tp)
         self._jit = jax.jit(self._program, donate_argnums=(1, 2), static_argnames=("key",))
         cache = (ExecutableCache(os.path.join(cache_dir, "jaxserve-programs"))
                  if cache_dir and jax.default_backend() in EXECUTABLE_CACHE_BACKENDS else None)
         self._static_print = self._static_fingerprint() if cache else ""
         self.programs = ProgramSet(self._lower, self._fingerprint, cache)
-        self._carry = empty_carry(buckets.max_num_seqs)   # the last program's, on the device
+        self._carry = self._to_devices(empty_carry(buckets.max_num_seqs))  # the last program's
 
     @property
     def kv_bytes(self) -> int:
         return 2 * self.k_cache.size * self.k_cache.dtype.itemsize
+
+    @property
+    def kv_bytes_per_device(self) -> int:
+        return 2 * mesh_mod.per_device_bytes(self.k_cache)
 
     @property
     def num_compiled(self) -> int:
@@ -110,9 +131,23 @@ class ModelRunner:
         return self.programs.compile_seconds
 
     def _program(self, params, k_cache, v_cache, inputs, carry, *, key: ProgramKey):
-        model = nnx.merge(self.graphdef, params)
-        return step_program(model, self.opts, k_cache, v_cache, inputs, carry, key=key,
-                            ctx=self.ctx)
+        def body(params, k_cache, v_cache, inputs, carry):
+            model = nnx.merge(self.graphdef, params)
+            return step_program(model, self.opts, k_cache, v_cache, inputs, carry, key=key,
+                                ctx=self.ctx)
+
+        if self.mesh is None:
+            return body(params, k_cache, v_cache, inputs, carry)
+        kv, rep = mesh_mod.kv_spec(), jax.sharding.PartitionSpec()
+        # check_vma=False: all_gather results are replicated but not typed so; every output
+        # (tokens sampled from the gathered logits) is the same on every device by construction.
+        return jax.shard_map(body, mesh=self.mesh, in_specs=(self.param_specs, kv, kv, rep, rep),
+                             out_specs=(rep, kv, kv), check_vma=False)(
+            params, k_cache, v_cache, inputs, carry)
+
+    def _to_devices(self, tree):
+        """Host inputs of a program: as they are on one device, replicated over a mesh."""
+        return tree if self.mesh is None else mesh_mod.put_replicated(tree, self.mesh)
 
     def _static_fingerprint(self) -> str:
         """Everything but the key that shapes a compiled program."""
@@ -120,7 +155,8 @@ class ModelRunner:
 
         shapes = jax.tree.map(lambda a: (a.shape, str(a.dtype), str(getattr(a, "sharding", ""))),
                               self.params)
-        devices = [(d.platform, d.device_kind, d.id) for d in jax.devices()]
+        devices = [(d.platform, d.device_kind, d.id) for d in
+                   (jax.devices() if self.mesh is None else self.mesh.devices.flat)]
         parts = [source_fingerprint(), jax.__version__, jax.lib.__version__, repr(devices),
                  repr(self.cfg), repr(self.ctx), repr(self.opts), str(self.graphdef),
                  repr(jax.tree.structure(self.params)), repr(jax.tree.leaves(shapes)),
@@ -138,10 +174,15 @@ class ModelRunner:
                     features=key.features, page_size=self.page_size, attention=self.attention)
 
     def _lower(self, key: ProgramKey):
-        carry = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                             empty_carry(self.buckets.max_num_seqs))
+        rep = None if self.mesh is None else mesh_mod.replicated(self.mesh)
+
+        def shapes(tree):
+            return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype,
+                                                               sharding=rep), tree)
+
         return self._jit.lower(self.params, self.k_cache, self.v_cache,
-                               abstract_step_inputs(**self._layout(key)), carry, key=key)
+                               shapes(abstract_step_inputs(**self._layout(key))),
+                               shapes(empty_carry(self.buckets.max_num_seqs)), key=key)
 
     def compile(self, keys: Iterable[ProgramKey],
                 progress: Optional[Callable[[int, int, float], None]] = None) -> int:
@@ -154,7 +195,7 @@ class ModelRunner:
         key = self.programs.pick(self.buckets.token_bucket(plan.num_tokens),
                                  -(-plan.max_seq_len // self.page_size), plan.decode_steps,
                                  features)
-        inputs = build_step_inputs(plan, **self._layout(key))
+        inputs = self._to_devices(build_step_inputs(plan, **self._layout(key)))
         out, self.k_cache, self.v_cache = self.programs[key](self.params, self.k_cache,
                                                              self.v_cache, inputs, self._carry)
         self._carry = out.carry

@@ -42,3 +42,22 @@ def define_engine_flags(**defaults) -> None:
 def engine_kwargs(FLAGS) -> dict:
     """`LLM(...)` keyword arguments from the flags defined above."""
     return {f.name: FLAGS[f.name].value for f in dataclasses.fields(EngineConfig)}
+
+
+def define_distributed_flags() -> None:
+    """--coordinator_address / --num_processes / --process_id: a multi-process (multi-host) run,
+    joined by `jaxserve.runner.distributed.initialize` (unset: one process, or the
+    JAXSERVE_COORDINATOR_ADDRESS / _NUM_PROCESSES / _PROCESS_ID environment variables)."""
+    flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0's "
+                        "coordinator (the same on every process)")
+    flags.DEFINE_integer("num_processes", None, "multi-host: number of processes (one per host)")
+    flags.DEFINE_integer("process_id", None, "multi-host: this process's index, 0 .. "
+                         "num_processes - 1 (process 0 writes the outputs)")
+
+
+def initialize_distributed(FLAGS) -> bool:
+    """Join the multi-process run the flags describe (before JAX initialises its devices)."""
+    from jaxserve.runner import distributed
+
+    return distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                                  FLAGS.process_id)

@@ -1,6 +1,11 @@
 """What a batch will cost, before running it: request and token counts, the global prefix tree
 (optimal reuse, groups, depth), KV memory, and the projected run time on a named device from the
-roofline. Nothing touches the model's weights."""
+roofline. Nothing touches the model's weights.
+
+With tensor parallelism over N devices the figures are per device: each holds 1 / N of the split
+weights (norms, and a vocabulary that does not divide, whole) and of the KV cache, and does 1 / N
+of the FLOPs and byte traffic (the per-layer all-reduces over the interconnect are not counted).
+"""
 from __future__ import annotations
 
 from typing import Optional
@@ -18,13 +23,29 @@ DEVICES = {
 }
 
 
+def weights_bytes_per_device(cfg: ModelConfig, tensor_parallel_size: int,
+                             dtype_bytes: int = 2) -> int:
+    """Weight bytes one device holds when the model is split over `tensor_parallel_size`."""
+    tp = tensor_parallel_size
+    whole = (2 * cfg.num_layers + 1) * cfg.hidden_size                  # the norms
+    vocab = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+    if cfg.vocab_size % tp:
+        whole += vocab
+    return ((cfg.num_params() - whole) // tp + whole) * dtype_bytes
+
+
 def analyse(cfg: ModelConfig, prompts: list[list[int]], params: list[SamplingParams], *,
             device: str = "h100", page_size: int = 16, max_num_batched_tokens: Optional[int] = None,
             max_num_seqs: Optional[int] = None, dtype_bytes: int = 2, policy: str = "batchllm",
-            num_errors: int = 0) -> dict:
+            num_errors: int = 0, tensor_parallel_size: int = 1) -> dict:
     """`max_num_batched_tokens` / `max_num_seqs` None: the engine's defaults on that device."""
     if device not in DEVICES:
         raise ValueError(f"unknown device {device!r} (known: {', '.join(DEVICES)})")
+    tp = tensor_parallel_size
+    if tp > 1:
+        from jaxserve.runner.mesh import check_tensor_parallel
+
+        check_tensor_parallel(cfg, tp)
     dev = DEVICES[device]
     big = dev["memory_bytes"] >= 70 * 2 ** 30      # engine.sizing.resolve_batch_limits
     max_num_batched_tokens = max_num_batched_tokens or (16384 if big else 8192)
@@ -51,7 +72,7 @@ def analyse(cfg: ModelConfig, prompts: list[list[int]], params: list[SamplingPar
     weights = cfg.num_params() * dtype_bytes
     fl = workload_floor(cfg, [len(p) for p in prompts], out_tokens,
                         [s.base for s in seqs], optimal_prefill_tokens=optimal,
-                        peak_flops=dev["peak_flops"], hbm_bandwidth=dev["hbm_bandwidth"],
+                        peak_flops=dev["peak_flops"] * tp, hbm_bandwidth=dev["hbm_bandwidth"] * tp,
                         max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                         dtype_bytes=dtype_bytes)
     return dict(
@@ -65,6 +86,10 @@ def analyse(cfg: ModelConfig, prompts: list[list[int]], params: list[SamplingPar
         tree_depth=tree.depth_levels() if tree is not None else 0,
         kv_bytes_all_at_once=(shared_tokens + own_tokens) * kv_tok,
         kv_bytes_per_token=kv_tok, weights_bytes=weights,
+        tensor_parallel_size=tp,
+        weights_bytes_per_device=weights_bytes_per_device(cfg, tp, dtype_bytes),
+        kv_bytes_per_token_per_device=kv_tok // tp,
+        kv_bytes_all_at_once_per_device=(shared_tokens + own_tokens) * kv_tok // tp,
         device=device, device_memory_bytes=dev["memory_bytes"],
         projected_seconds=fl.seconds, projected_bound=fl.bound,
         floor_flops=fl.flops, floor_bytes=fl.bytes)
@@ -83,7 +108,17 @@ def format_table(d: dict) -> str:
         ("prefix tree depth", str(d["tree_depth"])),
         ("KV if all ran at once", f"{d['kv_bytes_all_at_once'] / gib:,.2f} GiB"),
         ("weights", f"{d['weights_bytes'] / gib:,.2f} GiB"),
-        (f"projected time on {d['device']}", f"{d['projected_seconds']:,.1f} s ({d['projected_bound']}-bound floor)"),
     ]
+    tp = d.get("tensor_parallel_size", 1)
+    if tp > 1:
+        rows += [
+            ("tensor parallel devices", str(tp)),
+            ("KV if all ran at once, per device",
+             f"{d['kv_bytes_all_at_once_per_device'] / gib:,.2f} GiB"),
+            ("weights per device", f"{d['weights_bytes_per_device'] / gib:,.2f} GiB"),
+        ]
+    on = f"{tp} x {d['device']}" if tp > 1 else d["device"]
+    rows.append((f"projected time on {on}",
+                 f"{d['projected_seconds']:,.1f} s ({d['projected_bound']}-bound floor)"))
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)

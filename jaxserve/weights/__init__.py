@@ -67,15 +67,16 @@ class ModelSource:
                 log.info("preset %s: no tokenizer (%s)", self.path, e)
         return None
 
-    def weights(self, dtype, load_format: str, seed: int):
+    def weights(self, dtype, load_format: str, seed: int, mesh=None):
         if load_format == "dummy" or self.kind == "preset":
-            return dummy_model(self.config, dtype, seed)
+            return dummy_model(self.config, dtype, seed, mesh=mesh)
         if self.kind == "dir":
             from jaxserve.weights.safetensors_loader import SafetensorsCheckpoint
 
             ck = SafetensorsCheckpoint(self.path)
-            return build_model(self.config, ck.get, dtype, ck.where)
-        return build_model(self.config, self.checkpoint.get, dtype, self.checkpoint.where)
+            return build_model(self.config, ck.get, dtype, ck.where, mesh=mesh)
+        return build_model(self.config, self.checkpoint.get, dtype, self.checkpoint.where,
+                           mesh=mesh)
 
 
 def gguf_tokenizer(checkpoint):
@@ -119,11 +120,13 @@ def open_source(model: Optional[str] = None, load_format: str = "auto") -> Model
                       f"(presets: {', '.join(presets.list_presets())})")
 
 
-def load_model(model: Optional[str] = None, dtype=None, load_format: str = "auto", seed: int = 0):
+def load_model(model: Optional[str] = None, dtype=None, load_format: str = "auto", seed: int = 0,
+               mesh=None):
     """Load `model`: a HF checkpoint directory, a `.gguf` file, or a preset name (see `presets`).
 
     Presets have no weights, so they need `load_format="dummy"`; "dummy" works for any source and
     gives random weights of its shape. `dtype` None: float32 on CPU, bfloat16 on accelerators.
+    `mesh` (tensor parallelism): each parameter goes straight onto its shards over it.
     """
     src = open_source(model, load_format)
     if dtype is None:
@@ -131,7 +134,7 @@ def load_model(model: Optional[str] = None, dtype=None, load_format: str = "auto
         import jax.numpy as jnp
 
         dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    return src.config, src.weights(dtype, load_format, seed), src.tokenizer()
+    return src.config, src.weights(dtype, load_format, seed, mesh), src.tokenizer()
 
 
 def load_config_and_tokenizer(model: Optional[str] = None):

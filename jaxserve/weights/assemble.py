@@ -4,6 +4,11 @@ Every loader (safetensors, GGUF) only has to answer `get(hf_name) -> np.ndarray`
 orientation; this module checks shapes, converts orientation and fusion, stacks layers, casts to the
 requested dtype and places each parameter on the device as soon as it is built, so host memory
 holds at most one stacked parameter at a time.
+
+Under tensor parallelism (a `mesh`) each parameter goes straight from the host onto its shards:
+every device receives only its slice (in multi-process runs, every process only its devices'
+slices), so no device ever holds a whole sharded tensor, and the fused QKV / gate-up columns are
+laid out per shard first (`ModelSpec.tp_column_order`).
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from flax import nnx
 
 from jaxserve.config import ModelConfig
 from jaxserve.models import get_model_spec
+from jaxserve.runner import mesh as mesh_mod
 
 
 class WeightError(ValueError):
@@ -30,11 +36,11 @@ def abstract_model(cfg: ModelConfig, dtype):
 
 def build_model(cfg: ModelConfig, get: Callable[[str], np.ndarray], dtype,
                 where: Callable[[str], str] = lambda name: "?",
-                device: Optional[jax.Device] = None):
+                device: Optional[jax.Device] = None, mesh: Optional[jax.sharding.Mesh] = None):
     """Assemble an NNX model from HF-named tensors.
 
     `get(name)` returns the tensor (any float dtype) or raises KeyError; `where(name)` names the file
-    that holds it, for error messages.
+    that holds it, for error messages. `mesh`: shard the parameters over it (tensor parallelism).
     """
     spec = get_model_spec(cfg)
     expected = spec.expected_shapes(cfg)
@@ -51,18 +57,29 @@ def build_model(cfg: ModelConfig, get: Callable[[str], np.ndarray], dtype,
                               f"expected {tuple(want)} from the config")
         return arr
 
+    tp = mesh_mod.mesh_size(mesh)
+    mesh_mod.check_tensor_parallel(cfg, tp)
     model = abstract_model(cfg, dtype)
     graphdef, state = nnx.split(model)
     flat = dict(nnx.to_flat_state(state))
-    put = (lambda a: jax.device_put(a, device)) if device is not None else jax.device_put
+
+    def put(pname: str, value: np.ndarray) -> jax.Array:
+        if mesh is None:
+            return jax.device_put(value, device) if device is not None else jax.device_put(value)
+        sharding = jax.sharding.NamedSharding(mesh, mesh_mod.param_spec(cfg, pname, value.ndim, tp))
+        return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
+
     for path, var in flat.items():
         if path[0] == "layers":
             pname = path[1]
             names = spec.layer_map[pname]
+            # Fused columns in per-shard order, one layer at a time (no second stacked copy).
+            order = spec.tp_column_order(cfg, pname, tp) if spec.tp_column_order else None
             stacked = np.empty(var.value.shape, dtype=np_dtype)
             for i in range(cfg.num_layers):
                 parts = [fetch(n.format(i=i)).astype(np.float32, copy=False) for n in names]
-                stacked[i] = spec.to_param(pname, parts).astype(np_dtype)
+                layer = spec.to_param(pname, parts)
+                stacked[i] = (layer if order is None else layer[..., order]).astype(np_dtype)
             value = stacked
         else:
             pname = path[0]
@@ -71,23 +88,27 @@ def build_model(cfg: ModelConfig, get: Callable[[str], np.ndarray], dtype,
         if tuple(value.shape) != tuple(var.value.shape):
             raise WeightError(f"parameter {'/'.join(map(str, path))}: built shape {value.shape}, "
                               f"model expects {var.value.shape}")
-        var.value = put(value)
+        var.value = put(pname, value)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def dummy_model(cfg: ModelConfig, dtype, seed: int = 0):
-    """Random weights of the right shape and dtype, created directly on the device (no host copy).
+def dummy_model(cfg: ModelConfig, dtype, seed: int = 0, mesh: Optional[jax.sharding.Mesh] = None):
+    """Random weights of the right shape and dtype, created directly on the device (no host copy),
+    or on their shards over `mesh` (each device generates only its slice).
 
     Scaled so activations stay O(1) through depth, as trained weights do: that keeps benchmark
-    numerics (and any data-dependent kernel behaviour) realistic.
+    numerics (and any data-dependent kernel behaviour) realistic. (The fused columns are random
+    either way, so they are not reordered per shard: the same seed gives a differently wired
+    model under each tensor-parallel size.)
     """
     spec = get_model_spec(cfg)
+    mesh_mod.check_tensor_parallel(cfg, mesh_mod.mesh_size(mesh))
 
-    @jax.jit
     def init(key):
         model = spec.model_cls(cfg, dtype=dtype, rngs=nnx.Rngs(key))
         return nnx.split(model)[1]
 
-    graphdef = nnx.split(abstract_model(cfg, dtype))[0]
-    state = init(jax.random.key(seed))
+    graphdef, abstract = nnx.split(abstract_model(cfg, dtype))
+    shard = {} if mesh is None else dict(out_shardings=mesh_mod.param_shardings(abstract, cfg, mesh))
+    state = jax.jit(init, **shard)(jax.random.key(seed))
     return nnx.merge(graphdef, state)
