@@ -34,7 +34,8 @@ def resolve_dtype(name: str):
 
 
 class LLM:
-    """An offline batch engine for one model on one device."""
+    """An offline batch engine for one model: on one device, or on `data_parallel_size`
+    replicas that split the batch by prefix subtree (`engine/data_parallel.py`)."""
 
     def __init__(self, model: Optional[str] = None, **settings):
         from jaxserve.weights import default_model_path, load_model
@@ -48,8 +49,14 @@ class LLM:
             source, dtype=self.dtype, load_format=ec.load_format, seed=ec.seed)
         self.load_seconds = time.perf_counter() - t0
         eos = tuple(self.tokenizer.eos_token_ids) if self.tokenizer is not None else ()
-        self.engine = Engine(self.model_config, model_obj, ec, eos_token_ids=eos,
-                             tokenizer=self.tokenizer)
+        if ec.data_parallel_size > 1:
+            from jaxserve.engine.data_parallel import DataParallelEngine
+
+            self.engine = DataParallelEngine.build(self.model_config, model_obj, ec,
+                                                   eos_token_ids=eos, tokenizer=self.tokenizer)
+        else:
+            self.engine = Engine(self.model_config, model_obj, ec, eos_token_ids=eos,
+                                 tokenizer=self.tokenizer)
 
     def _run(self, requests, use_tqdm: bool, on_output=None) -> list[RequestOutput]:
         bar = progress = None

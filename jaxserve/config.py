@@ -200,6 +200,9 @@ class EngineConfig:
     load_format: str = _field("auto", "weight source: auto (by path), dummy (random weights at the "
                               "model's shape), safetensors, gguf", LOAD_FORMATS)
     seed: int = _field(0, "engine seed: dummy weights, and samples without their own seed")
+    data_parallel_size: int = _field(1, "engine replicas, one per device group (of "
+                                     "tensor_parallel_size devices), each running a part of the "
+                                     "batch split by prefix subtree")
     page_size: int = _field(16, "tokens per KV page (a power of two)")
     max_num_batched_tokens: int = _field(512, "token budget of one step (the largest token bucket)")
     max_num_seqs: int = _field(256, "sequences (rows) in one step")
@@ -242,7 +245,7 @@ class EngineConfig:
             if choices and getattr(self, f.name) not in choices:
                 raise ConfigError(f"engine: field '{f.name}'={getattr(self, f.name)!r} must be one "
                                   f"of {', '.join(choices)}")
-        for name in ("page_size", "max_num_batched_tokens", "max_num_seqs", "page_bucket_growth",
+        for name in ("data_parallel_size", "page_size", "max_num_batched_tokens", "max_num_seqs", "page_bucket_growth",
                      "cpu_kv_cache_bytes"):
             pos_int(name)
         for name in ("max_model_len", "num_pages", "fused_decode_steps"):

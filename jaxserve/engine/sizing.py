@@ -41,13 +41,13 @@ def resolve_fused_steps(n: Optional[int]) -> int:
     return n
 
 
-def kv_budget_pages(cfg: ModelConfig, ecfg: EngineConfig, kv_dtype) -> int:
+def kv_budget_pages(cfg: ModelConfig, ecfg: EngineConfig, kv_dtype, device=None) -> int:
     """Pages per layer the memory left after the weights holds (or the explicit `num_pages`)."""
     if ecfg.num_pages is not None:
         return ecfg.num_pages
     page_bytes = cfg.kv_bytes_per_token(jnp.dtype(kv_dtype).itemsize) * ecfg.page_size
     try:
-        stats = jax.devices()[0].memory_stats()
+        stats = (device or jax.devices()[0]).memory_stats()
     except Exception:  # noqa: BLE001  (backends without memory stats)
         stats = None
     if stats and "bytes_limit" in stats:
@@ -86,14 +86,15 @@ class Sizes:
     buckets: BucketSet
 
 
-def plan_sizes(cfg: ModelConfig, ecfg: EngineConfig, kv_dtype, *, unstack=None) -> Sizes:
+def plan_sizes(cfg: ModelConfig, ecfg: EngineConfig, kv_dtype, *, unstack=None,
+               device=None) -> Sizes:
     """Everything sized at start-up. `unstack()` (the unrolled layer loop's weight split) runs
     before the KV cache is sized from the memory left."""
     impl = resolve_attention_impl(ecfg.attention_impl)
     loop = resolve_layer_loop(ecfg.layer_loop)
     if loop == "unrolled" and unstack is not None:
         unstack()
-    pages = kv_budget_pages(cfg, ecfg, kv_dtype)
+    pages = kv_budget_pages(cfg, ecfg, kv_dtype, device)
     max_len = resolve_max_model_len(cfg, ecfg, pages)
     pages_per_seq = -(-max_len // ecfg.page_size)
     # Never more than every row at full length needs (plus the sink).

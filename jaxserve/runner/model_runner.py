@@ -41,7 +41,7 @@ class StepResult:
 class ModelRunner:
     def __init__(self, model: nnx.Module, cfg: ModelConfig, *, num_pages: int, page_size: int,
                  buckets: BucketSet, attention: AttentionSpec, kv_dtype,
-                 return_logits: bool = False):
+                 return_logits: bool = False, device=None):
         self.cfg = cfg
         self.num_pages = num_pages
         self.page_size = page_size
@@ -53,8 +53,8 @@ class ModelRunner:
                                   vocab_size=cfg.vocab_size, return_logits=return_logits)
         self.graphdef, self.params = nnx.split(model)
         shape = (cfg.num_kv_heads, cfg.num_layers * num_pages, page_size, cfg.head_dim)
-        self.k_cache = jnp.zeros(shape, kv_dtype)
-        self.v_cache = jnp.zeros(shape, kv_dtype)
+        self.k_cache = jnp.zeros(shape, kv_dtype, device=device)
+        self.v_cache = jnp.zeros(shape, kv_dtype, device=device)
         self._jit = jax.jit(self._program, donate_argnums=(1, 2), static_argnames=("key",))
         self.programs = ProgramSet(self._lower)
 

@@ -91,3 +91,13 @@ def dummy_model(cfg: ModelConfig, dtype, seed: int = 0):
     graphdef = nnx.split(abstract_model(cfg, dtype))[0]
     state = init(jax.random.key(seed))
     return nnx.merge(graphdef, state)
+
+
+def place_model(model, device: jax.Device):
+    """`model` with every array on `device`: the same model where it is there already, else a
+    copy made device to device (data-parallel replicas load the weights once)."""
+    graphdef, state = nnx.split(model)
+    leaves = jax.tree.leaves(state)
+    if all(getattr(x, "devices", lambda: set())() == {device} for x in leaves):
+        return model
+    return nnx.merge(graphdef, jax.device_put(state, device))
