@@ -58,7 +58,7 @@ class LLM:
             self.engine = Engine(self.model_config, model_obj, ec, eos_token_ids=eos,
                                  tokenizer=self.tokenizer)
 
-    def _run(self, requests, use_tqdm: bool, on_output=None) -> list[RequestOutput]:
+    def _run(self, requests, use_tqdm: bool, on_output=None, positions=None) -> list[RequestOutput]:
         bar = progress = None
         if use_tqdm:
             from tqdm.auto import tqdm
@@ -77,7 +77,8 @@ class LLM:
                                     out_tok_s=f"{stats.generated_tokens / dt:,.0f}",
                                     reuse=f"{reuse:.2f}", refresh=False)
         try:
-            return self.engine.run(requests, progress=progress, on_output=on_output)
+            return self.engine.run(requests, progress=progress, on_output=on_output,
+                                   positions=positions)
         finally:
             if bar is not None:
                 bar.update(bar.total - bar.n)
@@ -99,12 +100,14 @@ class LLM:
     def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
                  sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
                  priority: Optional[Sequence[int]] = None, use_tqdm: bool = True,
-                 on_output=None) -> list[RequestOutput]:
+                 on_output=None, positions: Optional[Sequence[int]] = None) -> list[RequestOutput]:
         """Complete every prompt; outputs come back in input order, one per prompt.
 
         `on_output(index, RequestOutput)` is called as each request finishes (for streaming results
-        to disk as they come)."""
-        return self._run(self.requests(prompts, sampling_params, priority), use_tqdm, on_output)
+        to disk as they come). `positions[i]`: prompt i's place in a larger batch this call is a
+        part of (random streams of unseeded samples derive from it; default: i)."""
+        return self._run(self.requests(prompts, sampling_params, priority), use_tqdm, on_output,
+                         None if positions is None else list(positions))
 
     def chat(self, conversations, sampling_params=None, priority=None, use_tqdm: bool = True,
              add_generation_prompt: bool = True) -> list[RequestOutput]:

@@ -147,7 +147,8 @@ class DataParallelEngine:
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self, requests: list[Request], progress: Optional[Callable] = None,
-            on_output: Optional[Callable[[int, RequestOutput], None]] = None) -> list[RequestOutput]:
+            on_output: Optional[Callable[[int, RequestOutput], None]] = None,
+            positions: Optional[list[int]] = None) -> list[RequestOutput]:
         t_start = time.perf_counter()
         part = self.partition(requests)
         self.last_partition = part
@@ -183,7 +184,9 @@ class DataParallelEngine:
             t = time.perf_counter()
             try:
                 with jax.default_device(self.devices[k][0]):
-                    self.replicas[k].run(parts[k], progress=report, on_output=emit, positions=idx)
+                    self.replicas[k].run(parts[k], progress=report, on_output=emit,
+                                         positions=idx if positions is None
+                                         else [positions[i] for i in idx])
             except BaseException as e:  # noqa: BLE001  (re-raised in the caller's thread)
                 errors.append(e)
             walls[k] = time.perf_counter() - t
