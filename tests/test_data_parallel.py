@@ -180,3 +180,39 @@ def test_dp_run_batch_sigkill_then_resume_has_every_id_once(tiny_models, tmp_pat
     assert recs == [json.loads(x) for x in full.read_text().splitlines()]
     stats = json.loads(res.stdout[res.stdout.index("{"):])
     assert stats["data_parallel_size"] == 2 and sum(stats["dp_replica_requests"]) == 40 - n_done
+
+
+def test_dry_run_projects_the_slowest_replica_of_a_70b_job(tmp_path):
+    from jaxserve.sampling_params import SamplingParams
+    from jaxserve.tools.dry_run import analyse, format_table
+
+    cfg = load_preset("llama-3.1-70b")
+    rng = np.random.default_rng(5)
+    items, _ = groups_items(rng, 32, vocab=cfg.vocab_size)
+    prompts = [list(it.prompt_ids) for it in items]
+    params = [SamplingParams(max_tokens=it.max_tokens) for it in items]
+    one = analyse(cfg, prompts, params, device="h200")
+    four = analyse(cfg, prompts, params, device="h200", data_parallel_size=4)
+    assert one["weights_bytes"] == four["weights_bytes"] == pytest.approx(2 * 70.55e9, rel=0.005)
+    assert len(four["replica_projected_seconds"]) == 4 and sum(four["replica_requests"]) == len(items)
+    assert four["projected_seconds"] == max(four["replica_projected_seconds"])
+    # Each replica has a quarter of the work but reads all the weights every step: faster than
+    # one device, not four times.
+    assert one["projected_seconds"] / 4 < four["projected_seconds"] < one["projected_seconds"]
+    assert four["memory_per_device_bytes"] < one["memory_per_device_bytes"]
+    assert four["dp_split_groups"] == 0
+    table = format_table(four)
+    assert "data parallel replicas" in table and "slowest replica" in table
+    # The same through run_batch.py --dry_run on a preset (token-id input, no weights loaded).
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "prompt_token_ids": p, "max_tokens": sp.max_tokens})
+                           + "\n" for i, (p, sp) in enumerate(zip(prompts, params))))
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "run_batch.py"),
+                          "--model=llama-3.1-70b", "--load_format=dummy", "--dry_run",
+                          "--dry_run_device=h200", "--data_parallel_size=4", f"--input={inp}",
+                          f"--output={tmp_path / 'o.jsonl'}"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    d = json.loads((tmp_path / "o.jsonl.dryrun.json").read_text())
+    assert d["projected_seconds"] == pytest.approx(four["projected_seconds"])
+    assert "data parallel replicas" in res.stdout

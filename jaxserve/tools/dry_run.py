@@ -8,6 +8,7 @@ from typing import Optional
 from jaxserve.config import ModelConfig
 from jaxserve.tools.roofline import workload_floor
 from jaxserve.sampling_params import SamplingParams
+from jaxserve.scheduler.partition import CostModel, WorkItem, partition
 from jaxserve.scheduler.planner import plan_batch
 from jaxserve.scheduler.sequence import Sample
 
@@ -18,13 +19,9 @@ DEVICES = {
 }
 
 
-def analyse(cfg: ModelConfig, prompts: list[list[int]], params: list[SamplingParams], *,
-            device: str = "h100", page_size: int = 16, max_num_batched_tokens: int = 2048,
-            max_num_seqs: int = 256, dtype_bytes: int = 2, policy: str = "batchllm",
-            num_errors: int = 0) -> dict:
-    if device not in DEVICES:
-        raise ValueError(f"unknown device {device!r} (known: {', '.join(DEVICES)})")
-    dev = DEVICES[device]
+def _share(cfg: ModelConfig, prompts, params, dev: dict, *, policy: str,
+           max_num_batched_tokens: int, max_num_seqs: int, dtype_bytes: int) -> dict:
+    """The plan, floor and KV of one engine running `prompts` (a whole batch or one replica's)."""
     seqs = [Sample(prompt_ids=list(p), index=i, params=sp, request=i)
             for i, (p, sp) in enumerate(zip(prompts, params))]
     # As the engine does: a request asking for prompt logprobs prefills its whole prompt itself.
@@ -36,21 +33,42 @@ def analyse(cfg: ModelConfig, prompts: list[list[int]], params: list[SamplingPar
     optimal = (tree.optimal_prefill_tokens + sum(len(s.prompt_ids) for s in own)
                if tree is not None else prompt_tokens)
     out_tokens = [sp.max_tokens for sp in params]
-    group_sizes: dict = {}
-    for s in seqs:
-        if s.group is not None:
-            group_sizes[id(s.group)] = group_sizes.get(id(s.group), 0) + 1
     kv_tok = cfg.kv_bytes_per_token(dtype_bytes)
     # KV held if every request ran at once at full length: shared prefixes once, plus own parts.
     shared_tokens = sum(p.num_tokens - (p.prefix.num_tokens if p.prefix else 0) for p in plan.prefixes)
     own_tokens = sum(len(s.prompt_ids) - s.base + sp.max_tokens for s, sp in zip(seqs, params))
-    weights = cfg.num_params() * dtype_bytes
     fl = workload_floor(cfg, [len(p) for p in prompts], out_tokens,
                         [s.base for s in seqs], optimal_prefill_tokens=optimal,
                         peak_flops=dev["peak_flops"], hbm_bandwidth=dev["hbm_bandwidth"],
                         max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                         dtype_bytes=dtype_bytes)
-    return dict(
+    return dict(seqs=seqs, plan=plan, optimal=optimal, floor=fl,
+                kv_bytes=(shared_tokens + own_tokens) * kv_tok)
+
+
+def analyse(cfg: ModelConfig, prompts: list[list[int]], params: list[SamplingParams], *,
+            device: str = "h100", page_size: int = 16, max_num_batched_tokens: int = 2048,
+            max_num_seqs: int = 256, dtype_bytes: int = 2, policy: str = "batchllm",
+            num_errors: int = 0, data_parallel_size: int = 1) -> dict:
+    """`data_parallel_size` replicas: the batch split as the engine splits it
+    (`scheduler.partition`); the projected time is the slowest replica's floor and the memory
+    per device the weights plus the largest replica's KV."""
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r} (known: {', '.join(DEVICES)})")
+    dev = DEVICES[device]
+    kw = dict(policy=policy, max_num_batched_tokens=max_num_batched_tokens,
+              max_num_seqs=max_num_seqs, dtype_bytes=dtype_bytes)
+    whole = _share(cfg, prompts, params, dev, **kw)
+    plan, tree, optimal, fl = whole["plan"], whole["plan"].tree, whole["optimal"], whole["floor"]
+    prompt_tokens = sum(len(p) for p in prompts)
+    out_tokens = [sp.max_tokens for sp in params]
+    group_sizes: dict = {}
+    for s in whole["seqs"]:
+        if s.group is not None:
+            group_sizes[id(s.group)] = group_sizes.get(id(s.group), 0) + 1
+    kv_tok = cfg.kv_bytes_per_token(dtype_bytes)
+    weights = cfg.num_params() * dtype_bytes
+    d = dict(
         num_requests=len(prompts) + num_errors, num_valid=len(prompts), num_errors=num_errors,
         prompt_tokens=prompt_tokens, output_tokens_max=sum(out_tokens),
         optimal_prefill_tokens=optimal,
@@ -59,11 +77,36 @@ def analyse(cfg: ModelConfig, prompts: list[list[int]], params: list[SamplingPar
         group_size_max=max(group_sizes.values(), default=0),
         group_size_mean=(sum(group_sizes.values()) / len(group_sizes)) if group_sizes else 0.0,
         tree_depth=tree.depth_levels() if tree is not None else 0,
-        kv_bytes_all_at_once=(shared_tokens + own_tokens) * kv_tok,
+        kv_bytes_all_at_once=whole["kv_bytes"],
         kv_bytes_per_token=kv_tok, weights_bytes=weights,
         device=device, device_memory_bytes=dev["memory_bytes"],
         projected_seconds=fl.seconds, projected_bound=fl.bound,
-        floor_flops=fl.flops, floor_bytes=fl.bytes)
+        floor_flops=fl.flops, floor_bytes=fl.bytes,
+        data_parallel_size=data_parallel_size,
+        memory_per_device_bytes=weights + whole["kv_bytes"])
+    if data_parallel_size > 1:
+        d.update(_replicas(cfg, prompts, params, dev, data_parallel_size, kw, weights))
+    return d
+
+
+def _replicas(cfg, prompts, params, dev, m: int, kw: dict, weights: int) -> dict:
+    cost = CostModel.for_model(cfg, kw["dtype_bytes"], peak_flops=dev["peak_flops"],
+                               hbm_bandwidth=dev["hbm_bandwidth"])
+    part = partition([WorkItem(p, sp.max_tokens, sp.n, shareable=sp.prompt_logprobs is None)
+                      for p, sp in zip(prompts, params)], m, cost=cost)
+    shares = [_share(cfg, [prompts[i] for i in idx], [params[i] for i in idx], dev, **kw)
+              if idx else None for idx in part.parts]
+    secs = [s["floor"].seconds if s else 0.0 for s in shares]
+    slowest = max(range(m), key=secs.__getitem__)
+    kv = max((s["kv_bytes"] for s in shares if s), default=0)
+    return dict(replica_requests=[len(idx) for idx in part.parts],
+                replica_projected_seconds=secs,
+                projected_seconds=secs[slowest],
+                projected_bound=shares[slowest]["floor"].bound if shares[slowest] else "compute",
+                dp_split_groups=part.split_groups,
+                dp_duplicated_prefix_tokens=part.duplicated_prefix_tokens,
+                kv_bytes_all_at_once_per_replica=kv,
+                memory_per_device_bytes=weights + kv)
 
 
 def format_table(d: dict) -> str:
@@ -79,7 +122,21 @@ def format_table(d: dict) -> str:
         ("prefix tree depth", str(d["tree_depth"])),
         ("KV if all ran at once", f"{d['kv_bytes_all_at_once'] / gib:,.2f} GiB"),
         ("weights", f"{d['weights_bytes'] / gib:,.2f} GiB"),
-        (f"projected time on {d['device']}", f"{d['projected_seconds']:,.1f} s ({d['projected_bound']}-bound floor)"),
+    ]
+    m = d.get("data_parallel_size", 1)
+    if m > 1:
+        reqs, secs = d["replica_requests"], d["replica_projected_seconds"]
+        rows += [
+            ("data parallel replicas", f"{m} (requests {min(reqs)}..{max(reqs)}, floors "
+                                       f"{min(secs):,.1f}..{max(secs):,.1f} s)"),
+            ("groups split / prefix tokens repeated",
+             f"{d['dp_split_groups']} / {d['dp_duplicated_prefix_tokens']:,}"),
+        ]
+    rows += [
+        ("memory per device (weights + KV)", f"{d['memory_per_device_bytes'] / gib:,.2f} GiB of "
+                                             f"{d['device_memory_bytes'] / gib:,.0f}"),
+        (f"projected time on {d['device']}", f"{d['projected_seconds']:,.1f} s ({d['projected_bound']}-bound floor"
+                                             f"{', slowest replica' if m > 1 else ''})"),
     ]
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
