@@ -153,7 +153,7 @@ def test_dp_run_batch_sigkill_then_resume_has_every_id_once(tiny_models, tmp_pat
     args = [sys.executable, os.path.join(ROOT, "scripts", "run_batch.py"), f"--model={path}",
             f"--input={inp}", "--max_num_batched_tokens=32", "--max_num_seqs=8",
             "--max_model_len=128", "--page_size=8", "--num_pages=64", "--use_tqdm=false",
-            "--attention_impl=reference"]
+            "--attention_impl=reference", "--page_bucket_growth=1"]
     full = tmp_path / "full.jsonl"
     subprocess.run(args + [f"--output={full}"], check=True, capture_output=True, timeout=600)
 

@@ -21,9 +21,9 @@ from jaxserve.cluster.ray_data import RayJob, read_rows  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--max_num_batched_tokens=32", "--max_num_seqs=8", "--max_model_len=128",
-        "--num_pages=64", "--page_size=8", "--attention_impl=reference"]
+        "--num_pages=64", "--page_size=8", "--attention_impl=reference", "--page_bucket_growth=1"]
 TINY_KW = dict(max_num_batched_tokens=32, max_num_seqs=8, max_model_len=128, num_pages=64,
-               page_size=8, attention_impl="reference")
+               page_size=8, attention_impl="reference", page_bucket_growth=1)
 DEFAULTS = dict(max_tokens=64, temperature=0.0, top_p=1.0, top_k=-1, min_p=0.0, ignore_eos=False)
 
 
