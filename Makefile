@@ -14,9 +14,10 @@ install:
 example: install
 	$(PYTHON) scripts/run_batch.py --input=examples/prompts.jsonl --output=out/results.jsonl
 
-# torch (CPU) is the reference implementation the tests compare against.
+# torch (CPU) is the reference implementation the tests compare against; ray[data] runs the
+# cluster tests (tests/test_ray_data.py: ~30 s to install, ~150 MB of wheels).
 test: install
-	$(PIP) install -q torch==2.13.0 pytest accelerate matplotlib
+	$(PIP) install -q torch==2.13.0 pytest accelerate matplotlib 'ray[data]'
 	$(PYTHON) -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: the suite is misconfigured"; exit 1; fi; \
 	exit $$rc

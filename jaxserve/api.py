@@ -36,8 +36,9 @@ def resolve_dtype(name: str):
 
 
 class LLM:
-    """An offline batch engine for one model on one device, or split over `tensor_parallel_size`
-    devices."""
+    """An offline batch engine for one model: on one device, split over `tensor_parallel_size`
+    devices, or on `data_parallel_size` replicas that split the batch by prefix subtree
+    (`engine/data_parallel.py`)."""
 
     def __init__(self, model: Optional[str] = None, **settings):
         from jaxserve.runner.mesh import make_mesh
@@ -48,15 +49,23 @@ class LLM:
         self.dtype = resolve_dtype(ec.dtype)
         t0 = time.perf_counter()
         source = model if model is not None else default_model_path()
-        mesh = make_mesh(ec.tensor_parallel_size) if ec.tensor_parallel_size > 1 else None
+        # Data parallelism places each replica's copy itself (engine/data_parallel.py).
+        mesh = (make_mesh(ec.tensor_parallel_size)
+                if ec.tensor_parallel_size > 1 and ec.data_parallel_size == 1 else None)
         self.model_config, model_obj, self.tokenizer = load_model(
             source, dtype=self.dtype, load_format=ec.load_format, seed=ec.seed, mesh=mesh)
         self.load_seconds = time.perf_counter() - t0
         eos = tuple(self.tokenizer.eos_token_ids) if self.tokenizer is not None else ()
-        self.engine = Engine(self.model_config, model_obj, ec, eos_token_ids=eos,
-                             tokenizer=self.tokenizer, mesh=mesh)
+        if ec.data_parallel_size > 1:
+            from jaxserve.engine.data_parallel import DataParallelEngine
 
-    def _run(self, requests, use_tqdm: bool, on_output=None) -> list[RequestOutput]:
+            self.engine = DataParallelEngine.build(self.model_config, model_obj, ec,
+                                                   eos_token_ids=eos, tokenizer=self.tokenizer)
+        else:
+            self.engine = Engine(self.model_config, model_obj, ec, eos_token_ids=eos,
+                                 tokenizer=self.tokenizer, mesh=mesh)
+
+    def _run(self, requests, use_tqdm: bool, on_output=None, positions=None) -> list[RequestOutput]:
         bar = progress = None
         if use_tqdm:
             from tqdm.auto import tqdm
@@ -75,7 +84,8 @@ class LLM:
                                     out_tok_s=f"{stats.generated_tokens / dt:,.0f}",
                                     reuse=f"{reuse:.2f}", refresh=False)
         try:
-            return self.engine.run(requests, progress=progress, on_output=on_output)
+            return self.engine.run(requests, progress=progress, on_output=on_output,
+                                   positions=positions)
         finally:
             if bar is not None:
                 bar.update(bar.total - bar.n)
@@ -97,12 +107,14 @@ class LLM:
     def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
                  sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
                  priority: Optional[Sequence[int]] = None, use_tqdm: bool = True,
-                 on_output=None) -> list[RequestOutput]:
+                 on_output=None, positions: Optional[Sequence[int]] = None) -> list[RequestOutput]:
         """Complete every prompt; outputs come back in input order, one per prompt.
 
         `on_output(index, RequestOutput)` is called as each request finishes (for streaming results
-        to disk as they come)."""
-        return self._run(self.requests(prompts, sampling_params, priority), use_tqdm, on_output)
+        to disk as they come). `positions[i]`: prompt i's place in a larger batch this call is a
+        part of (random streams of unseeded samples derive from it; default: i)."""
+        return self._run(self.requests(prompts, sampling_params, priority), use_tqdm, on_output,
+                         None if positions is None else list(positions))
 
     def chat(self, conversations, sampling_params=None, priority=None, use_tqdm: bool = True,
              add_generation_prompt: bool = True) -> list[RequestOutput]:

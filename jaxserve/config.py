@@ -225,6 +225,9 @@ class EngineConfig:
     tensor_parallel_size: int = _field(1, "devices one model is split over (Megatron-style tensor "
                                        "parallelism; across processes after "
                                        "jax.distributed.initialize)")
+    data_parallel_size: int = _field(1, "engine replicas, one per device group (of "
+                                     "tensor_parallel_size devices), each running a part of the "
+                                     "batch split by prefix subtree")
     page_size: int = _field(16, "tokens per KV page (a power of two)")
     max_num_batched_tokens: Optional[int] = _field(None, "token budget of one step (the largest "
                                                    "token bucket; default: from the device)")
@@ -274,7 +277,7 @@ class EngineConfig:
                 raise ConfigError(f"engine: field '{f.name}'={getattr(self, f.name)!r} must be one "
                                   f"of {', '.join(choices)}")
         for name in ("page_size", "page_bucket_growth", "cpu_kv_cache_bytes",
-                     "tensor_parallel_size"):
+                     "tensor_parallel_size", "data_parallel_size"):
             pos_int(name)
         for name in ("max_model_len", "num_pages", "fused_decode_steps", "max_num_batched_tokens",
                      "max_num_seqs"):

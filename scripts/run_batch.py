@@ -403,7 +403,8 @@ def dry_run(items, defaults) -> int:
     d = analyse(cfg, prompts, params, device=FLAGS.dry_run_device, page_size=FLAGS.page_size,
                 max_num_batched_tokens=FLAGS.max_num_batched_tokens, max_num_seqs=FLAGS.max_num_seqs,
                 policy=FLAGS.schedule_policy, num_errors=n_err,
-                tensor_parallel_size=FLAGS.tensor_parallel_size)
+                tensor_parallel_size=FLAGS.tensor_parallel_size,
+                data_parallel_size=FLAGS.data_parallel_size)
     print(format_table(d))
     path = FLAGS.output + ".dryrun.json"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

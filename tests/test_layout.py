@@ -96,7 +96,7 @@ LAYERS = [
     ("jaxserve.models", "jaxserve.text", "jaxserve.scheduler"),
     ("jaxserve.weights", "jaxserve.runner", "jaxserve.io"),
     ("jaxserve.engine",),
-    ("jaxserve.api", "jaxserve.tools", "jaxserve"),
+    ("jaxserve.api", "jaxserve.tools", "jaxserve.cluster", "jaxserve"),
 ]
 
 

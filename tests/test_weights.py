@@ -18,7 +18,8 @@ from jaxserve.weights import default_model_path, load_model  # noqa: E402
 from jaxserve.weights.assemble import WeightError  # noqa: E402
 from tests.helpers_weights import prefill_logits, rel_err  # noqa: E402
 
-REAL = {"llama-3-8b", "llama-3.1-8b", "qwen2.5-7b", "mistral-7b", "smollm2-135m"}
+REAL = {"llama-3-8b", "llama-3.1-8b", "llama-3-70b", "llama-3.1-70b", "qwen2.5-7b", "mistral-7b",
+        "smollm2-135m"}
 TINY = {"tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-tied"}
 
 
@@ -40,12 +41,19 @@ def test_preset_matches_transformers_model(name):
 
 
 def test_real_preset_shapes():
-    # Published sizes: 8.03B, 8.03B, 7.62B, 7.25B, 135M.
-    sizes = {"llama-3-8b": 8.03e9, "llama-3.1-8b": 8.03e9, "qwen2.5-7b": 7.62e9, "mistral-7b": 7.25e9,
+    # Published sizes: 8.03B, 8.03B, 70.6B, 70.6B, 7.62B, 7.25B, 135M.
+    sizes = {"llama-3-8b": 8.03e9, "llama-3.1-8b": 8.03e9, "llama-3-70b": 70.55e9,
+             "llama-3.1-70b": 70.55e9, "qwen2.5-7b": 7.62e9, "mistral-7b": 7.25e9,
              "smollm2-135m": 1.35e8}
     for name, n in sizes.items():
         assert load_preset(name).num_params() == pytest.approx(n, rel=0.005), name
     assert load_preset("llama-3.1-8b").rope_scaling.rope_type == "llama3"
+    big = load_preset("llama-3.1-70b")
+    assert (big.num_layers, big.hidden_size, big.num_heads, big.num_kv_heads, big.head_dim,
+            big.intermediate_size, big.max_position_embeddings) == (80, 8192, 64, 8, 128, 28672,
+                                                                    131072)
+    assert big.rope_scaling.rope_type == "llama3" and big.rope_scaling.factor == 8.0
+    assert load_preset("llama-3-70b").rope_scaling.rope_type == "default"
     assert load_preset("mistral-7b").sliding_window is None
     assert load_preset("qwen2.5-7b").attention_bias and load_preset("qwen2.5-7b").sliding_window is None
     assert load_preset("smollm2-135m").tie_word_embeddings

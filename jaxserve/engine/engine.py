@@ -63,9 +63,11 @@ class Engine:
     def __init__(self, model_cfg: ModelConfig, model, ecfg: EngineConfig, *,
                  eos_token_ids: tuple[int, ...] = (), kv_dtype=None, tokenizer=None,
                  return_logits: bool = False,
-                 compile_progress: Optional[Callable] = None, mesh=None):
+                 compile_progress: Optional[Callable] = None, mesh=None, device=None):
         """`mesh`: the tensor-parallel mesh `model` was loaded onto (`runner.mesh.make_mesh`;
-        needed when ecfg.tensor_parallel_size > 1: the model then runs split over its devices)."""
+        needed when ecfg.tensor_parallel_size > 1: the model then runs split over its devices);
+        `device`: the one device of an unsplit model (a data-parallel replica's; default: the
+        first)."""
         tp = ecfg.tensor_parallel_size
         mesh_mod.check_tensor_parallel(model_cfg, tp)
         if mesh_mod.mesh_size(mesh) != tp:
@@ -81,7 +83,8 @@ class Engine:
         kv_dtype = kv_dtype or model.embed.value.dtype
         sizes = plan_sizes(model_cfg, ecfg, kv_dtype,
                            unstack=getattr(model, "unstack_layers", None),
-                           devices=mesh_mod.local_devices(mesh) if mesh is not None else None)
+                           devices=(mesh_mod.local_devices(mesh) if mesh is not None
+                                    else [device] if device is not None else None))
         self.sizes = sizes
         self.attention_impl = sizes.attention_impl
         self.layer_loop = sizes.layer_loop
@@ -96,7 +99,7 @@ class Engine:
                                   page_size=ecfg.page_size, buckets=sizes.buckets,
                                   attention=self.attention, kv_dtype=kv_dtype,
                                   return_logits=return_logits,
-                                  cache_dir=self.compilation_cache_dir, mesh=mesh)
+                                  cache_dir=self.compilation_cache_dir, mesh=mesh, device=device)
         self.limits = Limits(sizes.max_model_len, model_cfg.vocab_size, sizes.num_pages - 1,
                              ecfg.page_size, self.eos_token_ids, tokenizer is not None)
         self.last_stats = RunStats()
@@ -104,13 +107,16 @@ class Engine:
 
     # -- the run ------------------------------------------------------------------------------
     def run(self, requests: list[Request], progress: Optional[Callable] = None,
-            on_output: Optional[Callable[[int, RequestOutput], None]] = None) -> list[RequestOutput]:
+            on_output: Optional[Callable[[int, RequestOutput], None]] = None,
+            positions: Optional[list[int]] = None) -> list[RequestOutput]:
         """Run every request to completion. `on_output(index, output)` is called as soon as each
-        request's output is final (errors first, then in finishing order), e.g. to persist it."""
+        request's output is final (errors first, then in finishing order), e.g. to persist it.
+        `positions[i]`: request i's place in the whole batch when this run is a part of it (its
+        random streams derive from that, so a part samples as the whole batch would)."""
         t_start = time.perf_counter()
         stats = RunStats(num_requests=len(requests), kv_pages_total=self.num_pages - 1)
         outputs = OutputCollector(requests, on_output)
-        samples = self._samples(requests, outputs, stats)
+        samples = self._samples(requests, outputs, stats, positions)
         self._plan(samples, stats)
         features = self._compile(samples, stats)
         sched = Scheduler(PagePool(self.num_pages, self.ecfg.page_size),
@@ -163,7 +169,7 @@ class Engine:
 
     # -- before the first step --------------------------------------------------------------------
     def _samples(self, requests: list[Request], outputs: OutputCollector,
-                 stats: RunStats) -> list[Sample]:
+                 stats: RunStats, positions: Optional[list[int]] = None) -> list[Sample]:
         """Validate every request (errors become outputs at once) and expand the rest into samples."""
         samples: list[Sample] = []
         for i, req in enumerate(requests):
@@ -175,7 +181,8 @@ class Engine:
             outputs.expect(i, req.params.n)
             samples += make_samples(i, req, len(samples), engine_seed=self.ecfg.seed,
                                     max_len=self.max_model_len, eos_token_ids=self.eos_token_ids,
-                                    tokenizer=self.tokenizer)
+                                    tokenizer=self.tokenizer,
+                                    position=positions[i] if positions is not None else i)
         stats.prompt_tokens = sum(len(s.prompt_ids) for s in samples)
         return samples
 

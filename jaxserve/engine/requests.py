@@ -122,15 +122,17 @@ def sample_seed(p: SamplingParams, engine_seed: int, request: int, k: int) -> in
 
 
 def make_samples(i: int, req: Request, start_index: int, *, engine_seed: int, max_len: int,
-                 eos_token_ids: tuple[int, ...], tokenizer) -> list[Sample]:
-    """The n samples of valid request i."""
+                 eos_token_ids: tuple[int, ...], tokenizer,
+                 position: Optional[int] = None) -> list[Sample]:
+    """The n samples of valid request i (`position`: its place in the whole batch, for seeds)."""
     p = req.params
     stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos
                                               else frozenset(eos_token_ids))
     out = []
     for k in range(p.n):
         s = Sample(prompt_ids=list(req.prompt_ids), index=start_index + k, priority=req.priority,
-                   params=p, request=i, sample=k, seed=sample_seed(p, engine_seed, i, k),
+                   params=p, request=i, sample=k,
+                   seed=sample_seed(p, engine_seed, i if position is None else position, k),
                    stop_ids=stop_ids, max_len=max_len)
         if p.stop:
             from jaxserve.text.stop_strings import StopStringChecker

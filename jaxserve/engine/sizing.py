@@ -44,7 +44,7 @@ def resolve_fused_steps(n: Optional[int]) -> int:
 
 def _device_memory() -> Optional[int]:
     try:
-        stats = jax.devices()[0].memory_stats()
+        stats = (device or jax.devices()[0]).memory_stats()
     except Exception:  # noqa: BLE001  (backends without memory stats)
         return None
     return stats.get("bytes_limit") if stats else None

@@ -81,15 +81,17 @@ class ModelRunner:
     def __init__(self, model: nnx.Module, cfg: ModelConfig, *, num_pages: int, page_size: int,
                  buckets: BucketSet, attention: AttentionSpec, kv_dtype,
                  return_logits: bool = False, cache_dir: Optional[str] = None,
-                 mesh: Optional[jax.sharding.Mesh] = None):
+                 mesh: Optional[jax.sharding.Mesh] = None, device=None):
         """`attention` describes one device's heads (a tensor-parallel runner's local ones);
-        `mesh`: the model's parameters are sharded over it (`runner.mesh`)."""
+        `mesh`: the model's parameters are sharded over it (`runner.mesh`); `device`: the one
+        device of an unsplit model (default: the first)."""
         self.cfg = cfg
         self.num_pages = num_pages
         self.page_size = page_size
         self.buckets = buckets
         self.attention = attention
         self.mesh = mesh
+        self.device = device
         tp = mesh_mod.mesh_size(mesh)
         self.opts = ForwardOptions(attention, tp_axis=None if mesh is None else mesh_mod.AXIS,
                                    tp_size=tp)
@@ -100,8 +102,8 @@ class ModelRunner:
         self.graphdef, self.params = nnx.split(model)
         shape = (cfg.num_kv_heads, cfg.num_layers * num_pages, page_size, cfg.head_dim)
         if mesh is None:
-            self.k_cache = jnp.zeros(shape, kv_dtype)
-            self.v_cache = jnp.zeros(shape, kv_dtype)
+            self.k_cache = jnp.zeros(shape, kv_dtype, device=device)
+            self.v_cache = jnp.zeros(shape, kv_dtype, device=device)
         else:
             zeros = jax.jit(lambda: jnp.zeros(shape, kv_dtype),
                             out_shardings=jax.sharding.NamedSharding(mesh, mesh_mod.kv_spec()))
@@ -155,8 +157,11 @@ class ModelRunner:
 
         shapes = jax.tree.map(lambda a: (a.shape, str(a.dtype), str(getattr(a, "sharding", ""))),
                               self.params)
-        devices = [(d.platform, d.device_kind, d.id) for d in
-                   (jax.devices() if self.mesh is None else self.mesh.devices.flat)]
+        # The devices the program runs on: a program compiled for a data-parallel replica's
+        # device must not be loaded for another's.
+        on = (self.mesh.devices.flat if self.mesh is not None
+              else [self.device] if self.device is not None else jax.devices()[:1])
+        devices = [(d.platform, d.device_kind, d.id) for d in on]
         parts = [source_fingerprint(), jax.__version__, jax.lib.__version__, repr(devices),
                  repr(self.cfg), repr(self.ctx), repr(self.opts), str(self.graphdef),
                  repr(jax.tree.structure(self.params)), repr(jax.tree.leaves(shapes)),

@@ -57,10 +57,13 @@ def _assign_groups(tree: PrefixTree) -> dict:
     return group_of
 
 
-def _kv_reads(s: Sample) -> float:
+def kv_read_tokens(prompt_len: int, output_len: int) -> float:
     """BlendServe's memory term of one request, up to constants: KV tokens read over its decode."""
-    p, d = len(s.prompt_ids), s.params.max_tokens
-    return p * d + d * d / 2
+    return prompt_len * output_len + output_len * output_len / 2
+
+
+def _kv_reads(s: Sample) -> float:
+    return kv_read_tokens(len(s.prompt_ids), s.params.max_tokens)
 
 
 def plan_batch(seqs: list[Sample], *, sharing: bool, policy: str,

@@ -84,7 +84,10 @@ def build_prefix_tree(prompts: Sequence[Sequence[int]]) -> PrefixTree:
             if stack[-1].depth < lcp:
                 # The closed node and the new prompt branch at depth `lcp` inside its edge: split.
                 mid = TreeNode(depth=lcp, parent=stack[-1], first=last_closed.first)
-                stack[-1].children.remove(last_closed)
+                # The closed node is its parent's newest child (nothing attaches to the parent
+                # while a child is open): pop it, not a list search (quadratic at a wide root).
+                assert stack[-1].children[-1] is last_closed
+                stack[-1].children.pop()
                 stack[-1].children.append(mid)
                 last_closed.parent = mid
                 mid.children.append(last_closed)

@@ -1,11 +1,6 @@
 """What a batch will cost, before running it: request and token counts, the global prefix tree
 (optimal reuse, groups, depth), KV memory, and the projected run time on a named device from the
-roofline. Nothing touches the model's weights.
-
-With tensor parallelism over N devices the figures are per device: each holds 1 / N of the split
-weights (norms, and a vocabulary that does not divide, whole) and of the KV cache, and does 1 / N
-of the FLOPs and byte traffic (the per-layer all-reduces over the interconnect are not counted).
-"""
+roofline. Nothing touches the model's weights."""
 from __future__ import annotations
 
 from typing import Optional
@@ -13,6 +8,7 @@ from typing import Optional
 from jaxserve.config import ModelConfig
 from jaxserve.tools.roofline import workload_floor
 from jaxserve.sampling_params import SamplingParams
+from jaxserve.scheduler.partition import CostModel, WorkItem, partition
 from jaxserve.scheduler.planner import plan_batch
 from jaxserve.scheduler.sequence import Sample
 
@@ -34,22 +30,9 @@ def weights_bytes_per_device(cfg: ModelConfig, tensor_parallel_size: int,
     return ((cfg.num_params() - whole) // tp + whole) * dtype_bytes
 
 
-def analyse(cfg: ModelConfig, prompts: list[list[int]], params: list[SamplingParams], *,
-            device: str = "h100", page_size: int = 16, max_num_batched_tokens: Optional[int] = None,
-            max_num_seqs: Optional[int] = None, dtype_bytes: int = 2, policy: str = "batchllm",
-            num_errors: int = 0, tensor_parallel_size: int = 1) -> dict:
-    """`max_num_batched_tokens` / `max_num_seqs` None: the engine's defaults on that device."""
-    if device not in DEVICES:
-        raise ValueError(f"unknown device {device!r} (known: {', '.join(DEVICES)})")
-    tp = tensor_parallel_size
-    if tp > 1:
-        from jaxserve.runner.mesh import check_tensor_parallel
-
-        check_tensor_parallel(cfg, tp)
-    dev = DEVICES[device]
-    big = dev["memory_bytes"] >= 70 * 2 ** 30      # engine.sizing.resolve_batch_limits
-    max_num_batched_tokens = max_num_batched_tokens or (16384 if big else 8192)
-    max_num_seqs = max_num_seqs or (1024 if big else 256)
+def _share(cfg: ModelConfig, prompts, params, dev: dict, *, policy: str,
+           max_num_batched_tokens: int, max_num_seqs: int, dtype_bytes: int, tp: int = 1) -> dict:
+    """The plan, floor and KV of one engine running `prompts` (a whole batch or one replica's)."""
     seqs = [Sample(prompt_ids=list(p), index=i, params=sp, request=i)
             for i, (p, sp) in enumerate(zip(prompts, params))]
     # As the engine does: a request asking for prompt logprobs prefills its whole prompt itself.
@@ -61,21 +44,52 @@ def analyse(cfg: ModelConfig, prompts: list[list[int]], params: list[SamplingPar
     optimal = (tree.optimal_prefill_tokens + sum(len(s.prompt_ids) for s in own)
                if tree is not None else prompt_tokens)
     out_tokens = [sp.max_tokens for sp in params]
-    group_sizes: dict = {}
-    for s in seqs:
-        if s.group is not None:
-            group_sizes[id(s.group)] = group_sizes.get(id(s.group), 0) + 1
     kv_tok = cfg.kv_bytes_per_token(dtype_bytes)
     # KV held if every request ran at once at full length: shared prefixes once, plus own parts.
     shared_tokens = sum(p.num_tokens - (p.prefix.num_tokens if p.prefix else 0) for p in plan.prefixes)
     own_tokens = sum(len(s.prompt_ids) - s.base + sp.max_tokens for s, sp in zip(seqs, params))
-    weights = cfg.num_params() * dtype_bytes
     fl = workload_floor(cfg, [len(p) for p in prompts], out_tokens,
                         [s.base for s in seqs], optimal_prefill_tokens=optimal,
                         peak_flops=dev["peak_flops"] * tp, hbm_bandwidth=dev["hbm_bandwidth"] * tp,
                         max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                         dtype_bytes=dtype_bytes)
-    return dict(
+    return dict(seqs=seqs, plan=plan, optimal=optimal, floor=fl,
+                kv_bytes=(shared_tokens + own_tokens) * kv_tok)
+
+
+def analyse(cfg: ModelConfig, prompts: list[list[int]], params: list[SamplingParams], *,
+            device: str = "h100", page_size: int = 16, max_num_batched_tokens: Optional[int] = None,
+            max_num_seqs: Optional[int] = None, dtype_bytes: int = 2, policy: str = "batchllm",
+            num_errors: int = 0, tensor_parallel_size: int = 1,
+            data_parallel_size: int = 1) -> dict:
+    """Per device, for `data_parallel_size` replicas of `tensor_parallel_size` devices each: the
+    batch split as the engine splits it (`scheduler.partition`); the projected time is the
+    slowest replica's floor and the memory per device its share of the weights plus the largest
+    replica's KV share. `max_num_batched_tokens` / `max_num_seqs` None: the engine's defaults on
+    that device."""
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r} (known: {', '.join(DEVICES)})")
+    tp = tensor_parallel_size
+    if tp > 1:
+        from jaxserve.runner.mesh import check_tensor_parallel
+
+        check_tensor_parallel(cfg, tp)
+    dev = DEVICES[device]
+    big = dev["memory_bytes"] >= 70 * 2 ** 30      # engine.sizing.resolve_batch_limits
+    kw = dict(policy=policy, max_num_batched_tokens=max_num_batched_tokens or (16384 if big else 8192),
+              max_num_seqs=max_num_seqs or (1024 if big else 256), dtype_bytes=dtype_bytes, tp=tp)
+    whole = _share(cfg, prompts, params, dev, **kw)
+    plan, tree, optimal, fl = whole["plan"], whole["plan"].tree, whole["optimal"], whole["floor"]
+    prompt_tokens = sum(len(p) for p in prompts)
+    out_tokens = [sp.max_tokens for sp in params]
+    group_sizes: dict = {}
+    for s in whole["seqs"]:
+        if s.group is not None:
+            group_sizes[id(s.group)] = group_sizes.get(id(s.group), 0) + 1
+    kv_tok = cfg.kv_bytes_per_token(dtype_bytes)
+    weights = cfg.num_params() * dtype_bytes
+    weights_dev = weights_bytes_per_device(cfg, tp, dtype_bytes)
+    d = dict(
         num_requests=len(prompts) + num_errors, num_valid=len(prompts), num_errors=num_errors,
         prompt_tokens=prompt_tokens, output_tokens_max=sum(out_tokens),
         optimal_prefill_tokens=optimal,
@@ -84,15 +98,38 @@ def analyse(cfg: ModelConfig, prompts: list[list[int]], params: list[SamplingPar
         group_size_max=max(group_sizes.values(), default=0),
         group_size_mean=(sum(group_sizes.values()) / len(group_sizes)) if group_sizes else 0.0,
         tree_depth=tree.depth_levels() if tree is not None else 0,
-        kv_bytes_all_at_once=(shared_tokens + own_tokens) * kv_tok,
+        kv_bytes_all_at_once=whole["kv_bytes"],
         kv_bytes_per_token=kv_tok, weights_bytes=weights,
-        tensor_parallel_size=tp,
-        weights_bytes_per_device=weights_bytes_per_device(cfg, tp, dtype_bytes),
-        kv_bytes_per_token_per_device=kv_tok // tp,
-        kv_bytes_all_at_once_per_device=(shared_tokens + own_tokens) * kv_tok // tp,
         device=device, device_memory_bytes=dev["memory_bytes"],
         projected_seconds=fl.seconds, projected_bound=fl.bound,
-        floor_flops=fl.flops, floor_bytes=fl.bytes)
+        floor_flops=fl.flops, floor_bytes=fl.bytes,
+        tensor_parallel_size=tp, data_parallel_size=data_parallel_size,
+        weights_bytes_per_device=weights_dev, kv_bytes_per_token_per_device=kv_tok // tp,
+        kv_bytes_all_at_once_per_device=whole["kv_bytes"] // tp,
+        memory_per_device_bytes=weights_dev + whole["kv_bytes"] // tp)
+    if data_parallel_size > 1:
+        d.update(_replicas(cfg, prompts, params, dev, data_parallel_size, kw, weights_dev))
+    return d
+
+
+def _replicas(cfg, prompts, params, dev, m: int, kw: dict, weights_dev: int) -> dict:
+    cost = CostModel.for_model(cfg, kw["dtype_bytes"], peak_flops=dev["peak_flops"],
+                               hbm_bandwidth=dev["hbm_bandwidth"])
+    part = partition([WorkItem(p, sp.max_tokens, sp.n, shareable=sp.prompt_logprobs is None)
+                      for p, sp in zip(prompts, params)], m, cost=cost)
+    shares = [_share(cfg, [prompts[i] for i in idx], [params[i] for i in idx], dev, **kw)
+              if idx else None for idx in part.parts]
+    secs = [s["floor"].seconds if s else 0.0 for s in shares]
+    slowest = max(range(m), key=secs.__getitem__)
+    kv = max((s["kv_bytes"] for s in shares if s), default=0)
+    return dict(replica_requests=[len(idx) for idx in part.parts],
+                replica_projected_seconds=secs,
+                projected_seconds=secs[slowest],
+                projected_bound=shares[slowest]["floor"].bound if shares[slowest] else "compute",
+                dp_split_groups=part.split_groups,
+                dp_duplicated_prefix_tokens=part.duplicated_prefix_tokens,
+                kv_bytes_all_at_once_per_replica=kv,
+                memory_per_device_bytes=weights_dev + kv // kw["tp"])
 
 
 def format_table(d: dict) -> str:
@@ -117,8 +154,22 @@ def format_table(d: dict) -> str:
              f"{d['kv_bytes_all_at_once_per_device'] / gib:,.2f} GiB"),
             ("weights per device", f"{d['weights_bytes_per_device'] / gib:,.2f} GiB"),
         ]
-    on = f"{tp} x {d['device']}" if tp > 1 else d["device"]
-    rows.append((f"projected time on {on}",
-                 f"{d['projected_seconds']:,.1f} s ({d['projected_bound']}-bound floor)"))
+    m = d.get("data_parallel_size", 1)
+    if m > 1:
+        reqs, secs = d["replica_requests"], d["replica_projected_seconds"]
+        rows += [
+            ("data parallel replicas", f"{m} (requests {min(reqs)}..{max(reqs)}, floors "
+                                       f"{min(secs):,.1f}..{max(secs):,.1f} s)"),
+            ("groups split / prefix tokens repeated",
+             f"{d['dp_split_groups']} / {d['dp_duplicated_prefix_tokens']:,}"),
+        ]
+    rows += [
+        ("memory per device (weights + KV)", f"{d['memory_per_device_bytes'] / gib:,.2f} GiB of "
+                                             f"{d['device_memory_bytes'] / gib:,.0f}"),
+        (f"projected time on {m * tp} x {d['device']}" if m * tp > 1 else
+         f"projected time on {d['device']}",
+         f"{d['projected_seconds']:,.1f} s ({d['projected_bound']}-bound floor"
+         f"{', slowest replica' if m > 1 else ''})"),
+    ]
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)

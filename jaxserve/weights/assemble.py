@@ -112,3 +112,13 @@ def dummy_model(cfg: ModelConfig, dtype, seed: int = 0, mesh: Optional[jax.shard
     shard = {} if mesh is None else dict(out_shardings=mesh_mod.param_shardings(abstract, cfg, mesh))
     state = jax.jit(init, **shard)(jax.random.key(seed))
     return nnx.merge(graphdef, state)
+
+
+def place_model(model, device: jax.Device):
+    """`model` with every array on `device`: the same model where it is there already, else a
+    copy made device to device (data-parallel replicas load the weights once)."""
+    graphdef, state = nnx.split(model)
+    leaves = jax.tree.leaves(state)
+    if all(getattr(x, "devices", lambda: set())() == {device} for x in leaves):
+        return model
+    return nnx.merge(graphdef, jax.device_put(state, device))
