@@ -182,8 +182,8 @@ class ModelRunner:
         rep = None if self.mesh is None else mesh_mod.replicated(self.mesh)
 
         def shapes(tree):
-            return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype,
-                                                               sharding=rep), tree)
+            return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
+                                tree)
 
         return self._jit.lower(self.params, self.k_cache, self.v_cache,
                                shapes(abstract_step_inputs(**self._layout(key))),
