@@ -23,7 +23,6 @@ resumes).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging as std_logging
 import os
@@ -126,12 +125,6 @@ class UserError(Exception):
 def _fail(msg: str, code: int = 2) -> int:
     print(f"error: {msg}", file=sys.stderr)
     return code
-
-
-def _line_seed(engine_seed: int, line_no: int) -> int:
-    import numpy as np
-
-    return int(np.random.SeedSequence([engine_seed % 2**64, line_no]).generate_state(1)[0])
 
 
 def main(argv):
@@ -322,25 +315,9 @@ def run_locked(items, defaults) -> int:
 
 def request_args(items, todo, defaults):
     """`generate`'s prompts, sampling params and priorities for the items `todo`."""
-    prompts, params, prios = [], [], []
-    for i in todo:
-        it = items[i]
-        if it.error:
-            prompts.append({"error": it.error})
-        elif it.messages is not None:
-            prompts.append({"messages": it.messages})
-        elif it.prompt_token_ids is not None:
-            prompts.append({"prompt_token_ids": it.prompt_token_ids})
-        else:
-            prompts.append({"prompt": it.prompt})
-        p = it.params if it.params is not None else defaults
-        if it.params is not None and p.seed is None:
-            # The engine would derive it from the request's position in this call, which
-            # changes when a resumed job runs only part of the file.
-            p = dataclasses.replace(p, seed=_line_seed(FLAGS.seed, it.line_no))
-        params.append(p)
-        prios.append(it.priority)
-    return prompts, params, prios
+    from jaxserve.io.requests import generate_args
+
+    return generate_args([items[i] for i in todo], defaults, FLAGS.seed)
 
 
 def run_follower(items, defaults) -> int:

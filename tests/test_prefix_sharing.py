@@ -178,16 +178,11 @@ def test_pallas_kernel_path_matches_reference(cascade, fused, tiny_models, engin
         return build(md, groups, **kw)
 
     monkeypatch.setattr(gpu_cascade, "build_cascade_work", spy)
-    execute = eng.runner.execute
+    # The host builds a step's list when the step is dispatched: note whether it is a block's.
+    from tests.step_spy import watch_results
 
-    def spy_execute(plan, features):
-        in_block.append(plan.decode_steps > 1)
-        try:
-            return execute(plan, features)
-        finally:
-            in_block.pop()
-
-    monkeypatch.setattr(eng.runner, "execute", spy_execute)
+    watch_results(eng.runner, lambda plan, res: None,
+                  on_dispatch=lambda plan: in_block.append(plan.decode_steps > 1))
     out = eng.run(reqs)
     if cascade:   # steps really ran with several members reading one prefix
         assert max(n for n, _ in grouped_rows) >= 4

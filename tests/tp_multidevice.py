@@ -30,6 +30,7 @@ from jaxserve.engine import Engine  # noqa: E402
 from jaxserve.runner import mesh as mesh_mod  # noqa: E402
 from jaxserve.weights.assemble import build_model, dummy_model  # noqa: E402
 from jaxserve.weights.safetensors_loader import SafetensorsCheckpoint  # noqa: E402
+from tests.step_spy import watch_results  # noqa: E402
 from tests.test_engine import hf_greedy  # noqa: E402
 from tests.test_prefix_sharing import groups_workload  # noqa: E402
 
@@ -60,15 +61,8 @@ def load_engine(path, tp, **kw):
     eng = Engine(cfg, model, EngineConfig(**{**SETTINGS, "tensor_parallel_size": tp, **kw}),
                  return_logits=True, mesh=mesh)
     steps = []     # (plan, logits) of each single step; fused blocks return no logits
-    execute = eng.runner.execute
-
-    def spy(plan, features):
-        res = execute(plan, features)
-        if res.logits is not None:
-            steps.append((plan, res.logits))
-        return res
-
-    eng.runner.execute = spy
+    watch_results(eng.runner, lambda plan, res: res.logits is not None and
+                  steps.append((plan, res.logits)))
     return eng, steps
 
 
@@ -220,8 +214,7 @@ def test_vocabulary_that_does_not_divide_is_replicated():
                                                  "tensor_parallel_size": tp}),
                      return_logits=True, mesh=mesh)
         got = []
-        execute = eng.runner.execute
-        eng.runner.execute = lambda plan, f: got.append(execute(plan, f)) or got[-1]
+        watch_results(eng.runner, lambda plan, res: got.append(res))
         outs.append(eng.run(reqs)[0].token_ids)
         logits.append(np.concatenate([r.logits for r in got]))
         if tp > 1:

@@ -25,7 +25,8 @@ import time
 from typing import Any, Optional
 
 from jaxserve.cluster.block_store import BlockStore, block_name, row_key
-from jaxserve.io.jsonl import BatchItem, parse_line, result_record, write_jsonl_atomic
+from jaxserve.io.jsonl import parse_line, result_record, write_jsonl_atomic
+from jaxserve.io.requests import engine_prompt, generate_args
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,17 +62,6 @@ def read_rows(path: str) -> list[Row]:
     return rows
 
 
-def engine_prompt(it: BatchItem) -> dict:
-    """What `LLM.generate` takes for a parsed line (errors pass through as error prompts)."""
-    if it.error:
-        return {"error": it.error}
-    if it.messages is not None:
-        return {"messages": it.messages}
-    if it.prompt_token_ids is not None:
-        return {"prompt_token_ids": it.prompt_token_ids}
-    return {"prompt": it.prompt}
-
-
 def plan_blocks(rows: list[Row], defaults: dict, tokenizer, num_blocks: int, cost=None,
                 max_model_len: Optional[int] = None) -> list[list[Row]]:
     """`rows` in at most `num_blocks` blocks balanced by planned cost, each shared-prefix group in
@@ -97,9 +87,8 @@ def run_rows(llm, rows: list[Row], defaults: dict, model_name: str,
     items = [parse_line(r.line_no, r.text, defaults) for r in rows]
     tok = llm.tokenizer
     token_text = (lambda t: tok.decode([t], skip_special_tokens=False)) if tok is not None else str
-    outs = llm.generate([engine_prompt(it) for it in items],
-                        [it.params if it.params is not None else defaults for it in items],
-                        priority=[it.priority for it in items], use_tqdm=use_tqdm,
+    prompts, params, prios = generate_args(items, defaults, llm.engine_config.seed)
+    outs = llm.generate(prompts, params, priority=prios, use_tqdm=use_tqdm,
                         positions=[r.position for r in rows])
     return {r.key: result_record(it, out, model_name, token_text)
             for r, it, out in zip(rows, items, outs)}

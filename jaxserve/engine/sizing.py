@@ -42,7 +42,7 @@ def resolve_fused_steps(n: Optional[int]) -> int:
     return n
 
 
-def _device_memory() -> Optional[int]:
+def _device_memory(device=None) -> Optional[int]:
     try:
         stats = (device or jax.devices()[0]).memory_stats()
     except Exception:  # noqa: BLE001  (backends without memory stats)
@@ -50,12 +50,12 @@ def _device_memory() -> Optional[int]:
     return stats.get("bytes_limit") if stats else None
 
 
-def resolve_batch_limits(ecfg: EngineConfig) -> tuple[int, int]:
+def resolve_batch_limits(ecfg: EngineConfig, device=None) -> tuple[int, int]:
     """(tokens per step, rows per step). Defaults from the device, as vLLM's offline defaults: an
     accelerator of >= 70 GiB runs 16,384 tokens and 1,024 rows a step (prefill matmuls are near
     their peak rate well before 16k rows, and decode steps amortise the weights over 1,024 rows);
     a smaller one 8,192 and 256; the CPU 512 and 256 (compile time dominates there)."""
-    mem = _device_memory() if jax.default_backend() != "cpu" else None
+    mem = _device_memory(device) if jax.default_backend() != "cpu" else None
     if mem is not None and mem >= 70 * 2 ** 30:
         tokens, rows = 16384, 1024
     elif jax.default_backend() != "cpu":
@@ -129,7 +129,7 @@ def plan_sizes(cfg: ModelConfig, ecfg: EngineConfig, kv_dtype, *, unstack=None,
         unstack()
     pages = kv_budget_pages(cfg, ecfg, kv_dtype, devices)
     max_len = resolve_max_model_len(cfg, ecfg, pages)
-    budget, rows = resolve_batch_limits(ecfg)
+    budget, rows = resolve_batch_limits(ecfg, devices[0] if devices else None)
     pages_per_seq = -(-max_len // ecfg.page_size)
     # Never more than every row at full length needs (plus the sink).
     if ecfg.num_pages is None:
