@@ -9,6 +9,7 @@ program, once per step before the layer loop (`pallas_kernels.device_prepare`).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Optional
 
 import jax
@@ -150,22 +151,31 @@ def build_step_inputs(plan: StepPlan, *, T: int, P: int, S: int, features: Featu
     min_left = np.zeros(S, np.int32)
     stop_ids = np.full((S, NUM_BANNED), -1, np.int32)
 
-    t = 0
+    R = len(rows)
+    if R:
+        # Token and page layout for all rows at once (a per-row numpy loop costs ~20 us a row,
+        # several ms a step at a thousand rows, while the device waits for nothing else).
+        n = np.fromiter((r.num_tokens for r in rows), np.int64, R)
+        start = np.fromiter((r.start for r in rows), np.int64, R)
+        first = np.cumsum(n) - n
+        tok_row = np.repeat(np.arange(R), n)
+        pos = start[tok_row] + np.arange(n_tok) - first[tok_row]
+        input_ids[:n_tok] = np.fromiter(itertools.chain.from_iterable(r.token_ids for r in rows),
+                                        np.int32, n_tok)
+        positions[:n_tok] = pos
+        token_seq[:n_tok] = tok_row
+        query_start[:R] = first
+        seq_lens[:R] = start + n
+        logits_indices[:R] = first + n - 1
+        n_pages = np.fromiter((len(r.page_table) for r in rows), np.int64, R)
+        page_row = np.repeat(np.arange(R), n_pages)
+        page_table[page_row, np.arange(page_row.shape[0]) - (np.cumsum(n_pages) - n_pages)[page_row]] = \
+            np.fromiter(itertools.chain.from_iterable(r.page_table for r in rows), np.int32,
+                        page_row.shape[0])
+        slot_mapping[:n_tok] = page_table[tok_row, pos // page_size] * page_size + pos % page_size
     for s, row in enumerate(rows):
-        n = row.num_tokens
-        pos = np.arange(row.start, row.start + n, dtype=np.int32)
-        pages = np.asarray(row.page_table, np.int32)
-        input_ids[t:t + n] = row.token_ids
         if row.last_token_from is not None:
-            prev_row[t + n - 1] = row_prev[s] = row.last_token_from
-        positions[t:t + n] = pos
-        slot_mapping[t:t + n] = pages[pos // page_size] * page_size + pos % page_size
-        token_seq[t:t + n] = s
-        query_start[s] = t
-        seq_lens[s] = row.end
-        page_table[s, :len(pages)] = pages
-        t += n
-        logits_indices[s] = t - 1
+            prev_row[first[s] + n[s] - 1] = row_prev[s] = row.last_token_from
         sp = row.sampling
         if not row.samples or sp is None:
             continue   # rows that sample nothing: greedy defaults, logits ignored
@@ -174,8 +184,9 @@ def build_step_inputs(plan: StepPlan, *, T: int, P: int, S: int, features: Featu
         token_index[s] = row.num_generated
         remaining[s] = row.remaining
         min_left[s] = max(sp.min_tokens - row.num_generated, 0)
-        ids = sp.stop_ids[:NUM_BANNED]
-        stop_ids[s, :len(ids)] = ids
+        if sp.stop_ids:
+            ids = sp.stop_ids[:NUM_BANNED]
+            stop_ids[s, :len(ids)] = ids
     md = AttentionMetadata(positions=positions, token_seq=token_seq, slot_mapping=slot_mapping,
                            query_start=query_start, seq_lens=seq_lens, page_table=page_table)
     groups = (_groups(plan, S, P, page_size) if pallas_kernels.uses_groups(attention) else None)

@@ -247,26 +247,37 @@ class Scheduler:
 
     # -- rows -----------------------------------------------------------------------------------
     def _row(self, seq: KVSequence, n: int) -> PlannedRow:
+        """The plain row of `seq`'s next `n` positions. Runs for every row of every step: the
+        common cases read the sequence's fields directly rather than through its properties."""
         start = seq.num_computed
-        row = PlannedRow(seq.tokens(start, n), start, seq.page_table(self.ps))
         if not seq.samples:
-            return row
-        if seq.placeholders and start + n == seq.num_tokens:
-            row.last_token_from = seq.last_from     # the newest token is on the device
-        if start + n == seq.num_tokens:
+            return PlannedRow(seq.prompt_ids[start:start + n], start, seq.page_table(self.ps))
+        n_prompt, n_out = len(seq.prompt_ids), len(seq.output_ids)
+        generated = n_out + seq.placeholders
+        end = n_prompt + generated                   # positions, placeholders included
+        if start + n <= n_prompt:
+            tokens = seq.prompt_ids[start:start + n]
+        elif n == 1:
+            tokens = [seq.output_ids[start - n_prompt] if start - n_prompt < n_out else -1]
+        else:
+            tokens = seq.tokens(start, n)
+        row = PlannedRow(tokens, start, seq.page_table(self.ps))
+        if start + n == end:
+            if seq.placeholders:
+                row.last_token_from = seq.last_from     # the newest token is on the device
             sp = self._sampling.get(id(seq))
             if sp is None:
                 sp = self._sampling[id(seq)] = _row_sampling(seq)
             row.samples, row.sampling = True, sp
-            row.num_generated = seq.num_generated
-            row.remaining = seq.remaining
+            row.num_generated = generated
+            row.remaining = min(seq.params.max_tokens - generated, seq.max_len - end)
             if seq.history is not None:
                 row.history = (list(seq.history.ids), list(seq.history.counts))
         g = seq.group
-        if g is not None and g.num_tokens >= self.ps:
+        if g is not None and len(g.prompt_ids) >= self.ps:
             full = g.num_tokens // self.ps      # the shared part is the prefix's full pages
             row.group, row.group_pages = id(g), g.page_table(self.ps)[:full]
-        if seq.wants_prompt_logprobs:
+        if seq.prompt_logprobs is not None:
             # Positions p whose logits give the logprob of prompt token p + 1, not recorded yet
             # (a recompute after preemption records nothing twice).
             lo = max(start, seq.prompt_logprobs_done)
