@@ -11,6 +11,9 @@ import sys
 import time
 from typing import Callable, Optional
 
+import jax
+import jax.numpy as jnp
+
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.engine.outputs import OutputCollector, RequestMetrics, RequestOutput
 from jaxserve.engine.requests import Limits, Request, make_samples, validate
@@ -19,8 +22,11 @@ from jaxserve.engine.stats import RunStats
 from jaxserve.runner.model_runner import ModelRunner
 from jaxserve.runner.programs import (PLAIN, CompileEvents, Features, ProgramKey,
                                       enable_compilation_cache)
+from jaxserve.engine.cost_model import StepCosts, device_profile
+from jaxserve.engine.planning import Stages
+from jaxserve.engine.simulate import choose_policy
 from jaxserve.scheduler import PagePool, Sample, Scheduler
-from jaxserve.scheduler.planner import plan_batch
+from jaxserve.scheduler.density import DensityModel
 from pallas_kernels import AttentionSpec
 
 _MIN_HIST_WIDTH = 16
@@ -89,6 +95,13 @@ class Engine:
                              ecfg.page_size, self.eos_token_ids, tokenizer is not None)
         self.last_stats = RunStats()
         self.last_compile: dict = {}
+        # Densities and the step-time model on this device (blendserve, auto).
+        self.step_costs = StepCosts.make(device_profile(jax.devices()[0].device_kind), model_cfg,
+                                         jnp.dtype(kv_dtype).itemsize)
+        prof = self.step_costs.profile
+        self.density = DensityModel.for_model(model_cfg, peak_flops=prof.peak_flops,
+                                              hbm_bandwidth=prof.hbm_bandwidth,
+                                              kv_itemsize=jnp.dtype(kv_dtype).itemsize)
 
     # -- the run ------------------------------------------------------------------------------
     def run(self, requests: list[Request], progress: Optional[Callable] = None,
@@ -99,15 +112,16 @@ class Engine:
         stats = RunStats(num_requests=len(requests), kv_pages_total=self.num_pages - 1)
         outputs = OutputCollector(requests, on_output)
         samples = self._samples(requests, outputs, stats)
-        self._plan(samples, stats)
+        stages = Stages(samples, self.ecfg, self.cfg, stats, density=self.density,
+                        choose=self._choose_policy)
         features = self._compile(samples, stats)
         sched = Scheduler(PagePool(self.num_pages, self.ecfg.page_size),
                           self.ecfg.max_num_batched_tokens, self.ecfg.max_num_seqs,
-                          reserve=self.ecfg.admission_control)
-        sched.add_all(samples)
+                          reserve=self.ecfg.admission_control, admission=stages.admission)
+        sched.add_all(stages.first)
         metrics = {id(s): RequestMetrics(arrival_time=t_start) for s in samples}
         with CompileEvents() as mid_run:
-            while sched.has_work:
+            while sched.has_work or stages.advance(sched):
                 plan = (sched.schedule_decode_block(self.sizes.fused_decode_steps)
                         or sched.schedule())
                 result = self.runner.execute(plan, features if plan.needs_extras else PLAIN)
@@ -117,6 +131,7 @@ class Engine:
                     outputs.add(s, self._text(s), metrics[id(s)])
                 if progress is not None:
                     progress(len(finished), plan.num_tokens * plan.decode_steps, stats)
+        stages.finish()
         stats.mid_run_compiles = mid_run.compiles + mid_run.cache_hits
         stats.preemptions = sched.num_preemptions
         stats.peak_kv_pages = sched.pool.peak_used
@@ -142,24 +157,14 @@ class Engine:
         stats.prompt_tokens = sum(len(s.prompt_ids) for s in samples)
         return samples
 
-    def _plan(self, samples: list[Sample], stats: RunStats) -> None:
-        """The global prefix tree, groups and admission order. Prompt logprobs need logits at
-        every prompt position, so the sample that reports them prefills its whole prompt in its
-        own rows: it stays out of the sharing plan and is admitted after the planned samples (in
-        input order under fifo or without sharing)."""
-        own = [s for s in samples if s.wants_prompt_logprobs]
-        planned = [s for s in samples if not s.wants_prompt_logprobs] if own else samples
-        plan = plan_batch(planned, sharing=self.ecfg.global_prefix_sharing,
-                          policy=self.ecfg.schedule_policy, model_cfg=self.cfg)
-        in_order = plan.tree is None or self.ecfg.schedule_policy == "fifo"
-        next_order = max((s.order for s in planned), default=-1) + 1
-        for j, s in enumerate(own):
-            s.order = s.index if in_order else next_order + j
-        stats.optimal_prefill_tokens = (
-            plan.optimal_prefill_tokens + sum(len(s.prompt_ids) for s in own)
-            if plan.tree is not None else stats.prompt_tokens)
-        stats.num_groups = plan.num_groups
-        stats.num_shared_prefixes = len(plan.prefixes)
+    def _choose_policy(self, samples: list[Sample]) -> tuple[str, dict]:
+        """schedule_policy="auto": the policy a host-only simulation of `samples` on this device
+        (`simulate.py`) projects fastest."""
+        return choose_policy(samples, self.ecfg, self.cfg, self.step_costs,
+                             num_pages=self.num_pages, buckets=self.buckets,
+                             fused_decode_steps=self.sizes.fused_decode_steps,
+                             density=self.density,
+                             overlap=bool(getattr(self.ecfg, "async_scheduling", False)))
 
     def program_keys(self, samples: list[Sample], features: Features) -> list[ProgramKey]:
         """Every program a run of `samples` can reach: token buckets up to what one step can hold,

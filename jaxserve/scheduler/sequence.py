@@ -134,6 +134,7 @@ class Sample(KVSequence):
     seed: int = 0                   # its own random stream
     stop_ids: frozenset = frozenset()
     max_len: int = 1 << 30          # prompt + generated may not exceed this (max_model_len)
+    expected_output_len: Optional[int] = None   # the planner's estimate (None: max_tokens)
     group: Optional[SharedPrefix] = None   # shared prefix read once per group in attention
     output_ids: list[int] = dataclasses.field(default_factory=list)
     finish_reason: Optional[str] = None

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxserve.tools import mix_workloads
+
 # Named workloads (the ones benchmarks record). Counts scale with `scale`.
 PRESETS = {
     "nosharing": dict(family="nosharing", num_requests=1024, input_len=512, output_len=256),
@@ -19,6 +21,7 @@ PRESETS = {
                    output_len=128),
     "mixed": dict(family="mixed", num_requests=1024, short_in=64, long_out=512, long_in=2048,
                   short_out=16),
+    **mix_workloads.PRESETS,
 }
 
 
@@ -31,6 +34,8 @@ def _req(i, ids, out):
 
 
 def generate(family: str, *, vocab_size: int, seed: int = 0, reserved: int = 256, **kw) -> list[dict]:
+    if family == mix_workloads.FAMILY:
+        return mix_workloads.generate(vocab_size=vocab_size, seed=seed, reserved=reserved, **kw)
     rng = np.random.default_rng(seed)
     reserved = min(reserved, vocab_size // 4)   # tiny test vocabularies
     out = []
