@@ -9,15 +9,21 @@ shared prefixes already resident may be admitted (their prefixes' pages come bac
 have run, so it waits for nothing else and does not starve). Samples waiting for their shared
 prefix to be computed are passed over; at most LOOKAHEAD samples are passed over in all.
 
-`BlendAdmission` (BlendServe): two queues, the compute-heavy and the memory-heavy side of the
-batch's density (`planner.Unit.compute_side`), each in plan order, so a group's members are
-admitted one after another and groups of a side one group after another. Each step it compares
-the KV the running samples read per decode step with the amount that would keep the step's mix
-at the density of the work left (`budget * kv_left / tokens_left`): below it, it admits from the
-memory-heavy side (more decoding rows), above it from the compute-heavy side (prefill that fills
-the budget). The memory-heavy side leaves the rows and KV pages that the compute-heavy side's
-flow needs while that side waits (BlendServe's split of KV memory between the two scanners), so
-neither side starves and prefill keeps every step full until both run out together.
+`BlendAdmission` (BlendServe): two queues, the compute-heavy and the memory-heavy end of the
+batch, each in plan order (the resource-aware tree's order, which keeps a group's members, and the
+groups of a side, one after another). BlendServe's density is re-measured on the resources a step
+of this engine has: a unit's share of the token budget over its share of rows or KV pages
+(reserved pages under admission control), against the batch's. Each step each side's drain time
+is its remaining need of each resource over what its running samples hold of it, the scarcest
+resource counting; the side that would finish last at that rate is admitted from, so the two run
+side by side and run out together (no long phase of prefill alone, then decode alone). The memory
+side never takes the last row or the KV pages the compute side's next request needs while that
+side waits, so neither starves.
+
+Why a step's resources and not the roofline: on the GPU here a step's matmuls and attention run
+one after the other (`engine/cost_model.py`: their times add), so a mixed step does not hide KV
+reads under compute; what mixing saves is steps (the fixed cost of each, and padding), which the
+budget, the rows and the KV pool bound.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ import bisect
 import enum
 from typing import Optional
 
-from jaxserve.scheduler.density import Costs, expected_len, kv_reads
+from jaxserve.scheduler.density import Costs, expected_len, kv_reads, prefix_share
 from jaxserve.scheduler.sequence import Sample, Status
 
 LOOKAHEAD = 64   # waiting samples inspected past ones blocked on a prefix still being computed
@@ -88,107 +94,151 @@ def prefix_resident(s: Sample) -> bool:
 
 
 def member_costs(s: Sample) -> Costs:
-    """Work a sample leaves to do: prompt tokens past what is cached, its decode, and the KV it
-    reads beyond its cascade group's prefix (which the group reads once per step)."""
-    d = max(expected_len(s) - len(getattr(s, "output_ids", ())), 0)
+    """Work a sample leaves to do: prompt tokens past what is cached and its share of the shared
+    prefixes not computed yet, its decode, and the KV it reads beyond its cascade group's prefix
+    (which the group reads once per step)."""
+    d = max(expected_len(s) - len(s.output_ids), 0)
     g = s.group.num_tokens if s.group is not None else 0
-    ctx = s.num_tokens
-    return Costs(max(len(s.prompt_ids) - s.num_computed, 0) + d, kv_reads(ctx - g, d))
+    pending = max(len(s.prompt_ids) - s.num_computed, 0) + prefix_share(s, pending_only=True)
+    return Costs(pending + d, kv_reads(s.num_tokens - g, d))
+
+
+def demand(s: Sample, sched) -> tuple[float, float, float]:
+    """What a sample still needs of a step's three resources, summed over the steps it has left:
+    tokens (of the budget), row-steps (a row each step it runs) and KV page-steps (the pages it
+    holds, as reserved under admission control, each step it runs)."""
+    c = member_costs(s)
+    d = max(expected_len(s) - len(s.output_ids), 0)
+    pending = max(len(s.prompt_ids) - s.num_computed, 0)
+    life = d + -(-pending // sched.budget)
+    if sched.reserve:
+        pages = s.reserved_pages or sched._projected_pages(s)
+    else:
+        pages = sched.pool.pages_for(s.num_tokens + d // 2)
+    return c.tokens, life, pages * life
 
 
 class _SideQueue:
-    """Waiting samples of one side in sort_key order, with the work they hold."""
+    """Waiting samples of one side in sort_key order, with what they need."""
 
     def __init__(self):
         self.keys: list = []
         self.seqs: list = []
-        self.costs = Costs()
+        self.need = [0.0, 0.0, 0.0]
+        self._need: dict = {}
 
-    def add(self, s: Sample) -> None:
+    def _count(self, s: Sample, sched) -> None:
+        v = self._need[id(s)] = demand(s, sched)
+        for i in range(3):
+            self.need[i] += v[i]
+
+    def add(self, s: Sample, sched) -> None:
         k = s.sort_key
         i = bisect.bisect_left(self.keys, k)
         self.keys.insert(i, k)
         self.seqs.insert(i, s)
-        self.costs.add(member_costs(s))
+        self._count(s, sched)
 
-    def extend(self, seqs) -> None:
+    def extend(self, seqs, sched) -> None:
         merged = sorted(list(zip(self.keys, self.seqs)) + [(s.sort_key, s) for s in seqs],
                         key=lambda e: e[0])
         self.keys = [k for k, _ in merged]
         self.seqs = [s for _, s in merged]
         for s in seqs:
-            self.costs.add(member_costs(s))
+            self._count(s, sched)
 
     def remove(self, s: Sample) -> None:
         i = bisect.bisect_left(self.keys, s.sort_key)
         if i < len(self.seqs) and self.seqs[i] is s:
             del self.keys[i], self.seqs[i]
-            c = member_costs(s)
-            self.costs.tokens -= c.tokens
-            self.costs.kv -= c.kv
+            v = self._need.pop(id(s))
+            for j in range(3):
+                self.need[j] -= v[j]
+
+
+def _density(v, cap) -> float:
+    """Share of the budget over share of the scarcer memory resource (rows or KV pages)."""
+    return (v[0] / cap[0]) / max(v[1] / cap[1], v[2] / cap[2], 1e-30)
 
 
 class BlendAdmission:
+    """BlendServe's two scanners acting on what runs (see the module docstring)."""
+
     MEMORY, COMPUTE = 0, 1
 
     def __init__(self, units):
-        self.side_of = {id(s): int(u.compute_side) for u in units for s in u.samples}
-        # The compute-heavy side's flow: how many of its requests run at once (one prefilling, the
-        # others decoding their few tokens) and the KV each reserves.
-        comp = [s for u in units if u.compute_side for s in u.samples]
-        if comp:
-            n = len(comp)
-            self.c_prompt = sum(len(s.prompt_ids) - s.base for s in comp) / n
-            self.c_decode = sum(expected_len(s) for s in comp) / n
-            self.c_longest = sum(min(len(s.prompt_ids) + s.params.max_tokens, s.max_len)
-                                 for s in comp) / n
-        else:
-            self.c_prompt = self.c_decode = self.c_longest = 0.0
+        self.units = units
+        self.side_of: dict = {}
         self.queues = [_SideQueue(), _SideQueue()]
+        self.prefix_side: dict = {}         # shared prefixes being computed -> the side they serve
 
     def bind(self, sched) -> None:
+        """Split the units by density on this scheduler's resources: a unit's share of the
+        token budget over its share of rows or KV pages (whichever it needs more of), against
+        the batch's own."""
         self.sched = sched
-        flow = 1 + self.c_decode * sched.budget / max(self.c_prompt, 1.0)
-        self.c_rows = int(min(max(flow, 1), sched.max_num_seqs // 2))
-        self.c_pages = sched.pool.pages_for(int(self.c_rows * self.c_longest))
+        cap = (sched.budget, sched.max_num_seqs, sched.pool.num_usable)
+        per = []
+        for u in self.units:
+            v = [0.0, 0.0, 0.0]
+            for x in u.samples:
+                for i, d in enumerate(demand(x, sched)):
+                    v[i] += d
+            per.append(v)
+        target = _density([sum(v[i] for v in per) for i in range(3)], cap)
+        for u, v in zip(self.units, per):
+            side = self.COMPUTE if _density(v, cap) >= target else self.MEMORY
+            for x in u.samples:
+                self.side_of[id(x)] = side
+
+    def _side(self, seq: Sample) -> int:
+        return self.side_of.get(id(seq), self.MEMORY)
 
     def add(self, seq: Sample) -> None:
-        self.queues[self.side_of.get(id(seq), self.MEMORY)].add(seq)
+        self.queues[self._side(seq)].add(seq, self.sched)
 
     def add_all(self, seqs) -> None:
         for side in (self.MEMORY, self.COMPUTE):
-            self.queues[side].extend([s for s in seqs if self.side_of.get(id(s), 0) == side])
+            self.queues[side].extend([s for s in seqs if self._side(s) == side], self.sched)
 
     def remove(self, seq: Sample) -> None:
-        self.queues[self.side_of.get(id(seq), self.MEMORY)].remove(seq)
+        self.queues[self._side(seq)].remove(seq)
 
     # -- one step -----------------------------------------------------------------------------
     def begin(self) -> None:
-        """The running mix: KV its decode reads per step (each group's prefix once) and the work
-        it has left, which with the waiting work gives the step's target."""
+        """Each side's needs (running and waiting) and what it holds now: tokens a step, rows,
+        KV pages."""
         sched = self.sched
-        left = Costs()
-        for q in self.queues:
-            left.add(q.costs)
-        self.reads = 0.0
-        group_reads: dict = {}
+        self.need = [list(q.need) for q in self.queues]
+        self.use = [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
         for s in sched.running:
             if not s.samples:
-                left.tokens += s.num_pending
+                # A shared prefix being prefilled works for the side that started it.
+                side = self.prefix_side.get(id(s), self.COMPUTE)
+                self.use[side][0] += min(s.num_pending, sched.budget)
+                self.need[side][0] += s.num_pending
                 continue
-            c = member_costs(s)
-            left.add(c)
-            g = s.group
-            self.reads += s.num_tokens - (g.num_tokens if g is not None else 0)
-            if g is not None:
-                group_reads[id(g)] = g.num_tokens
-        self.reads += sum(group_reads.values())
-        self.target_reads = sched.budget * left.kv / max(left.tokens, 1.0)
+            side = self._side(s)
+            for i, d in enumerate(demand(s, sched)):
+                self.need[side][i] += d
+            self._hold(side, s)
         self.cursor = [0, 0]
         self.skipped = [0, 0]
         self.blocked = [False, False]
         self.rows = len(sched.running)
         self.side = self.MEMORY
+
+    def _hold(self, side: int, s: Sample) -> None:
+        u = self.use[side]
+        u[0] += min(s.num_pending, self.sched.budget)
+        u[1] += 1
+        u[2] += s.reserved_pages if self.sched.reserve else len(s.pages)
+
+    def _drain(self, side: int) -> float:
+        """Steps the side needs at what it holds now: its scarcest resource's need over its use."""
+        n, u = self.need[side], self.use[side]
+        return max(n[i] / u[i] if u[i] > 0 else (float("inf") if n[i] > 0 else 0.0)
+                   for i in range(3))
 
     def _head(self, side: int) -> Optional[Sample]:
         q = self.queues[side].seqs
@@ -196,27 +246,32 @@ class BlendAdmission:
         return q[i] if not self.blocked[side] and i < len(q) else None
 
     def _memory_capped(self, seq: Sample) -> bool:
-        """Whether admitting `seq` would take the rows or KV the compute side's flow needs."""
+        """Whether admitting `seq` would leave no row or too few KV pages for the compute side's
+        next request to join."""
         sched = self.sched
-        if self.rows + 1 > sched.max_num_seqs - self.c_rows:
+        head = self.queues[self.COMPUTE].seqs[0]
+        if self.rows + 1 > sched.max_num_seqs - 1:
             return True
-        free = sched.pool.num_usable - self.c_pages
         if sched.reserve:
-            return sched.committed + sched._projected_pages(seq) > free
-        return sched.pool.num_used + sched.pool.pages_for(seq.num_tokens) > free
+            need, c_need, used = (sched._projected_pages(seq), sched._projected_pages(head),
+                                  sched.committed)
+        else:
+            need, c_need, used = (sched.pool.pages_for(seq.num_tokens),
+                                  sched.pool.pages_for(len(head.prompt_ids)), sched.pool.num_used)
+        return used + need + c_need > sched.pool.num_usable
 
     def next(self) -> Optional[Sample]:
         mem, comp = self._head(self.MEMORY), self._head(self.COMPUTE)
         if mem is not None and self.queues[self.COMPUTE].seqs and (
                 comp is None or mem.priority >= comp.priority) and self._memory_capped(mem):
-            # While compute-heavy work waits, the memory side stays within its share.
             self.blocked[self.MEMORY] = True
             mem = None
         if mem is not None and comp is not None:
             if mem.priority != comp.priority:
                 side = self.MEMORY if mem.priority < comp.priority else self.COMPUTE
-            else:
-                side = self.MEMORY if self.reads < self.target_reads else self.COMPUTE
+            else:   # the side that would finish last at what it holds now catches up
+                side = (self.MEMORY if self._drain(self.MEMORY) >= self._drain(self.COMPUTE)
+                        else self.COMPUTE)
         elif mem is not None:
             side = self.MEMORY
         elif comp is not None:
@@ -230,10 +285,12 @@ class BlendAdmission:
         side = self.side
         if outcome is Outcome.ADMITTED:
             self.rows += 1
-            g = seq.group
-            self.reads += seq.num_tokens - (g.num_tokens if g is not None else 0)
+            self._hold(side, seq)
         elif outcome is Outcome.PREFIX_STARTED:
             self.rows += 1
+            prefix = next(p for p in reversed(list(seq.ancestors())) if p.status is Status.RUNNING)
+            self.prefix_side[id(prefix)] = side
+            self.use[side][0] += min(prefix.num_pending, self.sched.budget)
         elif outcome is Outcome.PREFIX_WAIT:
             self.cursor[side] += 1
             self.skipped[side] += 1

@@ -82,17 +82,16 @@ def request_costs(prompt_len: int, output_len: int, shared_len: int = 0) -> Cost
     return Costs(own + output_len, kv_reads(own, output_len))
 
 
-def group_costs(shared_len: int, members: Iterable[tuple[int, int]]) -> Costs:
-    """A shared prefix of `shared_len` own tokens and its members (prompt length past the prefix,
-    output length): the prefix is computed once and read once per decode step of the group,
-    which lasts as long as its longest member decodes."""
-    c = Costs(shared_len, 0.0)
-    longest = 0
-    for own, out in members:
-        c.add(request_costs(own, out))
-        longest = max(longest, out)
-    c.kv += shared_len * longest
-    return c
+def prefix_share(s, pending_only: bool = False) -> float:
+    """A sample's share of its shared prefixes' prefill: each prefix's own tokens over the samples
+    below it (`pending_only`: of the prefixes not computed yet)."""
+    share = 0.0
+    p = s.prefix
+    while p is not None:
+        if not pending_only or p.num_computed < p.num_tokens:
+            share += (p.num_tokens - p.base) / max(p.num_members, 1)
+        p = p.prefix
+    return share
 
 
 def expected_len(s) -> int:

@@ -10,11 +10,14 @@ Policies:
              requests outside any shared prefix) in a depth-first walk whose siblings are sorted
              by compute density (`density.py`: memory-heavy first), so a group's members and a
              subtree's groups stay together; then a dual scan that takes units from both ends of
-             that order so the admitted mix stays near the batch's own density. Each unit is on
-             the compute-heavy or the memory-heavy side of the batch's density; the scheduler's
-             `admission.BlendAdmission` uses the sides to keep each step's running mix near it.
-             Switches (`BlendOptions`) turn the density order, the dual scan and the admission off
-             one by one for ablations.
+             that order so the admitted mix stays near the batch's own density. The scheduler's
+             `admission.BlendAdmission` admits from the two ends each step to keep the running
+             mix there. Switches (`BlendOptions`) turn the density order, the dual scan and the
+             admission off one by one for ablations.
+             A group whose shared prefix is short next to what each member holds of its own (a
+             few-shot template, a system prompt) is not kept together: running its members apart
+             costs only its short prefix's pages for longer, and ordering them one by one lets
+             long decodes start first (a shorter tail).
 Output lengths are each sample's `expected_output_len` (the engine's sampled estimate), else its
 max_tokens.
 """
@@ -24,7 +27,7 @@ import dataclasses
 from typing import Optional
 
 from jaxserve.config import ModelConfig
-from jaxserve.scheduler.density import Costs, DensityModel, expected_len, kv_reads
+from jaxserve.scheduler.density import Costs, DensityModel, expected_len, kv_reads, prefix_share
 from jaxserve.scheduler.prefix_tree import PrefixTree, TreeNode, build_prefix_tree
 from jaxserve.scheduler.sequence import Sample, SharedPrefix
 
@@ -50,7 +53,6 @@ class Unit:
     samples: list
     costs: Costs
     density: float
-    compute_side: bool = False      # denser than the batch
 
 
 @dataclasses.dataclass
@@ -120,7 +122,8 @@ def plan_batch(seqs: list[Sample], *, sharing: bool, policy: str,
         for k, node in enumerate(tree.shared):   # parents come before children
             parent = node_seq.get(node.parent)
             ps = SharedPrefix(prompt_ids=seqs[node.first].prompt_ids[:node.depth], index=-1 - k,
-                              prefix=parent, members_left=node.num_leaves)
+                              prefix=parent, members_left=node.num_leaves,
+                              num_members=node.num_leaves)
             node_seq[node] = ps
             prefixes.append(ps)
         for s, node in zip(seqs, tree.leaf_node):
@@ -214,11 +217,13 @@ class _Item:
 
 
 def _member_costs(s: Sample) -> Costs:
-    """A sample's own share: the prompt tokens below its deepest shared prefix and its decode; the
-    KV past its cascade group's prefix, which it reads on its own."""
+    """A sample's own share: the prompt tokens below its deepest shared prefix, its share of the
+    prefixes' prefill, and its decode; the KV past its cascade group's prefix, which it reads on
+    its own."""
     d = expected_len(s)
     g = s.group.num_tokens if s.group is not None else 0
-    return Costs(len(s.prompt_ids) - s.base + d, kv_reads(len(s.prompt_ids) - g, d))
+    return Costs(len(s.prompt_ids) - s.base + prefix_share(s) + d,
+                 kv_reads(len(s.prompt_ids) - g, d))
 
 
 def _block_costs(samples: list) -> Costs:
@@ -255,6 +260,21 @@ def _group_items(seqs: list[Sample], group_of: dict, node_seq: dict) -> list[_It
             roots.append(it)
         else:
             items[group_of[g.parent]].children.append(it)
+
+    # A group whose prefix is short next to what each member holds of its own (a template, a
+    # system prompt) gains little KV from running its members together: its members are ordered
+    # one by one, among all the batch's items.
+    loose = []
+    for g, it in list(items.items()):
+        if it.members and not it.children and g.parent.parent is None:
+            own = sum(len(s.prompt_ids) - g.depth + expected_len(s) for s in it.members)
+            if g.depth * len(it.members) < own:
+                loose.append(it)
+    for it in loose:
+        roots.remove(it)
+        for s in it.members:
+            roots.append(_Item(_member_costs(s), [s], decode=expected_len(s),
+                               prefill=len(s.prompt_ids) - s.base + prefix_share(s)))
 
     def total(it: _Item) -> None:
         for c in it.children:
@@ -345,8 +365,6 @@ def _plan_blend(plan: BatchPlan, seqs: list[Sample], group_of: dict, node_seq: d
 
     max_unit = max(MIN_UNIT_SPLIT, int(len(seqs) * MAX_UNIT_SHARE))
     units = _sequence(roots, key, max_unit, model)
-    for u in units:
-        u.compute_side = u.density >= target
     order = _dual_scan(units, target, model) if opt.dual_scan else range(len(units))
     plan.units = [units[i] for i in order]
     plan.costs = total

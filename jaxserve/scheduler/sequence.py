@@ -91,6 +91,7 @@ class SharedPrefix(KVSequence):
     """A prefix shared by several samples: prefilled once as a sequence of its own."""
 
     members_left: int = 0           # unfinished samples below
+    num_members: int = 0            # samples below in all (its prefill is shared by them)
     _chain: Optional[list[int]] = None   # full page table once computed
 
     def page_table(self, page_size: int) -> list[int]:
