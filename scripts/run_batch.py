@@ -136,6 +136,7 @@ def main(argv):
 
 
 def dry_run(items, defaults) -> int:
+    from jaxserve.config import EngineConfig
     from jaxserve.tools.dry_run import analyse, format_table
     from jaxserve.sampling_params import SamplingParams
     from jaxserve.weights import load_config_and_tokenizer
@@ -163,7 +164,8 @@ def dry_run(items, defaults) -> int:
         params.append(it.params or SamplingParams(**defaults))
     d = analyse(cfg, prompts, params, device=FLAGS.dry_run_device, page_size=FLAGS.page_size,
                 max_num_batched_tokens=FLAGS.max_num_batched_tokens, max_num_seqs=FLAGS.max_num_seqs,
-                policy=FLAGS.schedule_policy, num_errors=n_err)
+                policy=FLAGS.schedule_policy, num_errors=n_err,
+                engine=EngineConfig.from_kwargs(**engine_kwargs(FLAGS)))
     print(format_table(d))
     path = FLAGS.output + ".dryrun.json"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

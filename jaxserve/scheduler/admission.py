@@ -5,9 +5,11 @@ The scheduler fills a step with running work first, then asks its admission poli
 KV pages run out, or the policy has nothing more to offer.
 
 `PlanOrder`: the waiting samples in plan order. Past the first that does not fit only members of
-shared prefixes already resident may be admitted (their prefixes' pages come back only when they
-have run, so it waits for nothing else and does not starve). Samples waiting for their shared
-prefix to be computed are passed over; at most LOOKAHEAD samples are passed over in all.
+shared prefixes already started and resident may be admitted, wherever they are in the order
+(their prefixes' pages come back only when they have run, so it waits for nothing else and does
+not starve; on an input whose groups are interleaved this finishes started groups before new
+prefixes fill the pool). Samples waiting for their shared prefix to be computed are passed over,
+up to LOOKAHEAD of them.
 
 `BlendAdmission` (BlendServe): two queues, the compute-heavy and the memory-heavy end of the
 batch, each in plan order (the resource-aware tree's order, which keeps a group's members, and the
@@ -45,52 +47,78 @@ class Outcome(enum.Enum):
 
 
 class PlanOrder:
+    def step_budget(self) -> int:
+        """Tokens the next step may take (the scheduler's budget)."""
+        return self.sched.budget
+
     def bind(self, sched) -> None:
         self.sched = sched
+        self.members: dict = {}     # id(prefix) -> its waiting samples below it, in plan order
+        self.held: dict = {}        # id(prefix) -> prefix, started (held once computed)
 
     def add(self, seq: Sample) -> None:
-        pass
+        if seq.prefix is not None:
+            bisect.insort(self.members.setdefault(id(seq.prefix), []), seq,
+                          key=lambda s: s.sort_key)
 
     def add_all(self, seqs) -> None:
-        pass
+        for s in seqs:
+            if s.prefix is not None:
+                self.members.setdefault(id(s.prefix), []).append(s)
+        for m in self.members.values():
+            m.sort(key=lambda s: s.sort_key)
 
     def remove(self, seq: Sample) -> None:
-        pass
+        m = self.members.get(id(seq.prefix)) if seq.prefix is not None else None
+        if m:
+            m.remove(seq)
 
     def begin(self) -> None:
         self.j = 0
         self.skipped = 0
-        self.resident_only = False      # past a sample that did not fit
         self.stop = False
+        self.behind: Optional[list] = None     # past a sample that did not fit
 
     def next(self) -> Optional[Sample]:
+        if self.behind is not None:
+            while self.behind:
+                m = self.members.get(id(self.behind[0]))
+                if m:
+                    return m[0]
+                del self.held[id(self.behind.pop(0))]
+            return None
         w = self.sched.waiting
-        while not self.stop and self.j < len(w):
-            s = w[self.j]
-            if not self.resident_only or prefix_resident(s):
-                return s
-            self._skip()
-        return None
-
-    def _skip(self) -> None:
-        self.skipped += 1
-        self.j += 1
-        self.stop = self.skipped > LOOKAHEAD
+        return w[self.j] if not self.stop and self.j < len(w) else None
 
     def result(self, seq: Sample, outcome: Outcome) -> None:
+        if outcome in (Outcome.ADMITTED, Outcome.PREFIX_STARTED) and seq.prefix is not None:
+            self.held[id(seq.prefix)] = seq.prefix
+        if self.behind is not None:
+            if outcome is not Outcome.ADMITTED:
+                self.behind.pop(0)           # this group does not fit either: the next one
+            return
         if outcome is Outcome.PREFIX_WAIT:
-            self._skip()
+            self.skipped += 1
+            self.j += 1
+            self.stop = self.skipped > LOOKAHEAD
         elif outcome is Outcome.NO_FIT:
             # Only members of prefixes already resident may pass it: their pages come back only
-            # when they run, so the sample that did not fit waits for them and for nothing else.
-            self.resident_only = True
-            self._skip()
+            # when they have run, so it waits for nothing else and does not starve.
+            self.behind = [p for p in self.held.values() if _resident(p)]
         # ADMITTED: it left the list, the same index is the next sample; PREFIX_STARTED: again.
+
+
+def _resident(p) -> bool:
+    while p is not None:
+        if p.status is not Status.FINISHED:
+            return False
+        p = p.prefix
+    return True
 
 
 def prefix_resident(s: Sample) -> bool:
     """Whether `s` sits below a shared prefix that is computed and held (it needs no new one)."""
-    return s.prefix is not None and all(p.status is Status.FINISHED for p in s.ancestors())
+    return s.prefix is not None and _resident(s.prefix)
 
 
 def member_costs(s: Sample) -> Costs:
@@ -190,6 +218,29 @@ class BlendAdmission:
             side = self.COMPUTE if _density(v, cap) >= target else self.MEMORY
             for x in u.samples:
                 self.side_of[id(x)] = side
+
+    def step_budget(self) -> int:
+        """The compute side's work spread over the steps the memory side still needs, once the
+        memory side has taken what rows it can: the step takes its decodes, the memory side's
+        prefill and that share of the compute side's, rounded up to a token bucket (a power of
+        two, as the runner pads steps) so the share costs no padding."""
+        sched = self.sched
+        self.begin()
+        m_steps = self._drain(self.MEMORY)
+        if (not self.need[self.COMPUTE][0] or m_steps == float("inf") or m_steps <= 0
+                or (self.queues[self.MEMORY].seqs and self.rows < sched.max_num_seqs - 1)):
+            return sched.budget
+        want = self.need[self.COMPUTE][0] / m_steps
+        for s in sched.running:
+            if not s.samples:
+                if self.prefix_side.get(id(s), self.COMPUTE) == self.MEMORY:
+                    want += s.num_pending
+            elif s.num_pending == 1 or self._side(s) == self.MEMORY:
+                want += s.num_pending
+        b = 16
+        while b < want:
+            b *= 2
+        return min(b, sched.budget)
 
     def _side(self, seq: Sample) -> int:
         return self.side_of.get(id(seq), self.MEMORY)

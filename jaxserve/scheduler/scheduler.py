@@ -174,7 +174,7 @@ class Scheduler:
     # -- one step -------------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
         picked: list[tuple[KVSequence, int]] = []   # (sequence, tokens this step)
-        budget = self.budget
+        budget = self.admission.step_budget()
         scheduled: set[int] = set()
         # Decodes first, then running prefills; within each, plan order. The last running sample
         # is the preemption victim.

@@ -1,13 +1,13 @@
 """Mixed-density workloads after BlendServe's evaluation: request kinds of very different compute
 density in one batch, with prefixes shared inside each kind, in a clustered or interleaved order.
 
-Kinds (token lengths drawn per request, log-normal where a real trace's lengths are):
-  chat       ShareGPT-like conversation turns: one of a few system prompts, a user turn of ~256
-             tokens (log-normal, 16..1024) and a reply of ~256 (16..1024): near the batch density.
-  summarize  long-document summarisation / QA: a document of 1.5k-4k tokens asked a couple of
-             questions, each answered briefly (16..128 tokens): compute-heavy (prefill).
-  generate   generation-heavy: a few-shot template of 96 tokens, a short request (16..64) and a long
-             completion (512..1536): memory-heavy (decode, KV reads).
+Kinds (token lengths drawn per request; log-normal where a real trace's lengths are):
+  chat       ShareGPT-like conversation turns: one of 8 system prompts of 256 tokens, a user turn
+             of ~128 tokens (log-normal, 16..1024) and a reply of ~96 (16..1024).
+  summarize  long-document summarisation / QA: a document of 512-2048 tokens asked 2 questions
+             (16..48 tokens), each answered briefly (16..128): compute-heavy (prefill).
+  generate   generation-heavy: one of 16 few-shot templates of 96 tokens, a short request (16..64)
+             and a long completion (128..384): memory-heavy (decode: rows and KV for many steps).
 Each request is a run_batch JSONL dict with a fixed output length ({"max_tokens": n,
 "ignore_eos": true}) so every engine and policy does the same work.
 
@@ -61,8 +61,8 @@ def _kind_requests(kind: str, n: int, rng, vocab: int, reserved: int, kw: dict) 
     return out
 
 
-DEFAULTS = dict(system_len=256, chat_systems=8, chat_in=256, chat_out=256, doc_min=1536,
-                doc_max=4096, questions=2, templates=16, gen_min=512, gen_max=1536)
+DEFAULTS = dict(system_len=256, chat_systems=8, chat_in=128, chat_out=96, doc_min=512,
+                doc_max=2048, questions=2, templates=16, gen_min=128, gen_max=384)
 
 
 def generate(*, vocab_size: int, seed: int = 0, reserved: int = 256, num_requests: int,
@@ -90,11 +90,12 @@ def kind_of(request: dict) -> str:
     return request["id"].rsplit("-", 1)[1]
 
 
-# Presets at a scale that runs in about 20-60 s on one H200 with Llama-3-8B (bf16).
+# Presets of 3,000 requests: 45-65 s projected on one H200 with Llama-3-8B (bf16) at
+# --max_num_seqs=1024 (`engine/simulate.py`; 55-75 s at the default 256 rows).
 _MIXES = {
     "gen_summarize": dict(shares={"generate": 0.5, "summarize": 0.5}),
     "chat_summarize": dict(shares={"chat": 0.5, "summarize": 0.5}),
     "mix3": dict(shares={"generate": 0.3, "chat": 0.4, "summarize": 0.3}),
 }
-PRESETS = {f"blend_{name}_{order}": dict(family=FAMILY, num_requests=4000, order=order, **mix)
+PRESETS = {f"blend_{name}_{order}": dict(family=FAMILY, num_requests=3000, order=order, **mix)
            for name, mix in _MIXES.items() for order in ("clustered", "interleaved")}
