@@ -102,6 +102,8 @@ def simulate(samples: list, policy: str, ecfg: EngineConfig, model_cfg: ModelCon
     seconds, steps, plans, trace = 0.0, 0, 0, []
     while sched.has_work:
         p = sched.schedule_decode_block(fused_decode_steps) or sched.schedule()
+        if not p.rows:
+            raise RuntimeError("the scheduler planned an empty step with work waiting")
         padded = buckets.token_bucket(p.num_tokens)
         terms = costs.plan_terms(p, ecfg.page_size, ecfg.shared_prefix_attention)
         dt = costs.seconds(terms[0], padded, p.decode_steps, *terms[1:], overlap=overlap)

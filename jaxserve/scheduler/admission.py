@@ -1,8 +1,9 @@
 """Which waiting sample the scheduler tries to admit next, each step.
 
-The scheduler fills a step with running work first, then asks its admission policy for candidates
-(`next()`) and tells it what became of each (`result()`) until the token budget, the rows or the
-KV pages run out, or the policy has nothing more to offer.
+The scheduler asks its admission policy for the step's token budget (`step_budget()`), fills the
+step with running work first, then asks the policy for candidates (`next()`) and tells it what
+became of each (`result()`) until the budget, the rows or the KV pages run out, or the policy has
+nothing more to offer.
 
 `PlanOrder`: the waiting samples in plan order. Past the first that does not fit only members of
 shared prefixes already started and resident may be admitted, wherever they are in the order
@@ -17,10 +18,13 @@ groups of a side, one after another). BlendServe's density is re-measured on the
 of this engine has: a unit's share of the token budget over its share of rows or KV pages
 (reserved pages under admission control), against the batch's. Each step each side's drain time
 is its remaining need of each resource over what its running samples hold of it, the scarcest
-resource counting; the side that would finish last at that rate is admitted from, so the two run
-side by side and run out together (no long phase of prefill alone, then decode alone). The memory
-side never takes the last row or the KV pages the compute side's next request needs while that
-side waits, so neither starves.
+resource counting; the side that would finish last at that rate is admitted from. Once the memory
+side holds what rows it can, the compute side's remaining work is spread over the steps the
+memory side still needs (`step_budget`: decodes plus that share of prefill, rounded up to a token
+bucket so the share costs no padding), so each step's mix stays near the batch's density and the
+two sides run out together (no long phase of prefill alone, then decode alone). The memory side
+never takes the last row or the KV pages the compute side's next request needs while that side
+waits, so neither starves.
 
 Why a step's resources and not the roofline: on the GPU here a step's matmuls and attention run
 one after the other (`engine/cost_model.py`: their times add), so a mixed step does not hide KV
