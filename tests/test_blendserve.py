@@ -377,6 +377,18 @@ def test_outputs_identical_under_every_policy(blend_engine):
             assert st.schedule_policy == min(st.projected_seconds, key=st.projected_seconds.get)
 
 
+def test_auto_on_a_large_batch_simulates_a_part_of_it(blend_engine, monkeypatch):
+    import jaxserve.engine.engine as engine_module
+
+    eng, vocab = blend_engine
+    reqs = _mixed_requests(vocab)
+    ref, _ = _run(eng, reqs)
+    monkeypatch.setattr(engine_module, "AUTO_MAX_SAMPLES", 8)
+    out, st = _run(eng, reqs, schedule_policy="auto")
+    assert [o.token_ids for o in out] == [o.token_ids for o in ref]
+    assert set(st.projected_seconds) == set(CANDIDATES)
+
+
 def test_probe_runs_first_and_its_outputs_are_the_real_ones(blend_engine):
     """Unfixed lengths (EOS may stop them): blendserve runs a probe first, estimates the others'
     lengths from it and reports the estimate and its error; the outputs equal fifo's and nothing

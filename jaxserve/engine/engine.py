@@ -7,12 +7,14 @@ Every program the batch can reach is compiled before its first step (`compile_fo
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.engine.outputs import OutputCollector, RequestMetrics, RequestOutput
@@ -30,6 +32,7 @@ from jaxserve.scheduler.density import DensityModel
 from pallas_kernels import AttentionSpec
 
 _MIN_HIST_WIDTH = 16
+AUTO_MAX_SAMPLES = 8000     # auto simulates at most this many samples (a few seconds a policy)
 
 
 def batch_features(samples: list[Sample], vocab_size: int) -> Features:
@@ -159,12 +162,21 @@ class Engine:
 
     def _choose_policy(self, samples: list[Sample]) -> tuple[str, dict]:
         """schedule_policy="auto": the policy a host-only simulation of `samples` on this device
-        (`simulate.py`) projects fastest."""
-        return choose_policy(samples, self.ecfg, self.cfg, self.step_costs,
-                             num_pages=self.num_pages, buckets=self.buckets,
-                             fused_decode_steps=self.sizes.fused_decode_steps,
+        (`simulate.py`) projects fastest. A batch of more than AUTO_MAX_SAMPLES is simulated on
+        a seeded random part of that size, with the KV pool and the rows shrunk alike."""
+        ecfg, pages = self.ecfg, self.num_pages
+        if len(samples) > AUTO_MAX_SAMPLES:
+            f = AUTO_MAX_SAMPLES / len(samples)
+            pick = np.random.default_rng(ecfg.seed).choice(len(samples), AUTO_MAX_SAMPLES,
+                                                           replace=False)
+            samples = [samples[i] for i in sorted(pick)]
+            need = max(-(-s.longest // ecfg.page_size) for s in samples) + 2
+            pages = max(int(pages * f), need)
+            ecfg = dataclasses.replace(ecfg, max_num_seqs=max(1, round(ecfg.max_num_seqs * f)))
+        return choose_policy(samples, ecfg, self.cfg, self.step_costs, num_pages=pages,
+                             buckets=self.buckets, fused_decode_steps=self.sizes.fused_decode_steps,
                              density=self.density,
-                             overlap=bool(getattr(self.ecfg, "async_scheduling", False)))
+                             overlap=bool(getattr(ecfg, "async_scheduling", False)))
 
     def program_keys(self, samples: list[Sample], features: Features) -> list[ProgramKey]:
         """Every program a run of `samples` can reach: token buckets up to what one step can hold,
