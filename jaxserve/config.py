@@ -206,7 +206,7 @@ def _field(default, help: str, choices=None):
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-SCHEDULE_POLICIES = ("fifo", "batchllm", "blendserve")
+SCHEDULE_POLICIES = ("fifo", "batchllm", "blendserve", "auto")
 LAYER_LOOPS = ("auto", "scan", "unrolled")
 LOAD_FORMATS = ("auto", "dummy", "safetensors", "gguf")
 
@@ -250,7 +250,22 @@ class EngineConfig:
     # slower where nothing is shared (no-sharing workload 39.2 vs 37.2 s: a host list per step).
     shared_prefix_attention: bool = _field(True, "read a group's shared prefix once per step in "
                                            "attention (GPU kernel's shared-prefix work lists)")
-    schedule_policy: str = _field("batchllm", "admission order", SCHEDULE_POLICIES)
+    schedule_policy: str = _field("batchllm", "admission order: fifo (input order), batchllm "
+                                  "(prefix groups together), blendserve (resource-aware: compute- "
+                                  "and memory-heavy work blended), auto (the one a host-only "
+                                  "simulation of this batch projects fastest)", SCHEDULE_POLICIES)
+    blend_density_order: bool = _field(True, "blendserve: order prefix-tree siblings by compute "
+                                       "density (off: by batchllm's decode/prefill ratio)")
+    blend_dual_scan: bool = _field(True, "blendserve: take units from both ends of the density "
+                                   "order (off: from the memory-heavy end on)")
+    blend_admission: bool = _field(True, "blendserve: each step admit from the compute- or the "
+                                   "memory-heavy queue to keep the running mix near the batch's "
+                                   "density (off: strictly in plan order)")
+    output_len_sample_fraction: float = _field(0.01, "blendserve/auto: fraction of the requests "
+                                               "whose length is not fixed (no ignore_eos, or stop "
+                                               "strings) run to completion first (at least a few) "
+                                               "to estimate the others' output lengths; 0: use "
+                                               "max_tokens")
     admission_control: bool = _field(True, "admit only what fits at full length (no preemption)")
     async_scheduling: bool = _field(True, "overlap host and device: plan and send step N + 1 "
                                     "while step N runs (its tokens reach the host a step late; a "
@@ -288,6 +303,9 @@ class EngineConfig:
                               "(GPU kernels tile pages with power-of-two blocks)")
         if self.num_pages is not None and self.num_pages < 2:
             raise ConfigError("engine: field 'num_pages' must be >= 2 (page 0 is the sink)")
+        if not 0 <= self.output_len_sample_fraction < 1:
+            raise ConfigError("engine: field 'output_len_sample_fraction' must be in [0, 1), got "
+                              f"{self.output_len_sample_fraction!r}")
         if not 0 < self.kv_cache_memory_fraction <= 1:
             raise ConfigError("engine: field 'kv_cache_memory_fraction' must be in (0, 1], got "
                               f"{self.kv_cache_memory_fraction!r}")

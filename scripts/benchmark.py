@@ -122,6 +122,7 @@ def run_jaxserve(cfg_holder: dict, reqs: list[dict]) -> dict:
         num_groups=st["num_groups"], num_steps=st["num_steps"], fused_blocks=st["fused_blocks"],
         token_fill_mean=st["token_fill_mean"], peak_kv_pool_use=st["peak_kv_pool_use"],
         preemptions=st["preemptions"], attention_impl=st["attention_impl"],
+        schedule_policy_run=st["schedule_policy"], projected_seconds=st["projected_seconds"],
         fused_decode_steps=llm.engine.sizes.fused_decode_steps,
         compile_cache_hits=compile_info.get("cache_hits", 0),
         trace=llm.engine.last_stats.trace)
@@ -282,6 +283,10 @@ def main(argv):
                settings=dict(global_prefix_sharing=FLAGS.global_prefix_sharing,
                              shared_prefix_attention=FLAGS.shared_prefix_attention,
                              schedule_policy=FLAGS.schedule_policy,
+                             blend_density_order=FLAGS.blend_density_order,
+                             blend_dual_scan=FLAGS.blend_dual_scan,
+                             blend_admission=FLAGS.blend_admission,
+                             num_pages=FLAGS.num_pages,
                              fused_decode_steps=FLAGS.fused_decode_steps or "auto",
                              admission_control=FLAGS.admission_control,
                              tensor_parallel_size=FLAGS.tensor_parallel_size),

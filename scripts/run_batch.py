@@ -358,6 +358,7 @@ def finish(log, items, keys, done, order, n_reused, stats) -> int:
 
 
 def dry_run(items, defaults) -> int:
+    from jaxserve.config import EngineConfig
     from jaxserve.engine.requests import to_request
     from jaxserve.sampling_params import SamplingParams
     from jaxserve.tools.dry_run import analyse, format_table
@@ -381,7 +382,8 @@ def dry_run(items, defaults) -> int:
                 max_num_batched_tokens=FLAGS.max_num_batched_tokens, max_num_seqs=FLAGS.max_num_seqs,
                 policy=FLAGS.schedule_policy, num_errors=n_err,
                 tensor_parallel_size=FLAGS.tensor_parallel_size,
-                data_parallel_size=FLAGS.data_parallel_size)
+                data_parallel_size=FLAGS.data_parallel_size,
+                engine=EngineConfig.from_kwargs(**engine_kwargs(FLAGS)))
     print(format_table(d))
     path = FLAGS.output + ".dryrun.json"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

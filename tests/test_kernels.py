@@ -8,7 +8,6 @@ only tokens that have keys (pad rows give 0 in the kernels and a don't-care in t
 from __future__ import annotations
 
 import dataclasses
-import itertools
 
 import jax
 import jax.numpy as jnp

@@ -7,9 +7,14 @@ Every program the batch can reach is compiled before its first step (`compile_fo
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 from jaxserve.config import ConfigError, EngineConfig, ModelConfig
 from jaxserve.engine.outputs import OutputCollector, RequestMetrics, RequestOutput
@@ -20,11 +25,15 @@ from jaxserve.runner import mesh as mesh_mod
 from jaxserve.runner.model_runner import ModelRunner
 from jaxserve.runner.programs import (PLAIN, CompileEvents, Features, ProgramKey,
                                       enable_compilation_cache)
+from jaxserve.engine.cost_model import StepCosts, device_profile
+from jaxserve.engine.planning import Stages
+from jaxserve.engine.simulate import choose_policy
 from jaxserve.scheduler import PagePool, Sample, Scheduler
-from jaxserve.scheduler.planner import plan_batch
+from jaxserve.scheduler.density import DensityModel
 from pallas_kernels import AttentionSpec
 
 _MIN_HIST_WIDTH = 16
+AUTO_MAX_SAMPLES = 8000     # auto simulates at most this many samples (a few seconds a policy)
 
 
 def batch_features(samples: list[Sample], vocab_size: int) -> Features:
@@ -104,6 +113,13 @@ class Engine:
                              ecfg.page_size, self.eos_token_ids, tokenizer is not None)
         self.last_stats = RunStats()
         self.last_compile: dict = {}
+        # Densities and the step-time model on this device (blendserve, auto).
+        self.step_costs = StepCosts.make(device_profile((device or jax.devices()[0]).device_kind), model_cfg,
+                                         jnp.dtype(kv_dtype).itemsize)
+        prof = self.step_costs.profile
+        self.density = DensityModel.for_model(model_cfg, peak_flops=prof.peak_flops,
+                                              hbm_bandwidth=prof.hbm_bandwidth,
+                                              kv_itemsize=jnp.dtype(kv_dtype).itemsize)
 
     # -- the run ------------------------------------------------------------------------------
     def run(self, requests: list[Request], progress: Optional[Callable] = None,
@@ -117,12 +133,13 @@ class Engine:
         stats = RunStats(num_requests=len(requests), kv_pages_total=self.num_pages - 1)
         outputs = OutputCollector(requests, on_output)
         samples = self._samples(requests, outputs, stats, positions)
-        self._plan(samples, stats)
+        stages = Stages(samples, self.ecfg, self.cfg, stats, density=self.density,
+                        choose=self._choose_policy)
         features = self._compile(samples, stats)
         sched = Scheduler(PagePool(self.num_pages, self.ecfg.page_size),
                           self.sizes.max_num_batched_tokens, self.sizes.max_num_seqs,
-                          reserve=self.ecfg.admission_control)
-        sched.add_all(samples)
+                          reserve=self.ecfg.admission_control, admission=stages.admission)
+        sched.add_all(stages.first)
         metrics = {id(s): RequestMetrics(arrival_time=t_start) for s in samples}
 
         def commit(plan, pending) -> None:
@@ -134,7 +151,8 @@ class Engine:
                 progress(len(finished), plan.num_tokens * plan.decode_steps, stats)
 
         with CompileEvents() as mid_run:
-            self._loop(sched, features, commit)
+            self._loop(sched, features, commit, stages.advance)
+        stages.finish()
         stats.mid_run_compiles = mid_run.compiles + mid_run.cache_hits
         stats.preemptions = sched.num_preemptions
         stats.dropped_tokens = sched.num_dropped
@@ -143,14 +161,16 @@ class Engine:
         self.last_stats = stats
         return outputs.results()
 
-    def _loop(self, sched: Scheduler, features: Features, commit: Callable) -> None:
+    def _loop(self, sched: Scheduler, features: Features, commit: Callable,
+              advance: Callable[[Scheduler], bool]) -> None:
         """schedule -> run -> commit until every sample is done. With host/device overlap one step
         stays in flight: step N + 1 is planned and sent before step N's tokens are read, so the
         device does not wait for the host (batches with penalties run in turn: each step's
-        penalty history needs every token before it)."""
+        penalty history needs every token before it). `advance(sched)` adds the plan's next
+        stage once everything before it has been committed (False: nothing is left)."""
         overlap = self.ecfg.async_scheduling and not features.hist_width
         in_flight = None
-        while sched.has_work or in_flight:
+        while sched.has_work or in_flight or advance(sched):
             plan = (sched.schedule_decode_block(self.sizes.fused_decode_steps)
                     or sched.schedule()) if sched.has_work else None
             if plan is None or not plan.rows:
@@ -186,24 +206,25 @@ class Engine:
         stats.prompt_tokens = sum(len(s.prompt_ids) for s in samples)
         return samples
 
-    def _plan(self, samples: list[Sample], stats: RunStats) -> None:
-        """The global prefix tree, groups and admission order. Prompt logprobs need logits at
-        every prompt position, so the sample that reports them prefills its whole prompt in its
-        own rows: it stays out of the sharing plan and is admitted after the planned samples (in
-        input order under fifo or without sharing)."""
-        own = [s for s in samples if s.wants_prompt_logprobs]
-        planned = [s for s in samples if not s.wants_prompt_logprobs] if own else samples
-        plan = plan_batch(planned, sharing=self.ecfg.global_prefix_sharing,
-                          policy=self.ecfg.schedule_policy, model_cfg=self.cfg)
-        in_order = plan.tree is None or self.ecfg.schedule_policy == "fifo"
-        next_order = max((s.order for s in planned), default=-1) + 1
-        for j, s in enumerate(own):
-            s.order = s.index if in_order else next_order + j
-        stats.optimal_prefill_tokens = (
-            plan.optimal_prefill_tokens + sum(len(s.prompt_ids) for s in own)
-            if plan.tree is not None else stats.prompt_tokens)
-        stats.num_groups = plan.num_groups
-        stats.num_shared_prefixes = len(plan.prefixes)
+    def _choose_policy(self, samples: list[Sample]) -> tuple[str, dict]:
+        """schedule_policy="auto": the policy a host-only simulation of `samples` on this device
+        (`simulate.py`) projects fastest. A batch of more than AUTO_MAX_SAMPLES is simulated on
+        a seeded random part of that size, with the KV pool and the rows shrunk alike."""
+        ecfg = dataclasses.replace(self.ecfg, max_num_batched_tokens=self.sizes.max_num_batched_tokens,
+                                   max_num_seqs=self.sizes.max_num_seqs)
+        pages = self.num_pages
+        if len(samples) > AUTO_MAX_SAMPLES:
+            f = AUTO_MAX_SAMPLES / len(samples)
+            pick = np.random.default_rng(ecfg.seed).choice(len(samples), AUTO_MAX_SAMPLES,
+                                                           replace=False)
+            samples = [samples[i] for i in sorted(pick)]
+            need = max(-(-s.longest // ecfg.page_size) for s in samples) + 2
+            pages = max(int(pages * f), need)
+            ecfg = dataclasses.replace(ecfg, max_num_seqs=max(1, round(ecfg.max_num_seqs * f)))
+        return choose_policy(samples, ecfg, self.cfg, self.step_costs, num_pages=pages,
+                             buckets=self.buckets, fused_decode_steps=self.sizes.fused_decode_steps,
+                             density=self.density,
+                             overlap=bool(getattr(ecfg, "async_scheduling", False)))
 
     def program_keys(self, samples: list[Sample], features: Features) -> list[ProgramKey]:
         """Every program a run of `samples` can reach: token buckets up to what one step can hold,

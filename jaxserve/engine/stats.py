@@ -27,6 +27,18 @@ class RunStats:
     compile_seconds: float = 0.0    # of this run, before its first step
     compile_cache_hits: int = 0     # of those, programs the persistent compilation cache held
     mid_run_compiles: int = 0       # XLA compiles after the first step: always 0 by design
+    schedule_policy: str = ""       # the policy that ran (what `auto` chose)
+    projected_seconds: dict = dataclasses.field(default_factory=dict)  # auto: policy -> simulated
+    # Output lengths (`length_estimate.py`): samples run first to estimate the others', samples
+    # planned with an estimate, mean estimated and realised lengths of those, and the mean
+    # |estimated - realised| / realised on the probe itself (each predicted from the others)
+    # and, after the run, on every estimated sample.
+    output_len_probe_samples: int = 0
+    output_len_estimated_samples: int = 0
+    output_len_estimated_mean: float = 0.0
+    output_len_realised_mean: float = 0.0
+    output_len_probe_error: float = 0.0
+    output_len_error: float = 0.0
     wall_seconds: float = 0.0
     # Per host step: (seconds since start, tokens computed, tokens generated, padded bucket tokens).
     trace: list = dataclasses.field(default_factory=list, repr=False)

@@ -1,9 +1,9 @@
 """Iteration-level scheduler: which tokens of which sequences run in the next step.
 
 Every step: decode tokens of running samples first (one each), then prefill chunks of running
-sequences (shared prefixes and samples), then new work from the waiting list in plan order, until
-the token budget or the row limit is hit. Finished samples leave and waiting ones join at every
-step.
+sequences (shared prefixes and samples), then new work from the waiting list in the order the
+admission policy offers it (`admission.py`: plan order, or BlendServe's two queues), until the
+token budget or the row limit is hit. Finished samples leave and waiting ones join at every step.
 
 A waiting sample whose shared prefix has not been computed starts that prefix instead (it is
 prefilled once, as a sequence of its own that samples nothing), and joins once the prefix is
@@ -25,11 +25,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+from jaxserve.scheduler.admission import Outcome, PlanOrder, prefix_resident
 from jaxserve.scheduler.page_pool import PagePool
 from jaxserve.scheduler.sequence import KVSequence, Sample, SharedPrefix, Status
 from jaxserve.scheduler.step_plan import MAX_COPIES, PlannedRow, RowSampling, StepPlan
-
-LOOKAHEAD = 64   # waiting samples inspected past ones blocked on a prefix still being computed
 
 
 def _row_sampling(s: Sample) -> RowSampling:
@@ -50,7 +49,7 @@ def _logprob_entry(k: int, ids, vals, token: int, token_lp) -> dict:
 
 class Scheduler:
     def __init__(self, pool: PagePool, max_num_batched_tokens: int, max_num_seqs: int,
-                 reserve: bool = False):
+                 reserve: bool = False, admission=None):
         self.pool = pool
         self.ps = pool.page_size
         self.budget = max_num_batched_tokens
@@ -61,8 +60,13 @@ class Scheduler:
         self.committed = 0                     # pages reserved by admitted, unfinished sequences
         self.num_preemptions = 0
         self.num_dropped = 0                   # tokens sampled for samples already finished
+        self.num_prefix_evictions = 0          # times resident prefixes had to be dropped
         self._copies: list[tuple[int, int]] = []
         self._sampling: dict[int, RowSampling] = {}
+        self.admission = admission if admission is not None else PlanOrder()
+        self.admission.bind(self)
+        # Rows without token ids and page tables (their lengths only): for host-only simulation.
+        self.light_rows = False
 
     def add(self, seq: Sample) -> None:
         """Insert into the waiting list, kept in sort_key order (preempted samples re-enter)."""
@@ -74,11 +78,25 @@ class Scheduler:
             else:
                 hi = mid
         self.waiting.insert(lo, seq)
+        self.admission.add(seq)
 
     def add_all(self, seqs) -> None:
         """Bulk insert at start-up (one sort instead of n insertions)."""
         self.waiting.extend(seqs)
         self.waiting.sort(key=lambda s: s.sort_key)
+        self.admission.add_all(seqs)
+
+    def _remove_waiting(self, seq: Sample) -> None:
+        lo, hi, k = 0, len(self.waiting), seq.sort_key
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.waiting[mid].sort_key < k:
+                lo = mid + 1
+            else:
+                hi = mid
+        assert self.waiting[lo] is seq
+        self.waiting.pop(lo)
+        self.admission.remove(seq)
 
     @property
     def has_work(self) -> bool:
@@ -133,16 +151,18 @@ class Scheduler:
                 self._release(p)
 
     # -- admission ------------------------------------------------------------------------------
-    def _can_admit(self, seq: KVSequence, first_chunk: int) -> bool:
+    def _can_admit(self, seq: KVSequence, first_chunk: int, extra: int = 0) -> bool:
+        """Whether `seq` fits with `extra` more pages beside it (reserved, or free)."""
         if self.reserve:
-            return self.committed + self._projected_pages(seq) <= self.pool.num_usable
+            own = 0 if seq.reserved_pages else self._projected_pages(seq)
+            return self.committed + own + extra <= self.pool.num_usable
         need = self._own_pages_for(seq, seq.num_computed + first_chunk) - len(seq.pages)
-        return need <= self.pool.num_free
+        return need + extra <= self.pool.num_free
 
     def _admit(self, seq: KVSequence) -> None:
         seq.status = Status.RUNNING
         self.running.append(seq)
-        if self.reserve:
+        if self.reserve and not seq.reserved_pages:
             seq.reserved_pages = self._projected_pages(seq)
             self.committed += seq.reserved_pages
 
@@ -158,7 +178,7 @@ class Scheduler:
     # -- one step -------------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
         picked: list[tuple[KVSequence, int]] = []   # (sequence, tokens this step)
-        budget = self.budget
+        budget = self.admission.step_budget()
         scheduled: set[int] = set()
         # Decodes first, then running prefills; within each, plan order. The last running sample
         # is the preemption victim.
@@ -189,35 +209,71 @@ class Scheduler:
             scheduled.add(id(seq))
             budget -= n
             i += 1
-        # Admit waiting work in plan order while it fits.
-        j = 0
-        skipped = 0
-        while (j < len(self.waiting) and budget > 0 and len(picked) < self.max_num_seqs
-               and len(self._copies) < MAX_COPIES):
-            seq = self.waiting[j]
-            start, blocked = self._next_prefix_to_start(seq)
-            if blocked:
-                if start is not None:
-                    n = min(start.num_pending, budget)
-                    if not self._can_admit(start, n) or not self._ensure_pages(start, start.num_computed + n):
-                        break
-                    self._admit(start)
-                    picked.append((start, n))
-                    budget -= n
-                    continue   # the same sample may now be blocked on its next prefix level
-                skipped += 1
-                if skipped > LOOKAHEAD:
-                    break
-                j += 1
-                continue
-            n = min(seq.num_pending, budget)
-            if not self._can_admit(seq, n) or not self._ensure_pages(seq, seq.num_computed + n):
+        # Admit waiting work while it fits, in the order the admission policy offers it.
+        pol = self.admission
+        pol.begin()
+        while budget > 0 and len(picked) < self.max_num_seqs and len(self._copies) < MAX_COPIES:
+            seq = pol.next()
+            if seq is None:
                 break
-            self.waiting.pop(j)
-            self._admit(seq)
-            picked.append((seq, n))
-            budget -= n
+            outcome, admitted, n = self._try_admit(seq, budget)
+            if admitted is not None:
+                picked.append((admitted, n))
+                budget -= n
+            pol.result(seq, outcome)
+        if not picked and self.waiting and not self.running:
+            picked = self._unstick(budget)
         return self._plan(picked)
+
+    def _unstick(self, budget: int) -> list:
+        """Nothing runs and nothing the policy offered fits: the pool is held by resident shared
+        prefixes. Admit any member of one that fits; failing that, drop the prefixes (they are
+        recomputed when their members come) and admit in plan order into the emptied pool."""
+        for seq in list(self.waiting):
+            if prefix_resident(seq):
+                outcome, admitted, n = self._try_admit(seq, budget)
+                if admitted is not None:
+                    return [(admitted, n)]
+        for seq in self.waiting:
+            if seq.reserved_pages:
+                self.committed -= seq.reserved_pages
+                seq.reserved_pages = 0
+        for p in {id(a): a for s in self.waiting for a in s.ancestors()}.values():
+            if p.status is Status.FINISHED:
+                self._release(p)
+                p.status, p.num_computed, p._chain = Status.WAITING, p.base, None
+        self.num_prefix_evictions += 1
+        outcome, admitted, n = self._try_admit(self.waiting[0], budget)
+        if admitted is None:
+            raise RuntimeError(f"KV page pool of {self.pool.num_usable} pages cannot hold sample "
+                               f"{self.waiting[0].index}; raise num_pages")
+        return [(admitted, n)]
+
+    def _try_admit(self, seq: Sample, budget: int):
+        """Admit `seq`, or the top-most shared prefix it still needs, with a first chunk of at most
+        `budget` tokens if its pages fit: (what happened, the sequence admitted or None, tokens)."""
+        start, blocked = self._next_prefix_to_start(seq)
+        if blocked and start is None:
+            return Outcome.PREFIX_WAIT, None, 0
+        target = start if blocked else seq
+        n = min(target.num_pending, budget)
+        # A prefix starts only if the sample it starts for can follow it: resident prefixes
+        # whose members cannot fit would otherwise hold the pool with nothing running. Under
+        # admission control the sample's pages are reserved with the prefix's.
+        extra = 0
+        if blocked and not seq.reserved_pages:
+            extra = (self._projected_pages(seq) if self.reserve else
+                     self.pool.pages_for(len(seq.prompt_ids)) - seq.first_own_page(self.ps))
+        if (not self._can_admit(target, n, extra)
+                or not self._ensure_pages(target, target.num_computed + n)):
+            return Outcome.NO_FIT, None, 0
+        if target is seq:
+            self._remove_waiting(seq)
+        self._admit(target)
+        if blocked and self.reserve and extra:
+            seq.reserved_pages = extra
+            self.committed += extra
+        return (Outcome.ADMITTED if target is seq else Outcome.PREFIX_STARTED), target, n
 
     def schedule_decode_block(self, n_steps: int) -> Optional[StepPlan]:
         """A plan for `n_steps` fused decode steps, or None when a plain step is needed.
@@ -250,18 +306,22 @@ class Scheduler:
         """The plain row of `seq`'s next `n` positions. Runs for every row of every step: the
         common cases read the sequence's fields directly rather than through its properties."""
         start = seq.num_computed
+        light = self.light_rows                 # a host-only simulation: lengths, no ids or pages
         if not seq.samples:
-            return PlannedRow(seq.prompt_ids[start:start + n], start, seq.page_table(self.ps))
+            return PlannedRow(range(start, start + n) if light else seq.prompt_ids[start:start + n],
+                              start, [] if light else seq.page_table(self.ps))
         n_prompt, n_out = len(seq.prompt_ids), len(seq.output_ids)
         generated = n_out + seq.placeholders
         end = n_prompt + generated                   # positions, placeholders included
-        if start + n <= n_prompt:
+        if light:
+            tokens = range(start, start + n)
+        elif start + n <= n_prompt:
             tokens = seq.prompt_ids[start:start + n]
         elif n == 1:
             tokens = [seq.output_ids[start - n_prompt] if start - n_prompt < n_out else -1]
         else:
             tokens = seq.tokens(start, n)
-        row = PlannedRow(tokens, start, seq.page_table(self.ps))
+        row = PlannedRow(tokens, start, [] if light else seq.page_table(self.ps))
         if start + n == end:
             if seq.placeholders:
                 row.last_token_from = seq.last_from     # the newest token is on the device
@@ -276,8 +336,9 @@ class Scheduler:
         g = seq.group
         if g is not None and len(g.prompt_ids) >= self.ps:
             full = g.num_tokens // self.ps      # the shared part is the prefix's full pages
-            row.group, row.group_pages = id(g), g.page_table(self.ps)[:full]
-        if seq.prompt_logprobs is not None:
+            row.group = id(g)
+            row.group_pages = range(full) if light else g.page_table(self.ps)[:full]
+        if seq.wants_prompt_logprobs:
             # Positions p whose logits give the logprob of prompt token p + 1, not recorded yet
             # (a recompute after preemption records nothing twice).
             lo = max(start, seq.prompt_logprobs_done)

@@ -97,6 +97,7 @@ class SharedPrefix(KVSequence):
     """A prefix shared by several samples: prefilled once as a sequence of its own."""
 
     members_left: int = 0           # unfinished samples below
+    num_members: int = 0            # samples below in all (its prefill is shared by them)
     _chain: Optional[list[int]] = None   # full page table once computed
 
     def page_table(self, page_size: int) -> list[int]:
@@ -142,6 +143,7 @@ class Sample(KVSequence):
     seed: int = 0                   # its own random stream
     stop_ids: frozenset = frozenset()
     max_len: int = 1 << 30          # prompt + generated may not exceed this (max_model_len)
+    expected_output_len: Optional[int] = None   # the planner's estimate (None: max_tokens)
     group: Optional[SharedPrefix] = None   # shared prefix read once per group in attention
     output_ids: list[int] = dataclasses.field(default_factory=list)
     finish_reason: Optional[str] = None

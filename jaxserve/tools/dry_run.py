@@ -1,11 +1,16 @@
 """What a batch will cost, before running it: request and token counts, the global prefix tree
-(optimal reuse, groups, depth), KV memory, and the projected run time on a named device from the
-roofline. Nothing touches the model's weights."""
+(optimal reuse, groups, depth), KV memory, the projected run time on a named device from the
+roofline, and each schedule policy's time from a host-only simulation of the scheduler
+(`engine/simulate.py`, the step-time model fitted on the H200). Nothing touches the model's
+weights. Output lengths are each request's max_tokens: a dry run cannot sample them (a real run
+under blendserve or auto estimates the ones that are not fixed from a probe of the batch)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
-from jaxserve.config import ModelConfig
+from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.engine.cost_model import DEVICES as PROFILES, StepCosts
 from jaxserve.tools.roofline import workload_floor
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler.partition import CostModel, WorkItem, partition
@@ -13,10 +18,9 @@ from jaxserve.scheduler.planner import plan_batch
 from jaxserve.scheduler.sequence import Sample
 
 # Ceilings measured on the lent GPUs here (benchmarks/README.md): copy bandwidth, bf16 matmul.
-DEVICES = {
-    "h100": dict(hbm_bandwidth=2.2e12, peak_flops=6.3e14, memory_bytes=80e9),
-    "h200": dict(hbm_bandwidth=4.3e12, peak_flops=7.9e14, memory_bytes=141e9),
-}
+DEVICES = {name: dict(hbm_bandwidth=p.hbm_bandwidth, peak_flops=p.peak_flops,
+                      memory_bytes=p.memory_bytes) for name, p in PROFILES.items()}
+SIMULATE_MAX_SAMPLES = 20000     # larger batches skip the per-policy simulation (host time)
 
 
 def weights_bytes_per_device(cfg: ModelConfig, tensor_parallel_size: int,
@@ -38,7 +42,8 @@ def _share(cfg: ModelConfig, prompts, params, dev: dict, *, policy: str,
     # As the engine does: a request asking for prompt logprobs prefills its whole prompt itself.
     own = [s for s in seqs if s.wants_prompt_logprobs]
     plan = plan_batch([s for s in seqs if not s.wants_prompt_logprobs] if own else seqs,
-                      sharing=True, policy=policy, model_cfg=cfg)
+                      sharing=True, policy="batchllm" if policy == "auto" else policy,
+                      model_cfg=cfg)
     tree = plan.tree
     prompt_tokens = sum(len(p) for p in prompts)
     optimal = (tree.optimal_prefill_tokens + sum(len(s.prompt_ids) for s in own)
@@ -61,12 +66,13 @@ def analyse(cfg: ModelConfig, prompts: list[list[int]], params: list[SamplingPar
             device: str = "h100", page_size: int = 16, max_num_batched_tokens: Optional[int] = None,
             max_num_seqs: Optional[int] = None, dtype_bytes: int = 2, policy: str = "batchllm",
             num_errors: int = 0, tensor_parallel_size: int = 1,
-            data_parallel_size: int = 1) -> dict:
+            data_parallel_size: int = 1, engine: Optional[EngineConfig] = None) -> dict:
     """Per device, for `data_parallel_size` replicas of `tensor_parallel_size` devices each: the
     batch split as the engine splits it (`scheduler.partition`); the projected time is the
     slowest replica's floor and the memory per device its share of the weights plus the largest
     replica's KV share. `max_num_batched_tokens` / `max_num_seqs` None: the engine's defaults on
-    that device."""
+    that device. `engine`: the run's settings for the per-policy simulation (default: these
+    sizes with EngineConfig's other defaults; one replica's device)."""
     if device not in DEVICES:
         raise ValueError(f"unknown device {device!r} (known: {', '.join(DEVICES)})")
     tp = tensor_parallel_size
@@ -89,7 +95,16 @@ def analyse(cfg: ModelConfig, prompts: list[list[int]], params: list[SamplingPar
     kv_tok = cfg.kv_bytes_per_token(dtype_bytes)
     weights = cfg.num_params() * dtype_bytes
     weights_dev = weights_bytes_per_device(cfg, tp, dtype_bytes)
+    ecfg = engine or EngineConfig(page_size=page_size)
+    ecfg = dataclasses.replace(ecfg, max_num_batched_tokens=kw["max_num_batched_tokens"],
+                               max_num_seqs=kw["max_num_seqs"])
+    projected = (simulate_policies(cfg, prompts, params, device=device, ecfg=ecfg,
+                                   dtype_bytes=dtype_bytes)
+                 if len(prompts) <= SIMULATE_MAX_SAMPLES and tp == 1 and data_parallel_size == 1
+                 else {})
     d = dict(
+        output_lengths="max_tokens (a dry run cannot sample them)",
+        projected_seconds_by_policy=projected,
         num_requests=len(prompts) + num_errors, num_valid=len(prompts), num_errors=num_errors,
         prompt_tokens=prompt_tokens, output_tokens_max=sum(out_tokens),
         optimal_prefill_tokens=optimal,
@@ -132,6 +147,31 @@ def _replicas(cfg, prompts, params, dev, m: int, kw: dict, weights_dev: int) -> 
                 memory_per_device_bytes=weights_dev + kv // kw["tp"])
 
 
+def simulate_policies(cfg: ModelConfig, prompts, params, *, device: str, ecfg: EngineConfig,
+                      dtype_bytes: int = 2) -> dict:
+    """Projected seconds of each candidate policy (what `schedule_policy="auto"` compares), with
+    the KV pages the device's memory holds beside the weights."""
+    from jaxserve.engine.simulate import CANDIDATES, simulate
+    from jaxserve.runner.buckets import BucketSet
+
+    prof = PROFILES[device]
+    max_len = ecfg.max_model_len or max(len(p) + sp.max_tokens for p, sp in zip(prompts, params))
+    page_bytes = cfg.kv_bytes_per_token(dtype_bytes) * ecfg.page_size
+    pages = ecfg.num_pages or int((ecfg.kv_cache_memory_fraction * prof.memory_bytes
+                                   - cfg.num_params() * dtype_bytes) // page_bytes)
+    per_seq = -(-max_len // ecfg.page_size)
+    pages = max(2, min(pages, ecfg.max_num_seqs * per_seq + 1))
+    buckets = BucketSet.make(ecfg.max_num_batched_tokens, ecfg.max_num_seqs, per_seq)
+    costs = StepCosts.make(prof, cfg, dtype_bytes)
+    samples = [Sample(prompt_ids=list(p), index=i, params=sp, request=i, max_len=max_len)
+               for i, (p, sp) in enumerate(zip(prompts, params))]
+    fused = ecfg.fused_decode_steps or 8
+    return {pol: round(simulate(samples, pol, dataclasses.replace(ecfg, num_pages=pages), cfg,
+                                costs, num_pages=pages, buckets=buckets, fused_decode_steps=fused,
+                                keep_trace=False).seconds, 2)
+            for pol in CANDIDATES}
+
+
 def format_table(d: dict) -> str:
     gib = 2 ** 30
     rows = [
@@ -170,6 +210,12 @@ def format_table(d: dict) -> str:
          f"projected time on {d['device']}",
          f"{d['projected_seconds']:,.1f} s ({d['projected_bound']}-bound floor"
          f"{', slowest replica' if m > 1 else ''})"),
+        ("output lengths", d["output_lengths"]),
     ]
+    proj = d.get("projected_seconds_by_policy") or {}
+    if proj:
+        best = min(proj, key=proj.get)
+        rows.append(("simulated time by policy", ", ".join(f"{k} {v:,.1f} s" for k, v in proj.items())
+                     + f" (auto: {best})"))
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)

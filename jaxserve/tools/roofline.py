@@ -20,6 +20,7 @@ import time
 from typing import Optional, Sequence
 
 from jaxserve.config import ModelConfig
+from jaxserve.scheduler.density import matmul_params
 
 
 @dataclasses.dataclass
@@ -36,12 +37,6 @@ class Floor:
     @property
     def bound(self) -> str:
         return "compute" if self.compute_seconds >= self.memory_seconds else "memory"
-
-
-def matmul_params(cfg: ModelConfig) -> int:
-    """Parameters that take part in a matmul per token (the embedding lookup does not)."""
-    emb = cfg.vocab_size * cfg.hidden_size
-    return cfg.num_params() - (0 if cfg.tie_word_embeddings else emb) - cfg.hidden_size
 
 
 def workload_floor(cfg: ModelConfig, prompt_lens: Sequence[int], output_lens: Sequence[int],

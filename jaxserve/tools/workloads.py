@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxserve.tools import mix_workloads
+
 # Named workloads (the ones benchmarks record). Counts scale with `scale`.
 PRESETS = {
     "nosharing": dict(family="nosharing", num_requests=1024, input_len=512, output_len=256),
@@ -26,6 +28,7 @@ PRESETS = {
     # long tails), each request with its own max_tokens.
     "ragged": dict(family="ragged", num_requests=2048, in_median=150, in_sigma=1.0,
                    out_median=180, out_sigma=0.9, max_in=2048, max_out=1024),
+    **mix_workloads.PRESETS,
 }
 
 
@@ -38,6 +41,8 @@ def _req(i, ids, out):
 
 
 def generate(family: str, *, vocab_size: int, seed: int = 0, reserved: int = 256, **kw) -> list[dict]:
+    if family == mix_workloads.FAMILY:
+        return mix_workloads.generate(vocab_size=vocab_size, seed=seed, reserved=reserved, **kw)
     rng = np.random.default_rng(seed)
     reserved = min(reserved, vocab_size // 4)   # tiny test vocabularies
     out = []
