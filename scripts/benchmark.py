@@ -49,6 +49,8 @@ flags.DEFINE_bool("measure_ceilings", True, "measure copy bandwidth and matmul r
 flags.DEFINE_string("results_dir", os.path.join(ROOT, "benchmarks", "results"), "where results go")
 flags.DEFINE_string("tag", "", "suffix for the result file name")
 flags.DEFINE_integer("workload_seed", 0, "workload seed")
+flags.DEFINE_bool("save_trace", False, "also write the per-step trace (seconds since start at each "
+                  "commit, tokens computed, generated, padded) as STEM.trace.json")
 define_distributed_flags()
 
 
@@ -312,6 +314,9 @@ def main(argv):
     stem = f"e2e_{name}_{FLAGS.model}_{FLAGS.engine}{FLAGS.tag}"
     with open(os.path.join(FLAGS.results_dir, stem + ".json"), "w") as f:
         json.dump(rec, f, indent=1)
+    if FLAGS.save_trace:
+        with open(os.path.join(FLAGS.results_dir, stem + ".trace.json"), "w") as f:
+            json.dump(trace, f)
     from jaxserve.tools.plotting import plot_trace
 
     plot_trace(trace, os.path.join(FLAGS.results_dir, stem + ".png"),

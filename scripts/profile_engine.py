@@ -93,6 +93,16 @@ def main(argv):
     tm.wrap(model_runner, "build_step_inputs", "host: build step inputs")
     tm.wrap(llm.engine.runner, "dispatch", "dispatch (build inputs + send)")
     tm.wrap(model_runner.Pending, "result", "wait for the step + copy tokens back")
+    # A step already finished when the host comes to read it means the device ran out of work
+    # (the host, not the device, set the pace of that step).
+    ready = collections.Counter()
+    timed_result = model_runner.Pending.result
+
+    def result(self):
+        ready[self._out.tokens.is_ready()] += 1
+        return timed_result(self)
+
+    model_runner.Pending.result = result
     for name in ("schedule", "schedule_decode_block", "commit"):
         tm.wrap(scheduler.Scheduler, name, f"host: scheduler.{name}")
 
@@ -107,6 +117,9 @@ def main(argv):
           f"decode {st['decode_tokens']}", flush=True)
     for k, (s, n) in host.items():
         print(f"  {k:45s} {s:8.3f}s  {n:6d} calls", flush=True)
+    ready_share = ready[True] / max(sum(ready.values()), 1)
+    print(f"# steps already finished when read: {ready[True]} of {sum(ready.values())} "
+          f"({ready_share:.0%})", flush=True)
     jax.profiler.start_trace(FLAGS.trace_dir)
     t0 = time.perf_counter()
     llm.generate(prompts, params, use_tqdm=False)
@@ -115,6 +128,7 @@ def main(argv):
     summ = summarise(FLAGS.trace_dir, FLAGS.top)
     summ["gpu_idle_fraction"] = 1 - summ["gpu_busy_s"] / summ["gpu_span_s"] if summ["gpu_span_s"] else None
     summ.update(wall_untraced_s=wall_plain, wall_traced_s=wall_traced, host_timers=host,
+                steps_finished_when_read=ready_share,
                 commit=os.environ.get("JAXSERVE_COMMIT", "unknown"),
                 stats={k: v for k, v in st.items() if isinstance(v, (int, float, str))},
                 device=jax.devices()[0].device_kind, command=" ".join(sys.argv))
