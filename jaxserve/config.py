@@ -271,6 +271,10 @@ class EngineConfig:
                                     "while step N runs (its tokens reach the host a step late; a "
                                     "finished row costs at most one dropped step); batches with "
                                     "penalties run in turn (their history needs every token)")
+    gpu_command_buffers: bool = _field(False, "XLA's GPU command buffers (CUDA graphs) in the step "
+                                       "programs; off: a graph whose buffers change is updated "
+                                       "only after its previous launch has finished, which holds "
+                                       "the host at every step and undoes async_scheduling")
     # scan: compile time independent of depth; unrolled: no per-step copies of each layer's
     # weights (faster on GPU), longer compiles.
     layer_loop: str = _field("auto", "decoder layer loop: scan over stacked weights, or unrolled "

@@ -291,6 +291,8 @@ def main(argv):
                              num_pages=FLAGS.num_pages,
                              fused_decode_steps=FLAGS.fused_decode_steps or "auto",
                              admission_control=FLAGS.admission_control,
+                             async_scheduling=FLAGS.async_scheduling,
+                             gpu_command_buffers=FLAGS.gpu_command_buffers,
                              tensor_parallel_size=FLAGS.tensor_parallel_size),
                command="python " + " ".join(sys.argv))
     trace = res.pop("trace")

@@ -108,7 +108,8 @@ class Engine:
                                   page_size=ecfg.page_size, buckets=sizes.buckets,
                                   attention=self.attention, kv_dtype=kv_dtype,
                                   return_logits=return_logits,
-                                  cache_dir=self.compilation_cache_dir, mesh=mesh, device=device)
+                                  cache_dir=self.compilation_cache_dir, mesh=mesh, device=device,
+                                  gpu_command_buffers=ecfg.gpu_command_buffers)
         self.limits = Limits(sizes.max_model_len, model_cfg.vocab_size, sizes.num_pages - 1,
                              ecfg.page_size, self.eos_token_ids, tokenizer is not None)
         self.last_stats = RunStats()

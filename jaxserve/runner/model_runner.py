@@ -28,8 +28,8 @@ from jaxserve.models.llama import ForwardOptions
 from jaxserve.runner import mesh as mesh_mod
 from jaxserve.runner.buckets import BucketSet
 from jaxserve.runner.decode_loop import ProgramContext, step_program
-from jaxserve.runner.programs import (COMPILER_OPTIONS, ExecutableCache, Features, ProgramKey,
-                                      ProgramSet, source_fingerprint)
+from jaxserve.runner.programs import (ExecutableCache, Features, ProgramKey,
+                                      ProgramSet, compiler_options, source_fingerprint)
 from jaxserve.runner.step_inputs import abstract_step_inputs, build_step_inputs, empty_carry
 from jaxserve.scheduler.step_plan import StepPlan
 from pallas_kernels import AttentionSpec
@@ -81,7 +81,8 @@ class ModelRunner:
     def __init__(self, model: nnx.Module, cfg: ModelConfig, *, num_pages: int, page_size: int,
                  buckets: BucketSet, attention: AttentionSpec, kv_dtype,
                  return_logits: bool = False, cache_dir: Optional[str] = None,
-                 mesh: Optional[jax.sharding.Mesh] = None, device=None):
+                 mesh: Optional[jax.sharding.Mesh] = None, device=None,
+                 gpu_command_buffers: bool = False):
         """`attention` describes one device's heads (a tensor-parallel runner's local ones);
         `mesh`: the model's parameters are sharded over it (`runner.mesh`); `device`: the one
         device of an unsplit model (default: the first)."""
@@ -112,8 +113,10 @@ class ModelRunner:
         self._jit = jax.jit(self._program, donate_argnums=(1, 2), static_argnames=("key",))
         cache = (ExecutableCache(os.path.join(cache_dir, "jaxserve-programs"))
                  if cache_dir and jax.default_backend() in EXECUTABLE_CACHE_BACKENDS else None)
+        platform = (mesh.devices.flat[0] if mesh is not None else device or jax.devices()[0]).platform
+        self.compiler_options = compiler_options(platform, gpu_command_buffers)
         self._static_print = self._static_fingerprint() if cache else ""
-        self.programs = ProgramSet(self._lower, self._fingerprint, cache)
+        self.programs = ProgramSet(self._lower, self._fingerprint, cache, self.compiler_options)
         self._carry = self._to_devices(empty_carry(buckets.max_num_seqs))  # the last program's
 
     @property
@@ -165,7 +168,7 @@ class ModelRunner:
         parts = [source_fingerprint(), jax.__version__, jax.lib.__version__, repr(devices),
                  repr(self.cfg), repr(self.ctx), repr(self.opts), str(self.graphdef),
                  repr(jax.tree.structure(self.params)), repr(jax.tree.leaves(shapes)),
-                 repr((self.k_cache.shape, str(self.k_cache.dtype))), repr(COMPILER_OPTIONS),
+                 repr((self.k_cache.shape, str(self.k_cache.dtype))), repr(sorted(self.compiler_options.items())),
                  os.environ.get("XLA_FLAGS", "")]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 

@@ -19,6 +19,17 @@ from typing import Callable, Iterable, Optional
 # counts the donated KV cache twice (input and output), finds the program "over" device memory and
 # spends ~10 s per program failing to shrink it (H100, unrolled Llama-3-8B: 122 s for 12 programs).
 COMPILER_OPTIONS = {"xla_disable_hlo_passes": "rematerialization"}
+# XLA GPU command buffers (CUDA graphs) off: launching a graph whose buffer addresses changed
+# (every step: fresh inputs, the donated KV cache) first waits for the graph's previous launch,
+# so the host could not send step N + 1 before step N had finished.
+NO_COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": ""}
+
+
+def compiler_options(platform: str, command_buffers: bool) -> dict:
+    """The options every step program is compiled with on `platform`."""
+    if platform == "gpu" and not command_buffers:
+        return {**COMPILER_OPTIONS, **NO_COMMAND_BUFFERS}
+    return dict(COMPILER_OPTIONS)
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -118,8 +129,10 @@ def source_fingerprint() -> str:
 class ProgramSet:
     def __init__(self, lower: Callable[[ProgramKey], object],
                  fingerprint: Optional[Callable[[ProgramKey], str]] = None,
-                 cache: Optional[ExecutableCache] = None):
+                 cache: Optional[ExecutableCache] = None,
+                 options: Optional[dict] = None):
         self._lower = lower          # key -> jax Lowered
+        self._options = dict(COMPILER_OPTIONS if options is None else options)
         self._fingerprint = fingerprint
         self._cache = cache if fingerprint is not None else None
         self._compiled: dict[ProgramKey, object] = {}
@@ -163,7 +176,7 @@ class ProgramSet:
 
         def compile_one(key_lowered):
             key, lowered = key_lowered
-            exe = lowered.compile(compiler_options=COMPILER_OPTIONS)
+            exe = lowered.compile(compiler_options=self._options)
             if self._cache is not None:
                 self._cache.save(prints[key], exe)
             return key, exe
