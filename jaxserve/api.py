@@ -35,13 +35,29 @@ def resolve_dtype(name: str):
     return _DTYPES[name]
 
 
+def load_mesh(ec: EngineConfig):
+    """Where the weights are loaded: one device (None), the tensor-parallel mesh, or under data
+    parallelism with tensor parallelism every replica's mesh at once (`mesh.replica_mesh`: each
+    host array is sliced onto all replicas' shards as it is read, and each replica then takes
+    its own without a copy). Data-parallel replicas of an unsplit model are copied from the
+    first device instead (engine/data_parallel.py)."""
+    from jaxserve.engine.data_parallel import replica_groups
+    from jaxserve.runner import mesh as mesh_mod
+
+    if ec.tensor_parallel_size == 1:
+        return None
+    if ec.data_parallel_size == 1:
+        return mesh_mod.make_mesh(ec.tensor_parallel_size)
+    return mesh_mod.replica_mesh(replica_groups(ec))
+
+
 class LLM:
     """An offline batch engine for one model: on one device, split over `tensor_parallel_size`
     devices, or on `data_parallel_size` replicas that split the batch by prefix subtree
-    (`engine/data_parallel.py`)."""
+    (`engine/data_parallel.py`), each on one device or split over its own
+    `tensor_parallel_size` devices."""
 
     def __init__(self, model: Optional[str] = None, **settings):
-        from jaxserve.runner.mesh import make_mesh
         from jaxserve.weights import default_model_path, load_model
 
         self.engine_config = EngineConfig.from_kwargs(**settings)
@@ -49,9 +65,7 @@ class LLM:
         self.dtype = resolve_dtype(ec.dtype)
         t0 = time.perf_counter()
         source = model if model is not None else default_model_path()
-        # Data parallelism places each replica's copy itself (engine/data_parallel.py).
-        mesh = (make_mesh(ec.tensor_parallel_size)
-                if ec.tensor_parallel_size > 1 and ec.data_parallel_size == 1 else None)
+        mesh = load_mesh(ec)
         self.model_config, model_obj, self.tokenizer = load_model(
             source, dtype=self.dtype, load_format=ec.load_format, seed=ec.seed, mesh=mesh)
         self.load_seconds = time.perf_counter() - t0

@@ -163,7 +163,8 @@ def test_dp_run_batch_sigkill_then_resume_has_every_id_once(tiny_models, tmp_pat
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        if partial.exists() and len(partial.read_text().splitlines()) >= 3:
+        # The header and 3 whole records (a line still being written has no newline yet).
+        if partial.exists() and partial.read_text().count("\n") >= 4:
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the run finished before it could be killed"
@@ -205,6 +206,14 @@ def test_dry_run_projects_the_slowest_replica_of_a_70b_job(tmp_path):
     assert four["dp_split_groups"] == 0
     table = format_table(four)
     assert "data parallel replicas" in table and "slowest replica" in table
+    # TP 2 x DP 4: the same replicas, each on 2 devices holding half its weights and KV.
+    both = analyse(cfg, prompts, params, device="h200", data_parallel_size=4,
+                   tensor_parallel_size=2)
+    assert both["replica_requests"] == four["replica_requests"]
+    assert both["projected_seconds"] == pytest.approx(four["projected_seconds"] / 2)
+    assert both["memory_per_device_bytes"] == (
+        both["weights_bytes_per_device"] + four["kv_bytes_all_at_once_per_replica"] // 2)
+    assert "projected time on 8 x h200" in format_table(both)
     # The same through run_batch.py --dry_run on a preset (token-id input, no weights loaded).
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps({"id": i, "prompt_token_ids": p, "max_tokens": sp.max_tokens})

@@ -97,7 +97,7 @@ def test_eight_cpu_devices():
         env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
     tail = (res.stdout + res.stderr)[-6000:]
     assert res.returncode == 0, tail
-    assert re.search(r"^9 passed", res.stdout, re.M) and "skipped" not in res.stdout, tail
+    assert re.search(r"^13 passed", res.stdout, re.M) and "skipped" not in res.stdout, tail
 
 
 def _free_port() -> int:

@@ -7,7 +7,9 @@ compiled GPU kernel.
 TP = 2 and 4 against TP = 1 and transformers (greedy tokens and float32 logits) over chunked
 prefill, shared-prefix groups and fused decode blocks, on both layer loops; every device holds
 1 / N of the split weights and of the KV cache; the Pallas kernels run on local heads under
-shard_map; a model whose heads do not divide fails with a clear error.
+shard_map; a model whose heads do not divide fails with a clear error. TP = 2 x DP = 2 and 4
+through `LLM`: each replica's weights, KV cache and programs on its own 2 devices, taken from one
+load without a copy.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 if jax.device_count() < 2:
@@ -32,7 +35,7 @@ from jaxserve.weights.assemble import build_model, dummy_model  # noqa: E402
 from jaxserve.weights.safetensors_loader import SafetensorsCheckpoint  # noqa: E402
 from tests.step_spy import watch_results  # noqa: E402
 from tests.test_engine import hf_greedy  # noqa: E402
-from tests.test_prefix_sharing import groups_workload  # noqa: E402
+from tests.test_prefix_sharing import groups_workload, no_sharing_workload  # noqa: E402
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -247,3 +250,99 @@ def test_sampling_extras_equal_one_device(tiny_models):
         assert list(d1) == list(d2)
         np.testing.assert_allclose(list(d1.values()), list(d2.values()), rtol=1e-5, atol=1e-5)
     assert len(s1.logprobs) == 6 and len(s1.prompt_logprobs) == 13
+
+
+@devices(6)
+def test_replicas_take_their_shards_of_one_load_without_a_copy():
+    """Loaded once over every replica's devices (`replica_mesh`), each replica's model is the
+    shards its devices already hold (the same buffers), laid out as a load onto its own mesh;
+    loaded over another mesh of 2 devices it is copied onto the shards, to the same values; a
+    model loaded for one device (its fused columns in one device's order) is refused."""
+    from jaxserve.engine.data_parallel import device_groups
+    from jaxserve.models.llama import hf_expected_shapes
+    from jaxserve.weights.assemble import place_model_on_mesh
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=128)
+    rng = np.random.default_rng(3)
+    tensors = {k: rng.standard_normal(s).astype(np.float32)
+               for k, s in hf_expected_shapes(cfg).items()}
+
+    def load(mesh):
+        return build_model(cfg, tensors.__getitem__, jnp.float32, mesh=mesh)
+
+    def leaves(model):
+        return jax.tree.leaves(nnx.state(model))
+
+    groups = device_groups(jax.devices(), 2, 3)
+    loaded = load(mesh_mod.replica_mesh(groups[:2]))
+    elsewhere = load(mesh_mod.make_mesh(2, groups[2]))
+    held = {(s.device, s.data.unsafe_buffer_pointer())
+            for a in leaves(loaded) for s in a.addressable_shards}
+    for g in groups[:2]:
+        mesh = mesh_mod.make_mesh(2, g)
+        want = leaves(load(mesh))
+        for placed, copied in ((place_model_on_mesh(loaded, cfg, mesh), False),
+                               (place_model_on_mesh(elsewhere, cfg, mesh), True)):
+            for a, b in zip(leaves(placed), want):
+                assert a.sharding.device_set == set(g) and a.sharding.spec == b.sharding.spec
+                assert [s.data.nbytes for s in a.addressable_shards] == [
+                    s.data.nbytes for s in b.addressable_shards]
+                shared = [(s.device, s.data.unsafe_buffer_pointer()) in held
+                          for s in a.addressable_shards]
+                assert not any(shared) if copied else all(shared)
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ConfigError, match="needs the model loaded over a mesh of 2 devices"):
+        place_model_on_mesh(load(None), cfg, mesh_mod.make_mesh(2, groups[0]))
+
+
+@pytest.mark.parametrize("dp", [pytest.param(2, marks=devices(4)),
+                                pytest.param(4, marks=devices(8))])
+def test_tensor_times_data_parallel_equals_one_device(dp, tiny_models):
+    """LLM(tensor_parallel_size=2, data_parallel_size=dp): every replica split over its own 2
+    devices (weights, KV cache and compiled programs there and nowhere else, 1 / 2 of each split
+    array per device), every shared-prefix group on one replica, greedy tokens and prefill work
+    as on one device."""
+    from jaxserve import LLM
+
+    path, _ = tiny_models["llama3"]
+    rng = np.random.default_rng(13)
+    reqs = (groups_workload(rng, n_groups=4, share=3, shared_len=45, unique_len=9, out_len=10)
+            + no_sharing_workload(rng, 8))
+    one, _ = load_engine(path, 1)
+    want = [o.token_ids for o in one.run(reqs)]
+    eng = LLM(path, tensor_parallel_size=2, data_parallel_size=dp, **SETTINGS).engine
+    for rep in eng.replicas:
+        assert_sharded(rep, 2)
+    assert [o.token_ids for o in eng.run(reqs)] == want
+
+    groups = [set(g) for g in eng.devices]
+    assert len(set().union(*groups)) == 2 * dp and all(len(g) == 2 for g in groups)
+    for rep, devs in zip(eng.replicas, groups):
+        arrays = jax.tree.leaves(rep.runner.params) + [rep.runner.k_cache, rep.runner.v_cache]
+        assert all(a.sharding.device_set == devs for a in arrays)
+        exes = [rep.runner.programs[k] for k in rep.runner.programs.keys()]
+        assert exes and all(s.device_set == devs for e in exes
+                            for s in jax.tree.leaves(e.input_shardings))
+    # Replicas' executables are cached apart: their fingerprints name their devices.
+    assert len({rep.runner._static_fingerprint() for rep in eng.replicas}) == dp
+
+    replica = {i: r for r, part in enumerate(eng.last_partition.parts) for i in part}
+    for g in {r.request_id.split("m")[0] for r in reqs if r.request_id.startswith("g")}:
+        assert len({replica[i] for i, r in enumerate(reqs)
+                    if r.request_id.startswith(g + "m")}) == 1, g
+    st = eng.last_stats
+    assert st.dp_split_groups == 0 and all(n > 0 for n in st.dp_replica_requests)
+    assert st.computed_prefill_tokens == one.last_stats.computed_prefill_tokens
+    assert st.mid_run_compiles == 0
+
+
+@devices(2)
+def test_tensor_times_data_parallel_beyond_the_devices_is_a_clear_error(tiny_models):
+    from jaxserve import LLM
+
+    path, _ = tiny_models["llama3"]
+    n = jax.device_count()
+    with pytest.raises(ConfigError, match=rf"tensor_parallel_size=2 x data_parallel_size={n} "
+                                          rf"needs {2 * n} devices; {n} are visible"):
+        LLM(path, tensor_parallel_size=2, data_parallel_size=n, **SETTINGS)

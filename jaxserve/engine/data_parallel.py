@@ -1,4 +1,5 @@
-"""Data parallelism: M engine replicas, one per device group, driven from one process.
+"""Data parallelism: M engine replicas, one per device group, driven from one process; each
+replica on one device or, under tensor parallelism, split over its group's own mesh.
 
 `DataParallelEngine.run` splits the batch by prefix subtree (`scheduler.partition`: balanced by
 planned cost, each shared-prefix group on one replica unless balance needs it split), compiles
@@ -38,6 +39,16 @@ def device_groups(devices: Sequence, tensor_parallel_size: int,
                           f"{len(devices)} are visible")
     tp = tensor_parallel_size
     return [list(devices[r * tp:(r + 1) * tp]) for r in range(data_parallel_size)]
+
+
+def replica_groups(ecfg: EngineConfig, devices: Optional[Sequence] = None) -> list[list]:
+    """The replicas' device groups for `ecfg` over `devices` (default: all visible)."""
+    if jax.process_count() > 1:
+        # One process drives every replica, so it must reach every replica's devices.
+        raise ConfigError("engine: data_parallel_size > 1 runs in one process; across hosts use "
+                          "tensor_parallel_size alone, or scripts/run_batch_ray.py")
+    return device_groups(jax.devices() if devices is None else devices,
+                         ecfg.tensor_parallel_size, ecfg.data_parallel_size)
 
 
 @dataclasses.dataclass
@@ -89,21 +100,28 @@ class DataParallelEngine:
     @classmethod
     def build(cls, model_cfg: ModelConfig, model, ecfg: EngineConfig, *, devices=None,
               **engine_kwargs) -> "DataParallelEngine":
-        """Replicas of `model` (wherever it was loaded), one per device group, each with its own
-        copy of the parameters and its own KV cache on its devices."""
-        from jaxserve.weights.assemble import place_model
+        """Replicas of `model`, one per device group, each with its own copy of the parameters
+        and its own KV cache on its devices; under tensor parallelism each replica is split over
+        its group's own mesh. `model` may be loaded anywhere (split over a mesh of
+        `tensor_parallel_size` devices when that is > 1); loaded over
+        `runner.mesh.replica_mesh(replica_groups(ecfg))` the replicas take their shards of it
+        without a copy (what `LLM` does)."""
+        from jaxserve.runner.mesh import make_mesh
+        from jaxserve.weights.assemble import place_model, place_model_on_mesh
 
-        tp = getattr(ecfg, "tensor_parallel_size", 1)
-        groups = device_groups(devices if devices is not None else jax.devices(), tp,
-                               ecfg.data_parallel_size)
-        if tp > 1:
-            raise ConfigError("engine: data_parallel_size with tensor_parallel_size > 1 needs "
-                              "each replica built on its device group's mesh (runner/mesh.py)")
+        tp = ecfg.tensor_parallel_size
+        groups = replica_groups(ecfg, devices)
         # Every copy is placed before any engine exists: an engine sizes its KV cache from the
-        # memory its device has left, and may re-lay its weights (unrolled layer loop).
-        models = [place_model(model, g[0]) for g in groups]
-        replicas = [Engine(model_cfg, m, ecfg, device=g[0], **engine_kwargs)
-                    for m, g in zip(models, groups)]
+        # memory its devices have left, and may re-lay its weights (unrolled layer loop).
+        if tp == 1:
+            models = [place_model(model, g[0]) for g in groups]
+            places = [dict(device=g[0]) for g in groups]
+        else:
+            meshes = [make_mesh(tp, g) for g in groups]
+            models = [place_model_on_mesh(model, model_cfg, m) for m in meshes]
+            places = [dict(mesh=m) for m in meshes]
+        replicas = [Engine(model_cfg, m, ecfg, **where, **engine_kwargs)
+                    for m, where in zip(models, places)]
         return cls(replicas, groups)
 
     # -- what callers of a single Engine read ---------------------------------------------------
@@ -132,7 +150,8 @@ class DataParallelEngine:
         for k, (eng, reqs) in enumerate(zip(self.replicas, parts)):
             if reqs:
                 if len(self.replicas) > 1:
-                    print(f"replica {k}/{len(self.replicas)} on {self.devices[k][0]}:",
+                    on = ", ".join(str(d) for d in self.devices[k])
+                    print(f"replica {k}/{len(self.replicas)} on {on}:",
                           file=sys.stderr, flush=True)
                 eng.compile_for(reqs)
                 out.append(dict(eng.last_compile))

@@ -19,6 +19,7 @@ from jaxserve.config import ConfigError, ModelConfig
 from jaxserve.models import get_model_spec
 
 AXIS = "tp"
+REPLICA_AXIS = "dp"
 
 
 def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
@@ -44,8 +45,24 @@ def make_mesh(tp: int, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
     return Mesh(np.array(devices[:tp]), (AXIS,))
 
 
+def replica_mesh(groups: Sequence[Sequence[jax.Device]]) -> Mesh:
+    """A (replica, model) mesh over data-parallel replicas' device groups, for loading only: a
+    parameter sharded over it (its spec names the model axis alone, so it is replicated across
+    replicas) is read from the host once and lands as each replica's shards at the same time;
+    `on_sharding` then hands every replica its own shards without a copy."""
+    return Mesh(np.array([list(g) for g in groups]), (REPLICA_AXIS, AXIS))
+
+
 def mesh_size(mesh: Optional[Mesh]) -> int:
     return 1 if mesh is None else mesh.shape[AXIS]
+
+
+def loaded_size(tree) -> int:
+    """The tensor-parallel size arrays were loaded for: the model axis of the mesh they lie on
+    (1 off any mesh). A loaded model's fused columns are ordered per shard for that size."""
+    sizes = {dict(a.sharding.mesh.shape).get(AXIS, 1)
+             if isinstance(a.sharding, NamedSharding) else 1 for a in jax.tree.leaves(tree)}
+    return max(sizes, default=1)
 
 
 def local_devices(mesh: Mesh) -> list[jax.Device]:
@@ -80,6 +97,23 @@ def param_shardings(state, cfg: ModelConfig, mesh: Mesh):
     return jax.tree.map(lambda s: NamedSharding(mesh, s),
                         param_specs(state, cfg, mesh_size(mesh)),
                         is_leaf=lambda x: isinstance(x, P))
+
+
+def _same_slice(a, b, shape) -> bool:
+    return all(x.indices(n) == y.indices(n) for x, y, n in zip(a, b, shape))
+
+
+def on_sharding(a: jax.Array, sharding: NamedSharding) -> jax.Array:
+    """`a` laid out as `sharding`. When every device of `sharding` already holds the slice it
+    needs (a replica's devices of a parameter loaded over `replica_mesh`), the new array is made
+    of those buffers: no copy, so a device never holds its weights twice. Otherwise a copy
+    (`jax.device_put`, shard to shard)."""
+    have = {s.device: s for s in a.addressable_shards}
+    want = sharding.addressable_devices_indices_map(a.shape)
+    if all(d in have and _same_slice(have[d].index, idx, a.shape) for d, idx in want.items()):
+        return jax.make_array_from_single_device_arrays(a.shape, sharding,
+                                                        [have[d].data for d in want])
+    return jax.device_put(a, sharding)
 
 
 def kv_spec() -> P:

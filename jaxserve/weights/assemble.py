@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxserve.config import ModelConfig
+from jaxserve.config import ConfigError, ModelConfig
 from jaxserve.models import get_model_spec
 from jaxserve.runner import mesh as mesh_mod
 
@@ -122,3 +122,19 @@ def place_model(model, device: jax.Device):
     if all(getattr(x, "devices", lambda: set())() == {device} for x in leaves):
         return model
     return nnx.merge(graphdef, jax.device_put(state, device))
+
+
+def place_model_on_mesh(model, cfg: ModelConfig, mesh: jax.sharding.Mesh):
+    """`model` with every parameter on its tensor-parallel shards over `mesh` (a data-parallel
+    replica's). Loaded over all replicas at once (`mesh_mod.replica_mesh`), each replica's model
+    is made of the shards its devices already hold, with no copy; loaded over another mesh of the
+    same size, each parameter is copied there (every device of `mesh` receives only its slice).
+    A model loaded for another size is refused: its fused columns are in that size's order."""
+    graphdef, state = nnx.split(model)
+    tp, have = mesh_mod.mesh_size(mesh), mesh_mod.loaded_size(state)
+    if have != tp:
+        raise ConfigError(f"engine: a replica of tensor_parallel_size={tp} needs the model loaded "
+                          f"over a mesh of {tp} devices (runner.mesh.replica_mesh or make_mesh); "
+                          f"this one was loaded for {have} (fused columns are laid out per shard)")
+    shardings = mesh_mod.param_shardings(state, cfg, mesh)
+    return nnx.merge(graphdef, jax.tree.map(mesh_mod.on_sharding, state, shardings))
