@@ -315,3 +315,14 @@ def test_programs_load_from_the_cache_on_a_second_start(tiny_models, tmp_path, m
     again = make_engine(path, compilation_cache_dir=str(tmp_path))
     assert [o.token_ids for o in again.run(reqs)] == ref
     assert again.runner.programs.cache_hits == 0
+
+
+def test_gpu_programs_compile_without_command_buffers():
+    """On GPU the step programs are compiled without XLA's command buffers unless asked: a CUDA
+    graph relaunched with new buffer addresses waits for its previous launch, so with them the
+    host could not send step N + 1 while step N runs (measured on the H200: benchmarks/README.md)."""
+    from jaxserve.runner.programs import COMPILER_OPTIONS, compiler_options
+
+    assert compiler_options("gpu", False) == {**COMPILER_OPTIONS, "xla_gpu_enable_command_buffer": ""}
+    assert compiler_options("gpu", True) == COMPILER_OPTIONS
+    assert compiler_options("cpu", False) == compiler_options("tpu", False) == COMPILER_OPTIONS

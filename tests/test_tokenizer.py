@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("gguf")
 from jaxserve.text.detokenizer import IncrementalDetokenizer  # noqa: E402
-from jaxserve.text.tokenizer import Tokenizer, TokenizerError  # noqa: E402
+from jaxserve.text.tokenizer import TokenizerError  # noqa: E402
 from jaxserve.weights import load_tokenizer  # noqa: E402
 from tests.helpers_weights import smollm2_gguf  # noqa: E402
 

@@ -160,7 +160,9 @@ def simulate_policies(cfg: ModelConfig, prompts, params, *, device: str, ecfg: E
     pages = ecfg.num_pages or int((ecfg.kv_cache_memory_fraction * prof.memory_bytes
                                    - cfg.num_params() * dtype_bytes) // page_bytes)
     per_seq = -(-max_len // ecfg.page_size)
-    pages = max(2, min(pages, ecfg.max_num_seqs * per_seq + 1))
+    if pages < per_seq + 1:
+        return {}        # the longest request's KV does not fit beside the weights: nothing runs
+    pages = min(pages, ecfg.max_num_seqs * per_seq + 1)
     buckets = BucketSet.make(ecfg.max_num_batched_tokens, ecfg.max_num_seqs, per_seq)
     costs = StepCosts.make(prof, cfg, dtype_bytes)
     samples = [Sample(prompt_ids=list(p), index=i, params=sp, request=i, max_len=max_len)
