@@ -272,9 +272,8 @@ class EngineConfig:
                                     "finished row costs at most one dropped step); batches with "
                                     "penalties run in turn (their history needs every token)")
     gpu_command_buffers: bool = _field(False, "XLA's GPU command buffers (CUDA graphs) in the step "
-                                       "programs; off: a graph whose buffers change is updated "
-                                       "only after its previous launch has finished, which holds "
-                                       "the host at every step and undoes async_scheduling")
+                                       "programs (off: every step's buffers change, and updating "
+                                       "the graphs cost 3 % end to end on the H200)")
     # scan: compile time independent of depth; unrolled: no per-step copies of each layer's
     # weights (faster on GPU), longer compiles.
     layer_loop: str = _field("auto", "decoder layer loop: scan over stacked weights, or unrolled "

@@ -318,9 +318,8 @@ def test_programs_load_from_the_cache_on_a_second_start(tiny_models, tmp_path, m
 
 
 def test_gpu_programs_compile_without_command_buffers():
-    """On GPU the step programs are compiled without XLA's command buffers unless asked: a CUDA
-    graph relaunched with new buffer addresses waits for its previous launch, so with them the
-    host could not send step N + 1 while step N runs (measured on the H200: benchmarks/README.md)."""
+    """On GPU the step programs are compiled without XLA's command buffers unless asked (every
+    step's buffers change; 3 % faster end to end without them on the H200, benchmarks/README.md)."""
     from jaxserve.runner.programs import COMPILER_OPTIONS, compiler_options
 
     assert compiler_options("gpu", False) == {**COMPILER_OPTIONS, "xla_gpu_enable_command_buffer": ""}

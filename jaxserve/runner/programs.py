@@ -19,9 +19,9 @@ from typing import Callable, Iterable, Optional
 # counts the donated KV cache twice (input and output), finds the program "over" device memory and
 # spends ~10 s per program failing to shrink it (H100, unrolled Llama-3-8B: 122 s for 12 programs).
 COMPILER_OPTIONS = {"xla_disable_hlo_passes": "rematerialization"}
-# XLA GPU command buffers (CUDA graphs) off: launching a graph whose buffer addresses changed
-# (every step: fresh inputs, the donated KV cache) first waits for the graph's previous launch,
-# so the host could not send step N + 1 before step N had finished.
+# XLA GPU command buffers (CUDA graphs) off: every step launches its program with new buffer
+# addresses (fresh inputs, the donated KV cache), which a graph must be updated for; on the H200
+# the no-sharing benchmark ran 3 % faster without them (benchmarks/README.md, call E).
 NO_COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": ""}
 
 
