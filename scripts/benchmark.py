@@ -293,19 +293,25 @@ def main(argv):
                              admission_control=FLAGS.admission_control,
                              async_scheduling=FLAGS.async_scheduling,
                              gpu_command_buffers=FLAGS.gpu_command_buffers,
-                             tensor_parallel_size=FLAGS.tensor_parallel_size),
+                             tensor_parallel_size=FLAGS.tensor_parallel_size,
+                             data_parallel_size=FLAGS.data_parallel_size),
+               device_count=FLAGS.tensor_parallel_size * FLAGS.data_parallel_size,
+               mesh=dict(tensor=FLAGS.tensor_parallel_size, data=FLAGS.data_parallel_size),
                command="python " + " ".join(sys.argv))
     trace = res.pop("trace")
     rec.update(res)
     if bw and flops:
-        # The ceilings are one device's; a tensor-parallel run has N of them.
-        tp = FLAGS.tensor_parallel_size
+        # The ceilings are one device's: a run on tp x dp devices has that many. The dp replicas
+        # run side by side, so per step they hold dp times the rows, tokens and KV of one
+        # (a floor that assumes the split is perfectly balanced).
+        tp, dp = FLAGS.tensor_parallel_size, FLAGS.data_parallel_size
+        kv_cap = res.get("kv_capacity_tokens")
         fl = roofline.workload_floor(cfg, [len(p) for p in prompts], [r["max_tokens"] for r in reqs],
                                      shared, optimal_prefill_tokens=tree.optimal_prefill_tokens,
-                                     peak_flops=flops * tp, hbm_bandwidth=bw * tp,
-                                     max_num_batched_tokens=rec["max_num_batched_tokens"],
-                                     max_num_seqs=rec["max_num_seqs"],
-                                     kv_capacity_tokens=res.get("kv_capacity_tokens"))
+                                     peak_flops=flops * tp * dp, hbm_bandwidth=bw * tp * dp,
+                                     max_num_batched_tokens=rec["max_num_batched_tokens"] * dp,
+                                     max_num_seqs=rec["max_num_seqs"] * dp,
+                                     kv_capacity_tokens=kv_cap * dp if kv_cap else kv_cap)
         rec.update(floor_seconds=fl.seconds, floor_bound=fl.bound, floor_flops=fl.flops,
                    floor_bytes=fl.bytes, floor_fraction=fl.seconds / run_s)
     else:
