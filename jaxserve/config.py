@@ -274,6 +274,9 @@ class EngineConfig:
     gpu_command_buffers: bool = _field(False, "XLA's GPU command buffers (CUDA graphs) in the step "
                                        "programs (off: every step's buffers change, and updating "
                                        "the graphs cost 3 % end to end on the H200)")
+    launch_thread: bool = _field(False, "transfer each step's inputs and launch its program from a "
+                                 "worker thread, so the host goes on planning where a launch "
+                                 "waits for the device (as on the H200: benchmarks/README.md)")
     # scan: compile time independent of depth; unrolled: no per-step copies of each layer's
     # weights (faster on GPU), longer compiles.
     layer_loop: str = _field("auto", "decoder layer loop: scan over stacked weights, or unrolled "

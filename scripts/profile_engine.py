@@ -99,7 +99,7 @@ def main(argv):
     timed_result = model_runner.Pending.result
 
     def result(self):
-        ready[self._out.tokens.is_ready()] += 1
+        ready[self.is_ready()] += 1
         return timed_result(self)
 
     model_runner.Pending.result = result

@@ -1,6 +1,8 @@
 """Issue #3: the engine's scheduling, compilation and sampling guarantees on tiny HF models."""
 from __future__ import annotations
 
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -267,6 +269,21 @@ def test_overlap_on_and_off_give_identical_outputs(kind, fused, tiny_models):
     for a, b in zip(out_s, out_a):
         assert [x.token_ids for x in a.samples] == [x.token_ids for x in b.samples], a.request_id
         assert a.finish_reason == b.finish_reason
+    # The same with every program launched from the runner's launch thread.
+    threaded = make_engine(path, async_scheduling=True, fused_decode_steps=fused,
+                           launch_thread=True)
+    launched_on = set()
+    launch = threaded.runner._launch
+
+    def spy(key, inputs):
+        launched_on.add(threading.current_thread().name)
+        return launch(key, inputs)
+
+    threaded.runner._launch = spy
+    for a, b in zip(out_s, threaded.run(reqs)):
+        assert [x.token_ids for x in a.samples] == [x.token_ids for x in b.samples], a.request_id
+        assert a.finish_reason == b.finish_reason
+    assert len(launched_on) == 1 and next(iter(launched_on)).startswith("jaxserve-launch")
     stop0 = ref[0].token_ids[3]
     assert out_a[0].finish_reason == "stop"
     assert out_a[0].token_ids == ref[0].token_ids[:ref[0].token_ids.index(stop0) + 1]

@@ -5,7 +5,8 @@
 #   REF=.before JAXSERVE_COMMIT=<commit> bash benchmarks/device/overhead.sh
 # REF: the older tree exported with `git archive <commit> | tar -x -C .before`, carried along.
 # Knobs: SCALE (0.5), PSCALE (profile scale, 0.25), PROFILE_REF (1), DEFAULTS (0: also profile
-# this tree at its own default batch sizes), SYNC (0).
+# this tree at its own default batch sizes), SYNC (0), LAUNCH (0: also a run and a profile with
+# --launch_thread, the step programs launched from a worker thread).
 source benchmarks/device/common.sh
 REF=${REF:-.before}
 SIZES="--max_num_batched_tokens=2048 --max_num_seqs=256"
@@ -23,6 +24,12 @@ if [ "${PROFILE_REF:-1}" = 1 ]; then
 fi
 timeout 150 python3 scripts/profile_engine.py --model=llama-3-8b $P --out=$OUT/profile_new.json \
   2>&1 | grep -E "^# [a-z]|^  [a-z]|rror"; stamp profile new
+if [ "${LAUNCH:-0}" = 1 ]; then
+  bench 120 $W --launch_thread --save_trace --tag=_new_launch_thread
+  timeout 150 python3 scripts/profile_engine.py --model=llama-3-8b $P --launch_thread \
+    --out=$OUT/profile_new_launch_thread.json 2>&1 | grep -E "^# [a-z]|^  [a-z]|rror"
+  stamp "launch thread"
+fi
 if [ "${DEFAULTS:-0}" = 1 ]; then
   timeout 150 python3 scripts/profile_engine.py --model=llama-3-8b --workload=nosharing \
     --scale=${PSCALE:-0.25} --out=$OUT/profile_new_defaults.json 2>&1 | grep -E "^# [a-z]|^  [a-z]|rror"

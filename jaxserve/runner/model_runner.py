@@ -6,7 +6,9 @@ program and replaced by its output) without waiting: it returns a `Pending` whos
 brings the sampled tokens and extras back as numpy (`StepResult`). Each program also hands the
 next one its newest tokens on the device (`Carry`), so the host can plan and dispatch step N + 1
 before it has step N's tokens. `execute` is dispatch + result. Programs are compiled only through
-`compile(keys)`, before a run's first step.
+`compile(keys)`, before a run's first step. With `launch_thread`, the step's inputs are still laid
+out on the calling thread, but their transfer and the program's launch happen in order on one
+worker thread, so the caller goes on planning even where a launch waits for the device.
 
 With a mesh (tensor parallelism) every program runs under `shard_map`: the parameters and the KV
 cache (split on KV heads) are the devices' shards, a step's inputs, the carry and all outputs are
@@ -14,6 +16,7 @@ replicated, and each device runs the forward on its local heads (`runner.mesh`).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 from typing import Callable, Iterable, Optional
@@ -56,14 +59,26 @@ EXECUTABLE_CACHE_BACKENDS = ("gpu", "tpu")
 
 
 class Pending:
-    """A dispatched program: `result()` waits for it and copies its outputs to the host."""
+    """A dispatched program: `result()` waits for it and copies its outputs to the host. `out`:
+    the program's outputs, or a future of them (launched from the runner's launch thread)."""
 
     def __init__(self, out, n_rows: int):
         self._out = out
         self._n = n_rows
 
+    def _outputs(self):
+        out = self._out
+        return out.result() if isinstance(out, concurrent.futures.Future) else out
+
+    def is_ready(self) -> bool:
+        """Whether the program has been launched and has finished (nothing to wait for)."""
+        out = self._out
+        if isinstance(out, concurrent.futures.Future) and not out.done():
+            return False
+        return self._outputs().tokens.is_ready()
+
     def result(self) -> StepResult:
-        out, n = self._out, self._n
+        out, n = self._outputs(), self._n
         host = mesh_mod.to_host      # replicated outputs: this process's first copy
         res = StepResult(tokens=host(out.tokens)[:, :n])
         if out.top_ids is not None:
@@ -82,7 +97,7 @@ class ModelRunner:
                  buckets: BucketSet, attention: AttentionSpec, kv_dtype,
                  return_logits: bool = False, cache_dir: Optional[str] = None,
                  mesh: Optional[jax.sharding.Mesh] = None, device=None,
-                 gpu_command_buffers: bool = False):
+                 gpu_command_buffers: bool = False, launch_thread: bool = False):
         """`attention` describes one device's heads (a tensor-parallel runner's local ones);
         `mesh`: the model's parameters are sharded over it (`runner.mesh`); `device`: the one
         device of an unsplit model (default: the first)."""
@@ -118,6 +133,10 @@ class ModelRunner:
         self._static_print = self._static_fingerprint() if cache else ""
         self.programs = ProgramSet(self._lower, self._fingerprint, cache, self.compiler_options)
         self._carry = self._to_devices(empty_carry(buckets.max_num_seqs))  # the last program's
+        # One worker, so programs launch in dispatch order; it alone touches the KV cache and
+        # the carry while steps are in flight.
+        self._launcher = (concurrent.futures.ThreadPoolExecutor(1, "jaxserve-launch")
+                          if launch_thread else None)
 
     @property
     def kv_bytes(self) -> int:
@@ -203,11 +222,16 @@ class ModelRunner:
         key = self.programs.pick(self.buckets.token_bucket(plan.num_tokens),
                                  -(-plan.max_seq_len // self.page_size), plan.decode_steps,
                                  features)
-        inputs = self._to_devices(build_step_inputs(plan, **self._layout(key)))
-        out, self.k_cache, self.v_cache = self.programs[key](self.params, self.k_cache,
-                                                             self.v_cache, inputs, self._carry)
+        inputs = build_step_inputs(plan, **self._layout(key))
+        if self._launcher is None:
+            return Pending(self._launch(key, inputs), len(plan.rows))
+        return Pending(self._launcher.submit(self._launch, key, inputs), len(plan.rows))
+
+    def _launch(self, key: ProgramKey, inputs):
+        out, self.k_cache, self.v_cache = self.programs[key](
+            self.params, self.k_cache, self.v_cache, self._to_devices(inputs), self._carry)
         self._carry = out.carry
-        return Pending(out, len(plan.rows))
+        return out
 
     def execute(self, plan: StepPlan, features: Features) -> StepResult:
         return self.dispatch(plan, features).result()
