@@ -39,7 +39,8 @@ if ROOT not in sys.path:
 
 import jaxserve.tools.cli_flags as cli_flags  # noqa: E402
 from jaxserve.tools.cli_flags import (define_distributed_flags, define_engine_flags,  # noqa: E402
-                                      engine_kwargs, initialize_distributed)
+                                      define_sampling_default_flags, engine_kwargs,
+                                      initialize_distributed, sampling_defaults)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "HF model directory, .gguf file or preset name "
@@ -47,12 +48,7 @@ flags.DEFINE_string("model", None, "HF model directory, .gguf file or preset nam
 flags.DEFINE_string("input", os.path.join(ROOT, "examples", "prompts.jsonl"), "input JSONL")
 flags.DEFINE_string("output", os.path.join("out", "results.jsonl"), "output JSONL (its folder is "
                     "created if missing)")
-flags.DEFINE_integer("max_tokens", 64, "default max_tokens per request")
-flags.DEFINE_float("temperature", 0.0, "default temperature (0 = greedy)")
-flags.DEFINE_float("top_p", 1.0, "default top_p")
-flags.DEFINE_integer("top_k", -1, "default top_k (-1 = off)")
-flags.DEFINE_float("min_p", 0.0, "default min_p")
-flags.DEFINE_bool("ignore_eos", False, "generate max_tokens regardless of EOS")
+define_sampling_default_flags()
 flags.DEFINE_bool("use_tqdm", True, "progress bar")
 flags.DEFINE_bool("ordered_output", True, "write the final output in input order (else in the "
                   "order requests finished)")
@@ -155,8 +151,7 @@ def main(argv):
 def run() -> int:
     from jaxserve.io import InputError, OutputLock, check_output_path, read_batch
 
-    defaults = dict(max_tokens=FLAGS.max_tokens, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
-                    top_k=FLAGS.top_k, min_p=FLAGS.min_p, ignore_eos=FLAGS.ignore_eos)
+    defaults = sampling_defaults(FLAGS)
     try:
         items = read_batch(FLAGS.input, defaults, max_line_bytes=FLAGS.max_line_bytes,
                            errors=FLAGS.errors)

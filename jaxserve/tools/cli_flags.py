@@ -44,6 +44,22 @@ def engine_kwargs(FLAGS) -> dict:
     return {f.name: FLAGS[f.name].value for f in dataclasses.fields(EngineConfig)}
 
 
+def define_sampling_default_flags() -> None:
+    """The batch scripts' defaults for requests that do not set their own sampling fields."""
+    flags.DEFINE_integer("max_tokens", 64, "default max_tokens per request")
+    flags.DEFINE_float("temperature", 0.0, "default temperature (0 = greedy)")
+    flags.DEFINE_float("top_p", 1.0, "default top_p")
+    flags.DEFINE_integer("top_k", -1, "default top_k (-1 = off)")
+    flags.DEFINE_float("min_p", 0.0, "default min_p")
+    flags.DEFINE_bool("ignore_eos", False, "generate max_tokens regardless of EOS")
+
+
+def sampling_defaults(FLAGS) -> dict:
+    """`SamplingParams` keyword arguments from the flags `define_sampling_default_flags` defines."""
+    return {k: FLAGS[k].value for k in ("max_tokens", "temperature", "top_p", "top_k", "min_p",
+                                        "ignore_eos")}
+
+
 def define_distributed_flags() -> None:
     """--coordinator_address / --num_processes / --process_id: a multi-process (multi-host) run,
     joined by `jaxserve.runner.distributed.initialize` (unset: one process, or the
