@@ -56,9 +56,11 @@ def test_greedy_and_bans():
     banned = np.full((4, NUM_BANNED), -1, np.int32)
     top = logits.argmax(-1)
     banned[1, 0] = top[1]
-    out = np.asarray(sample(jnp.asarray(logits), inputs(4, 0.0, 0, 1.0, 0.0), jnp.asarray(banned)))
-    assert out[0] == top[0] and out[2] == top[2]
-    assert out[1] == np.argsort(-logits[1])[1]
+    for stochastic in (True, False):   # greedy rows: the same argmax with the draw compiled in
+        out = np.asarray(sample(jnp.asarray(logits), inputs(4, 0.0, 0, 1.0, 0.0),
+                                jnp.asarray(banned), stochastic=stochastic))
+        assert out[0] == top[0] and out[2] == top[2]
+        assert out[1] == np.argsort(-logits[1])[1]
 
 
 def test_sampling_distribution_matches_softmax():

@@ -13,6 +13,8 @@ previous launch was still running when the next one returned, for each variant:
   nodonate   numpy inputs, nothing donated
   pallas     numpy inputs, and a small Pallas kernel in the program (the attention kernels are
              Pallas: Triton custom calls on GPU)
+  cond       numpy inputs, and a `lax.cond` on a device value at the start of the program (XLA:GPU
+             copies a conditional's predicate to the host and waits for the stream)
 
   python3 benchmarks/device/dispatch_probe.py [--steps 30] [--step_ms 20] [--out probe.json]
 """
@@ -40,10 +42,13 @@ def _pallas_double(x):
                           interpret=jax.default_backend() == "cpu")(x)
 
 
-def make_program(n_mm: int, size: int, donate: bool, packed: bool, pallas: bool = False):
+def make_program(n_mm: int, size: int, donate: bool, packed: bool, pallas: bool = False,
+                 cond: bool = False):
     def step(w, cache, small, carry):
         if packed:
             small = jnp.split(small, N_SMALL)
+        if cond:
+            carry = jax.lax.cond(carry[1] > 0, lambda c: c + 1, lambda c: c, carry)
         x = jnp.ones((size, size), jnp.bfloat16) * carry[0].astype(jnp.bfloat16)
         for _ in range(n_mm):
             x = (x @ w).astype(jnp.bfloat16)
@@ -62,7 +67,8 @@ def run(variant: str, steps: int, n_mm: int, size: int, cache_mb: int) -> dict:
     cache = jax.device_put(jnp.zeros((cache_mb << 20) // 2, jnp.bfloat16), dev)
     carry = jax.device_put(jnp.zeros((256,), jnp.int32), dev)
     packed = variant == "packed"
-    fn = make_program(n_mm, size, variant != "nodonate", packed, pallas=variant == "pallas")
+    fn = make_program(n_mm, size, variant != "nodonate", packed, pallas=variant == "pallas",
+                      cond=variant == "cond")
     rng = np.random.default_rng(0)
 
     def inputs():
@@ -110,7 +116,7 @@ def main():
     ap.add_argument("--matmuls", type=int, default=40, help="matmuls per step (sets its length)")
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--cache_mb", type=int, default=1024)
-    ap.add_argument("--variants", default="numpy,device,packed,thread,nodonate,pallas")
+    ap.add_argument("--variants", default="numpy,device,packed,thread,nodonate,pallas,cond")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     res = [run(v, a.steps, a.matmuls, a.size, a.cache_mb) for v in a.variants.split(",")]

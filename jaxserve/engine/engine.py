@@ -23,7 +23,7 @@ from jaxserve.engine.sizing import plan_sizes
 from jaxserve.engine.stats import RunStats
 from jaxserve.runner import mesh as mesh_mod
 from jaxserve.runner.model_runner import ModelRunner
-from jaxserve.runner.programs import (PLAIN, CompileEvents, Features, ProgramKey,
+from jaxserve.runner.programs import (CompileEvents, Features, ProgramKey,
                                       enable_compilation_cache)
 from jaxserve.engine.cost_model import StepCosts, device_profile
 from jaxserve.engine.planning import Stages
@@ -47,7 +47,8 @@ def batch_features(samples: list[Sample], vocab_size: int) -> Features:
     width = max(1 << max(need - 1, 0).bit_length(), _MIN_HIST_WIDTH) if need else 0
     return Features(logprobs=any(s.params.logprobs is not None for s in samples),
                     prompt_logprobs=any(s.wants_prompt_logprobs for s in samples),
-                    hist_width=width)
+                    hist_width=width,
+                    stochastic=any(s.params.temperature > 0 for s in samples))
 
 
 class CompileProgress:
@@ -181,7 +182,7 @@ class Engine:
                 commit(*in_flight)       # its tokens (or the pages it frees) unblock planning
                 in_flight = None
                 continue
-            pending = self.runner.dispatch(plan, features if plan.needs_extras else PLAIN)
+            pending = self.runner.dispatch(plan, features if plan.needs_extras else features.base())
             if in_flight is not None:
                 commit(*in_flight)
             in_flight = (plan, pending)
@@ -240,13 +241,14 @@ class Engine:
                           sum(len(s.prompt_ids) for s in samples) + len(samples))
         ts = b.tokens_upto(step_tokens)
         ps = b.pages_upto(-(-max(s.longest for s in samples) // self.ecfg.page_size))
-        keys = [ProgramKey(t, p) for t in ts for p in ps]
+        base = features.base()
+        keys = [ProgramKey(t, p, 1, base) for t in ts for p in ps]
         if not features.plain:
             keys += [ProgramKey(t, ps[-1], 1, features) for t in ts]
         n = self.sizes.fused_decode_steps
         if n > 1:
             tb = b.tokens_upto(min(self.sizes.max_num_seqs, len(samples)))
-            keys += [ProgramKey(t, p, n) for t in tb for p in ps]
+            keys += [ProgramKey(t, p, n, base) for t in tb for p in ps]
             fb = features.for_decode_block()
             if not fb.plain:
                 keys += [ProgramKey(t, ps[-1], n, fb) for t in tb]

@@ -53,19 +53,24 @@ class ProgramContext:
     vocab_size: int
     max_rows: int                   # R: rows of the carry between programs (max_num_seqs)
     return_logits: bool = False
+    # Whether work a step may not need is skipped with `lax.cond`. Not on GPU: XLA:GPU decides
+    # a conditional on the host (it copies the predicate back and blocks until the stream
+    # reaches it), so a cond in a step holds the thread that launches it until every step
+    # before it has run, and host/device overlap is lost. There the skippable work (penalties
+    # of a step without penalised rows, prompt logprobs of a step without such rows) is done
+    # and its result selected away.
+    device_conditionals: bool = True
 
 
 def copy_pages(k_cache, v_cache, src, dst, ctx: ProgramContext):
-    """Copy-on-write: duplicate pages `src` into `dst` in every layer (skipped when none)."""
-    def copy(kv):
-        k_cache, v_cache = kv
-        offs = (jnp.arange(ctx.num_layers, dtype=jnp.int32) * ctx.num_pages)[:, None]
-        s_all = (offs + src[None, :]).reshape(-1)
-        d_all = (offs + dst[None, :]).reshape(-1)
-        return (k_cache.at[:, d_all].set(k_cache[:, s_all]),
-                v_cache.at[:, d_all].set(v_cache[:, s_all]))
-
-    return jax.lax.cond(jnp.any(dst != 0), copy, lambda kv: kv, (k_cache, v_cache))
+    """Copy-on-write: duplicate pages `src` into `dst` in every layer. Unused slots are 0 -> 0
+    (the sink page onto itself), so the copy runs unconditionally: MAX_COPIES pages per layer
+    cost microseconds, less than deciding to skip them would (see `device_conditionals`)."""
+    offs = (jnp.arange(ctx.num_layers, dtype=jnp.int32) * ctx.num_pages)[:, None]
+    s_all = (offs + src[None, :]).reshape(-1)
+    d_all = (offs + dst[None, :]).reshape(-1)
+    return (k_cache.at[:, d_all].set(k_cache[:, s_all]),
+            v_cache.at[:, d_all].set(v_cache[:, s_all]))
 
 
 def advanced_metadata(md0: AttentionMetadata, i, live_row, ctx: ProgramContext) -> AttentionMetadata:
@@ -119,20 +124,23 @@ def step_program(model, opts, k_cache, v_cache, inputs: StepInputs, carry: Carry
             lp, out["top_lp"], out["top_ids"] = lp_mod.top_logprobs(logits, k_top)
         x = logits
         if feats.hist_width:
+            skip = ctx.device_conditionals
             if dense is None:
                 x = penalize(x, ex.hist_ids, ex.hist_counts, ex.presence, ex.frequency,
-                             ex.repetition)
+                             ex.repetition, skip_inactive=skip)
             else:
-                x = penalize_dense(x, *dense, ex.presence, ex.frequency, ex.repetition)
+                x = penalize_dense(x, *dense, ex.presence, ex.frequency, ex.repetition,
+                                   skip_inactive=skip)
         si = dataclasses.replace(inputs.sampling, token_index=inputs.sampling.token_index + i)
         lim = inputs.limits
         banned = jnp.where((i < lim.min_left)[:, None], lim.stop_ids, -1)
-        tok = sample(x, si, banned)
+        tok = sample(x, si, banned, stochastic=feats.stochastic)
         if feats.logprobs:
             out["sampled_lp"] = jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
         if feats.prompt_logprobs:
             out["plp"] = lp_mod.prompt_logprobs(lambda h: model.compute_logits(h, opts), res[3],
-                                                ex.plp_target, k_top)
+                                                ex.plp_target, k_top,
+                                                skip_empty=ctx.device_conditionals)
         if ctx.return_logits:
             out["logits"] = logits
         return tok, out, k_cache, v_cache

@@ -6,9 +6,10 @@ temperature and top-k/top-p/min-p (vLLM's default "raw_logprobs"); the top `MAX_
 and ids are computed once per row and cut to each request's k on the host.
 
 Prompt logprobs need logits at every prompt position, not only at each row's last token: the
-programs that compute them keep the final hidden states of all T token rows and, under a
-`lax.cond` taken only when the step has such rows, run the LM head, log_softmax and top-k over
-them in chunks of at most `PROMPT_CHUNK` rows (bounding the [chunk, V] temporaries).
+programs that compute them keep the final hidden states of all T token rows and run the LM head,
+log_softmax and top-k over them in chunks of at most `PROMPT_CHUNK` rows (bounding the [chunk, V]
+temporaries); where conditionals stay on the device, under a `lax.cond` taken only when the
+step has such rows.
 """
 from __future__ import annotations
 
@@ -36,9 +37,10 @@ def _chunk(t: int) -> int:
     return min(t & -t, PROMPT_CHUNK)
 
 
-def prompt_logprobs(compute_logits, hidden, targets, k: int):
+def prompt_logprobs(compute_logits, hidden, targets, k: int, *, skip_empty: bool = True):
     """Logprob of `targets[t]` (-1: none) and the top-k at every token row t of `hidden` [T, D];
-    zeros (skipped under lax.cond) when no row has a target."""
+    zeros when no row has a target (skipped under lax.cond if `skip_empty`, else computed and
+    selected away: see `ProgramContext.device_conditionals`)."""
     t, d = hidden.shape
     c = _chunk(t)
 
@@ -55,4 +57,7 @@ def prompt_logprobs(compute_logits, hidden, targets, k: int):
         return (jnp.zeros(t, jnp.float32), jnp.zeros((t, k), jnp.float32),
                 jnp.zeros((t, k), jnp.int32))
 
-    return jax.lax.cond(jnp.any(targets >= 0), compute, skip, None)
+    if skip_empty:
+        return jax.lax.cond(jnp.any(targets >= 0), compute, skip, None)
+    return jax.tree.map(lambda a, b: jnp.where(jnp.any(targets >= 0), a, b),
+                        compute(None), skip(None))

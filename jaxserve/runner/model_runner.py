@@ -92,6 +92,12 @@ class Pending:
         return res
 
 
+def conditionals_on_device(platform: str) -> bool:
+    """Whether `lax.cond` is decided on the device (see `ProgramContext.device_conditionals`):
+    XLA:GPU copies a conditional's predicate to the host and waits for it."""
+    return platform != "gpu"
+
+
 class ModelRunner:
     def __init__(self, model: nnx.Module, cfg: ModelConfig, *, num_pages: int, page_size: int,
                  buckets: BucketSet, attention: AttentionSpec, kv_dtype,
@@ -111,10 +117,12 @@ class ModelRunner:
         tp = mesh_mod.mesh_size(mesh)
         self.opts = ForwardOptions(attention, tp_axis=None if mesh is None else mesh_mod.AXIS,
                                    tp_size=tp)
+        platform = (mesh.devices.flat[0] if mesh is not None else device or jax.devices()[0]).platform
         self.ctx = ProgramContext(attention=attention, num_layers=cfg.num_layers,
                                   num_pages=num_pages, page_size=page_size,
                                   vocab_size=cfg.vocab_size, max_rows=buckets.max_num_seqs,
-                                  return_logits=return_logits)
+                                  return_logits=return_logits,
+                                  device_conditionals=conditionals_on_device(platform))
         self.graphdef, self.params = nnx.split(model)
         shape = (cfg.num_kv_heads, cfg.num_layers * num_pages, page_size, cfg.head_dim)
         if mesh is None:
@@ -128,7 +136,6 @@ class ModelRunner:
         self._jit = jax.jit(self._program, donate_argnums=(1, 2), static_argnames=("key",))
         cache = (ExecutableCache(os.path.join(cache_dir, "jaxserve-programs"))
                  if cache_dir and jax.default_backend() in EXECUTABLE_CACHE_BACKENDS else None)
-        platform = (mesh.devices.flat[0] if mesh is not None else device or jax.devices()[0]).platform
         self.compiler_options = compiler_options(platform, gpu_command_buffers)
         self._static_print = self._static_fingerprint() if cache else ""
         self.programs = ProgramSet(self._lower, self._fingerprint, cache, self.compiler_options)

@@ -36,17 +36,27 @@ def any_active(presence, frequency, repetition):
     return jnp.any((presence != 0) | (frequency != 0) | (repetition != 1))
 
 
-def penalize(logits, hist_ids, hist_counts, presence, frequency, repetition):
-    """Penalties from the sparse history; skipped (lax.cond) when no row of the step has any."""
+def _skippable(fn, logits, presence, frequency, repetition, skip_inactive: bool):
+    """fn(logits), skipped under `lax.cond` when no row of the step has a penalty and
+    `skip_inactive` (see `ProgramContext.device_conditionals`). Unskipped, a row without
+    penalties comes out unchanged (x / 1, x * 1, x - 0), so both give the same logits."""
+    if not skip_inactive:
+        return fn(logits)
+    return jax.lax.cond(any_active(presence, frequency, repetition), fn, lambda x: x, logits)
+
+
+def penalize(logits, hist_ids, hist_counts, presence, frequency, repetition, *,
+             skip_inactive: bool = True):
+    """Penalties from the sparse history."""
     def on(x):
         counts, seen = history_to_dense(hist_ids, hist_counts, x.shape[-1])
         return apply_penalties(x, counts, seen, presence, frequency, repetition)
 
-    return jax.lax.cond(any_active(presence, frequency, repetition), on, lambda x: x, logits)
+    return _skippable(on, logits, presence, frequency, repetition, skip_inactive)
 
 
-def penalize_dense(logits, counts, seen, presence, frequency, repetition):
+def penalize_dense(logits, counts, seen, presence, frequency, repetition, *,
+                   skip_inactive: bool = True):
     """Penalties from a dense history carried through a fused decode block."""
-    return jax.lax.cond(any_active(presence, frequency, repetition),
-                        lambda x: apply_penalties(x, counts, seen, presence, frequency, repetition),
-                        lambda x: x, logits)
+    return _skippable(lambda x: apply_penalties(x, counts, seen, presence, frequency, repetition),
+                      logits, presence, frequency, repetition, skip_inactive)

@@ -34,15 +34,23 @@ def compiler_options(platform: str, command_buffers: bool) -> dict:
 
 @dataclasses.dataclass(frozen=True, order=True)
 class Features:
-    """Sampling extras a program computes (static: part of its key)."""
+    """What a program computes beyond the forward pass and the argmax (static: part of its key).
+    `stochastic` is the batch's sampling mode, shared by all its programs; the other fields are
+    the extras, compiled into the programs of the steps that have rows asking for them."""
 
     logprobs: bool = False          # top-k + sampled-token logprobs of each sampling row
-    prompt_logprobs: bool = False   # logprobs at every token row (under lax.cond)
+    prompt_logprobs: bool = False   # logprobs at every token row
     hist_width: int = 0             # W of the penalty history; 0 = no penalties
+    stochastic: bool = False        # some row draws (temperature > 0); False: argmax only
 
     @property
     def plain(self) -> bool:
+        """No extras (the sampling mode aside)."""
         return not (self.logprobs or self.prompt_logprobs or self.hist_width)
+
+    def base(self) -> "Features":
+        """The same sampling mode without extras: the programs of steps no row asks extras of."""
+        return Features(stochastic=self.stochastic)
 
     def for_decode_block(self) -> "Features":
         """A fused block only decodes: no prompt positions to score."""
@@ -60,7 +68,7 @@ class ProgramKey:
     features: Features = PLAIN
 
     def __str__(self) -> str:
-        f = "" if self.features.plain else f" {self.features}"
+        f = "" if self.features == PLAIN else f" {self.features}"
         return f"T={self.tokens} P={self.pages} steps={self.steps}{f}"
 
 

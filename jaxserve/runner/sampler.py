@@ -82,18 +82,21 @@ def row_keys(si: SamplingInputs):
     return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(si.seeds, si.token_index)
 
 
-def sample(logits: jax.Array, si: SamplingInputs, banned=None) -> jax.Array:
-    """logits f32[S, V] -> token ids i32[S]; `banned` i32[S, NUM_BANNED] (-1 = none) are never drawn."""
+def sample(logits: jax.Array, si: SamplingInputs, banned=None, *, stochastic: bool = True
+           ) -> jax.Array:
+    """logits f32[S, V] -> token ids i32[S]; `banned` i32[S, NUM_BANNED] (-1 = none) are never drawn.
+
+    `stochastic` (static) compiles the draw in; rows with temperature 0 still take the argmax.
+    False: argmax only, for programs whose batch has no sampling row. The choice is static
+    rather than a `lax.cond` on the rows' temperatures because XLA:GPU decides a conditional on
+    the host (it copies the predicate back and waits for the stream), which would hold the
+    thread launching a step until the steps before it have run."""
     if banned is not None:
         logits = apply_bans(logits, banned)
-
-    def greedy(_):
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    def stochastic(_):
-        x = filter_logits(logits, si)
-        g = jax.vmap(lambda k: jax.random.gumbel(k, (logits.shape[1],), jnp.float32))(row_keys(si))
-        drawn = jnp.argmax(x + g, axis=-1).astype(jnp.int32)
-        return jnp.where(si.temperature > 0, drawn, greedy(None))
-
-    return jax.lax.cond(jnp.all(si.temperature == 0), greedy, stochastic, None)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if not stochastic:
+        return greedy
+    x = filter_logits(logits, si)
+    g = jax.vmap(lambda k: jax.random.gumbel(k, (logits.shape[1],), jnp.float32))(row_keys(si))
+    drawn = jnp.argmax(x + g, axis=-1).astype(jnp.int32)
+    return jnp.where(si.temperature > 0, drawn, greedy)

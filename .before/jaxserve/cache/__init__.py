@@ -1,0 +1,3 @@
+from jaxserve.cache.page_pool import OutOfPages, PagePool
+
+__all__ = ["PagePool", "OutOfPages"]

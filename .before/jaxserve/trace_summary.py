@@ -1,0 +1,78 @@
+"""Summarise a JAX device trace as text (no TensorBoard): GPU busy time, time per compiled
+program (XLA module) and per kernel, grouped into attention / matmul / other. Used by
+`scripts/profile_engine.py` (engine runs) and `scripts/bench_attention.py` (kernel breakdown)."""
+from __future__ import annotations
+
+import collections
+import glob
+import os
+
+
+def category(name: str) -> str:
+    n = name.lower()
+    if "attention" in n or "paged" in n or "pallas" in n or "_kernel" in n and "gemm" not in n:
+        return "attention"
+    if any(x in n for x in ("gemm", "nvjet", "cutlass", "cublas", "xmma", "matmul", "dot")):
+        return "matmul"
+    return "other"
+
+
+def union_ns(intervals) -> float:
+    tot, cur_s, cur_e = 0.0, None, None
+    for s, e in sorted(intervals):
+        if cur_e is None or s > cur_e:
+            if cur_e is not None:
+                tot += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    if cur_e is not None:
+        tot += cur_e - cur_s
+    return tot
+
+
+def summarise(trace_dir: str, top: int, events: bool = False) -> dict:
+    from jax.profiler import ProfileData
+
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True),
+                   key=os.path.getmtime)
+    pd = ProfileData.from_file(files[-1])
+    kernels = collections.defaultdict(lambda: [0.0, 0])
+    modules = collections.defaultdict(lambda: [0.0, 0])
+    intervals = []
+    lines_seen = []
+    for plane in pd.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            evs = list(line.events)
+            lines_seen.append((plane.name, line.name, len(evs)))
+            if "Module" in line.name:
+                for e in evs:
+                    modules[e.name][0] += e.duration_ns
+                    modules[e.name][1] += 1
+            elif line.name.startswith("Stream") or "stream" in line.name.lower():
+                for e in evs:
+                    if "memcpy" in e.name.lower() or "memset" in e.name.lower():
+                        key = "[" + e.name.split()[0] + "]"
+                    else:
+                        key = e.name
+                    kernels[key][0] += e.duration_ns
+                    kernels[key][1] += 1
+                    intervals.append((e.start_ns, e.end_ns, key))
+    span = (max(e for _, e, _ in intervals) - min(s for s, _, _ in intervals)) if intervals else 0.0
+    busy = union_ns([(s, e) for s, e, _ in intervals])
+    cats = collections.defaultdict(float)
+    for k, (ns, _) in kernels.items():
+        cats[category(k)] += ns
+    total_k = sum(ns for ns, _ in kernels.values()) or 1.0
+    out = dict(lines=lines_seen, gpu_span_s=span / 1e9, gpu_busy_s=busy / 1e9,
+               kernel_total_s=total_k / 1e9,
+               categories={k: v / 1e9 for k, v in sorted(cats.items(), key=lambda x: -x[1])},
+               modules=[(k, v[0] / 1e9, v[1]) for k, v in
+                        sorted(modules.items(), key=lambda x: -x[1][0])[:top]],
+               kernels=[(k[:120], v[0] / 1e9, v[1]) for k, v in
+                        sorted(kernels.items(), key=lambda x: -x[1][0])[:top]])
+    if events:   # every kernel / copy on the GPU streams, in time order: (start_ns, end_ns, name)
+        out["events"] = sorted(intervals)
+    return out
