@@ -46,6 +46,8 @@ flags.DEFINE_bool("hf_group_by_shape", True, "HF peer: batch requests of the sam
                   "output length) together, the peer's best case (a generate() batch pads every "
                   "row to its longest prompt and runs to its longest output)")
 flags.DEFINE_bool("measure_ceilings", True, "measure copy bandwidth and matmul rate for the floor")
+flags.DEFINE_string("ceilings", "", "take the ceilings from this JSON of scripts/measure_ceilings.py "
+                    "(measured earlier in the same device call) instead of measuring them")
 flags.DEFINE_string("results_dir", os.path.join(ROOT, "benchmarks", "results"), "where results go")
 flags.DEFINE_string("tag", "", "suffix for the result file name")
 flags.DEFINE_integer("workload_seed", 0, "workload seed")
@@ -263,7 +265,11 @@ def main(argv):
     name, reqs = load_workload(vocab)
     dev = jax.devices()[0]
     bw = flops = None
-    if FLAGS.measure_ceilings and dev.platform == "gpu":
+    if FLAGS.ceilings:
+        with open(FLAGS.ceilings) as f:
+            c = json.load(f)
+        bw, flops = c["one_program_copy_bytes_per_s"], c["one_program_bf16_flops"]
+    elif FLAGS.measure_ceilings and dev.platform == "gpu":
         bw, flops = roofline.measure_ceilings()
     holder: dict = {}
     res = run_jaxserve(holder, reqs) if FLAGS.engine == "jaxserve" else run_hf(holder, reqs)

@@ -50,13 +50,15 @@ def main(argv):
     from jaxserve.tools import roofline
 
     t0 = time.perf_counter()
-    bw, flops = roofline.measure_ceilings()
+    copies, matmuls = roofline.copy_rates(), roofline.matmul_rates()
+    bw, flops = max(copies.values()), max(matmuls.values())
     t1 = time.perf_counter()
     hbw, hflops = host_timed()
     rec = dict(device=jax.devices()[0].device_kind, jax_version=jax.__version__,
                commit=os.environ.get("JAXSERVE_COMMIT", "unknown"),
                one_program_copy_bytes_per_s=bw, one_program_bf16_flops=flops,
                host_timed_copy_bytes_per_s=hbw, host_timed_bf16_flops=hflops,
+               copy_variants=copies, matmul_variants=matmuls,
                seconds=t1 - t0, command="python3 " + " ".join(sys.argv))
     print(json.dumps(rec, indent=1))
     if FLAGS.out:

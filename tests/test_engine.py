@@ -217,7 +217,8 @@ def test_fused_decode_blocks_equal_single_steps(n_fused, tiny_models):
     fused = make_engine(path, max_num_seqs=8, fused_decode_steps=n_fused)
     out_s = single.run(reqs)
     out_f = fused.run(reqs)
-    assert fused.runner.num_compiled > single.runner.num_compiled
+    assert any(k.steps > 1 for k in fused.runner.programs.keys())
+    assert not any(k.steps > 1 for k in single.runner.programs.keys())
     for a, b in zip(out_s, out_f):
         assert (a.token_ids, a.finish_reason) == (b.token_ids, b.finish_reason), a.request_id
     assert out_f[0].finish_reason == "stop" and len(out_f[0].token_ids) <= 6

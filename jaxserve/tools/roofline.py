@@ -95,10 +95,18 @@ def _program_seconds(fn, *args, repeats: int = 3) -> float:
 
 def measure_ceilings(copy_bytes=(1 << 30, 4 << 30), matmul_sizes=(8192, 16384),
                      passes: int = 40) -> tuple[float, float]:
-    """(HBM bandwidth in bytes/s counting read + write, bf16 matmul FLOP/s), each the best over a
-    few sizes (and, for the copy, element types: narrow elementwise kernels do not always reach the
-    widest loads) of one program that makes `passes` passes: a copy (x -> x + 1 over the whole
-    array: every pass reads and writes it) and a chain of square bf16 matmuls."""
+    """(HBM bandwidth in bytes/s counting read + write, bf16 matmul FLOP/s), each the best of one
+    program making `passes` passes over a few shapes: a copy (x -> x + 1 over the whole array:
+    every pass reads and writes it; several sizes and element types, since narrow elementwise
+    kernels do not always reach the widest loads) and a chain of square bf16 matmuls (the
+    variants of `matmul_rates`)."""
+    return (max(copy_rates(copy_bytes, passes).values()),
+            max(matmul_rates(matmul_sizes, passes).values()))
+
+
+def copy_rates(copy_bytes=(1 << 30, 4 << 30), passes: int = 40) -> dict[str, float]:
+    """Bytes/s (read + write) of one program of `passes` in-place elementwise passes, per
+    "<dtype> <MiB>" variant."""
     import functools
 
     import jax
@@ -108,21 +116,41 @@ def measure_ceilings(copy_bytes=(1 << 30, 4 << 30), matmul_sizes=(8192, 16384),
     def copies(x, n):
         return jax.lax.fori_loop(0, n, lambda i, x: x + jnp.asarray(1, x.dtype), x)
 
-    @functools.partial(jax.jit, static_argnums=2)
-    def matmuls(a, b, n):
-        return jax.lax.fori_loop(0, n, lambda i, x: jnp.dot(x, b), a)
-
-    bw = 0.0
+    out = {}
     for size in copy_bytes:
         for dtype in (jnp.float32, jnp.int32, jnp.bfloat16):
             x = jnp.ones((size // jnp.dtype(dtype).itemsize,), dtype)
-            bw = max(bw, 2 * size * passes / _program_seconds(copies, x, passes))
+            out[f"{jnp.dtype(dtype).name} {size >> 20}MiB"] = (
+                2 * size * passes / _program_seconds(copies, x, passes))
             del x
-    flops = 0.0
+    return out
+
+
+def matmul_rates(matmul_sizes=(8192, 16384), passes: int = 40) -> dict[str, float]:
+    """FLOP/s of one program chaining `passes` bf16 matmuls of n x n, per "<n> <layout>
+    <backend>" variant: B as stored ("nn") or contracted on its last axis ("nt", the layout
+    cuBLAS prefers on Hopper), and on GPU XLA's own choice of GEMM kernel beside cuBLAS only
+    (Triton GEMMs off)."""
+    import jax
+    import jax.numpy as jnp
+
+    def chain(layout):
+        dims = (((1,), (0,)), ((), ())) if layout == "nn" else (((1,), (1,)), ((), ()))
+        return lambda a, b, n: jax.lax.fori_loop(
+            0, n, lambda i, x: jax.lax.dot_general(x, b, dims), a)
+
+    backends = {"xla": {}}
+    if jax.default_backend() == "gpu":
+        backends["cublas"] = {"xla_gpu_enable_triton_gemm": False}
+    out = {}
     for n in matmul_sizes:
         a = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
         # Scaled so the chain's values stay O(1) (no overflow to inf, no denormals).
         b = (jax.random.normal(jax.random.key(2), (n, n), jnp.float32) / n ** 0.5).astype(jnp.bfloat16)
-        flops = max(flops, 2 * n ** 3 * passes / _program_seconds(matmuls, a, b, passes))
+        for layout in ("nn", "nt"):
+            for name, opts in backends.items():
+                fn = jax.jit(chain(layout), static_argnums=2).lower(a, b, passes).compile(opts)
+                out[f"{n} {layout} {name}"] = (2 * n ** 3 * passes
+                                               / _program_seconds(lambda a, b: fn(a, b), a, b))
         del a, b
-    return bw, flops
+    return out
