@@ -24,7 +24,8 @@ from pallas_kernels import AttentionSpec
 from tests.test_engine import make_engine
 from tests.test_model_hf import PAGE_SIZE, load
 
-EVERYTHING = Features(logprobs=True, prompt_logprobs=True, hist_width=16, stochastic=True)
+EVERYTHING = Features(logprobs=True, prompt_logprobs=True, hist_width=16, stochastic=True,
+                      filters=True)
 KEYS = [ProgramKey(16, 4, 1, Features()), ProgramKey(16, 4, 1, Features(stochastic=True)),
         ProgramKey(16, 4, 1, EVERYTHING), ProgramKey(8, 4, 4, EVERYTHING.for_decode_block())]
 

@@ -75,3 +75,22 @@ def test_sampling_distribution_matches_softmax():
     assert freq[4:].sum() == 0
     # 4000 draws: standard error <= 0.008; allow 4 sigma.
     assert np.abs(freq[:4] - p).max() < 0.035, (freq, p)
+
+
+def test_unfiltered_draw_equals_the_filtered_path_with_filters_off():
+    """Programs of a batch with no top-k / top-p / min-p skip the thresholds: same tokens as the
+    full path with every filter off, greedy rows and bans included."""
+    rng = np.random.default_rng(3)
+    S, V = 64, 300
+    logits = rng.normal(size=(S, V)).astype(np.float32) * 3
+    temp = np.where(np.arange(S) % 4 == 0, 0.0, rng.uniform(0.3, 1.5, S)).astype(np.float32)
+    si = SamplingInputs(temperature=jnp.asarray(temp), top_k=jnp.zeros(S, jnp.int32),
+                        top_p=jnp.ones(S, jnp.float32), min_p=jnp.zeros(S, jnp.float32),
+                        seeds=jnp.arange(S, dtype=jnp.uint32) + 5,
+                        token_index=jnp.full(S, 3, jnp.int32))
+    banned = np.full((S, NUM_BANNED), -1, np.int32)
+    banned[:, 0] = logits.argmax(-1)
+    full = np.asarray(sample(jnp.asarray(logits), si, jnp.asarray(banned)))
+    fast = np.asarray(sample(jnp.asarray(logits), si, jnp.asarray(banned), filters=False))
+    assert (full == fast).all()
+    assert (full != banned[:, 0]).all()

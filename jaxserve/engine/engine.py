@@ -48,7 +48,9 @@ def batch_features(samples: list[Sample], vocab_size: int) -> Features:
     return Features(logprobs=any(s.params.logprobs is not None for s in samples),
                     prompt_logprobs=any(s.wants_prompt_logprobs for s in samples),
                     hist_width=width,
-                    stochastic=any(s.params.temperature > 0 for s in samples))
+                    stochastic=any(s.params.temperature > 0 for s in samples),
+                    filters=any(s.params.temperature > 0 and s.params.has_filters
+                                for s in samples))
 
 
 class CompileProgress:

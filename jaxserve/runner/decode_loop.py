@@ -134,7 +134,7 @@ def step_program(model, opts, k_cache, v_cache, inputs: StepInputs, carry: Carry
         si = dataclasses.replace(inputs.sampling, token_index=inputs.sampling.token_index + i)
         lim = inputs.limits
         banned = jnp.where((i < lim.min_left)[:, None], lim.stop_ids, -1)
-        tok = sample(x, si, banned, stochastic=feats.stochastic)
+        tok = sample(x, si, banned, stochastic=feats.stochastic, filters=feats.filters)
         if feats.logprobs:
             out["sampled_lp"] = jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
         if feats.prompt_logprobs:

@@ -35,13 +35,15 @@ def compiler_options(platform: str, command_buffers: bool) -> dict:
 @dataclasses.dataclass(frozen=True, order=True)
 class Features:
     """What a program computes beyond the forward pass and the argmax (static: part of its key).
-    `stochastic` is the batch's sampling mode, shared by all its programs; the other fields are
-    the extras, compiled into the programs of the steps that have rows asking for them."""
+    `stochastic` and `filters` are the batch's sampling mode, shared by all its programs; the
+    other fields are the extras, compiled into the programs of the steps that have rows asking
+    for them."""
 
     logprobs: bool = False          # top-k + sampled-token logprobs of each sampling row
     prompt_logprobs: bool = False   # logprobs at every token row
     hist_width: int = 0             # W of the penalty history; 0 = no penalties
     stochastic: bool = False        # some row draws (temperature > 0); False: argmax only
+    filters: bool = False           # some drawing row sets top-k, top-p or min-p
 
     @property
     def plain(self) -> bool:
@@ -50,7 +52,7 @@ class Features:
 
     def base(self) -> "Features":
         """The same sampling mode without extras: the programs of steps no row asks extras of."""
-        return Features(stochastic=self.stochastic)
+        return Features(stochastic=self.stochastic, filters=self.filters)
 
     def for_decode_block(self) -> "Features":
         """A fused block only decodes: no prompt positions to score."""

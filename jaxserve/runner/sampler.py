@@ -82,21 +82,27 @@ def row_keys(si: SamplingInputs):
     return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(si.seeds, si.token_index)
 
 
-def sample(logits: jax.Array, si: SamplingInputs, banned=None, *, stochastic: bool = True
-           ) -> jax.Array:
+def sample(logits: jax.Array, si: SamplingInputs, banned=None, *, stochastic: bool = True,
+           filters: bool = True) -> jax.Array:
     """logits f32[S, V] -> token ids i32[S]; `banned` i32[S, NUM_BANNED] (-1 = none) are never drawn.
 
-    `stochastic` (static) compiles the draw in; rows with temperature 0 still take the argmax.
-    False: argmax only, for programs whose batch has no sampling row. The choice is static
-    rather than a `lax.cond` on the rows' temperatures because XLA:GPU decides a conditional on
-    the host (it copies the predicate back and waits for the stream), which would hold the
-    thread launching a step until the steps before it have run."""
+    Both switches are static, the batch's (a program's key), not decided per step:
+    `stochastic` compiles the draw in (rows with temperature 0 still take the argmax; False:
+    argmax only); `filters` the top-k / top-p / min-p thresholds (False: no row of the batch
+    sets one, and the bisections, ~80 passes over [S, V] a step, are left out: with every
+    filter off `filter_logits` keeps every logit, so the draw is the same). Static rather than a
+    `lax.cond` on the rows' settings because XLA:GPU decides a conditional on the host (it
+    copies the predicate back and waits for the stream), which would hold the thread launching
+    a step until the steps before it have run."""
     if banned is not None:
         logits = apply_bans(logits, banned)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if not stochastic:
         return greedy
-    x = filter_logits(logits, si)
+    if filters:
+        x = filter_logits(logits, si)
+    else:
+        x = logits / jnp.where(si.temperature > 0, si.temperature, 1.0)[:, None]
     g = jax.vmap(lambda k: jax.random.gumbel(k, (logits.shape[1],), jnp.float32))(row_keys(si))
     drawn = jnp.argmax(x + g, axis=-1).astype(jnp.int32)
     return jnp.where(si.temperature > 0, drawn, greedy)
