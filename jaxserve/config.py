@@ -241,6 +241,12 @@ class EngineConfig:
     cpu_kv_cache_bytes: int = _field(2 << 30, "KV budget where the device reports no memory (CPU)")
     attention_impl: str = _field("auto", "attention implementation: auto, reference, pallas_gpu, "
                                  "pallas_gpu_interpret, ... (pallas_kernels.IMPLEMENTATIONS)")
+    token_bucket_mid_from: Optional[int] = _field(
+        None, "token buckets are powers of two, and from this many tokens on also 1.5x each "
+        "(0: powers of two only; default: 256 on GPU/TPU, 0 on CPU). Past ~200 tokens a step's "
+        "matmuls are compute-bound on an accelerator, so a step padded to the next power of two "
+        "pays for up to twice its tokens (the H200's 716-row decode steps ran in 1024-token "
+        "programs); each extra bucket is one more program to compile")
     page_bucket_growth: int = _field(4, "page-table width buckets grow by this factor (1: one "
                                      "bucket; only the CPU reference attention uses more)")
     fused_decode_steps: Optional[int] = _field(None, "decode steps fused into one program when only "
@@ -275,8 +281,8 @@ class EngineConfig:
                                        "programs (off: every step's buffers change, and updating "
                                        "the graphs cost 3 % end to end on the H200)")
     launch_thread: bool = _field(False, "transfer each step's inputs and launch its program from a "
-                                 "worker thread, so the host goes on planning where a launch "
-                                 "waits for the device (as on the H200: benchmarks/README.md)")
+                                 "worker thread, so the host goes on planning while a launch "
+                                 "queues behind the device")
     # scan: compile time independent of depth; unrolled: no per-step copies of each layer's
     # weights (faster on GPU), longer compiles.
     layer_loop: str = _field("auto", "decoder layer loop: scan over stacked weights, or unrolled "
@@ -304,6 +310,10 @@ class EngineConfig:
                      "max_num_seqs"):
             if getattr(self, name) is not None:
                 pos_int(name)
+        mid = self.token_bucket_mid_from
+        if mid is not None and (isinstance(mid, bool) or not isinstance(mid, int) or mid < 0):
+            raise ConfigError("engine: field 'token_bucket_mid_from' must be an integer >= 0 "
+                              f"(0: powers of two only), got {mid!r}")
         if self.page_size & (self.page_size - 1):
             raise ConfigError(f"engine: field 'page_size'={self.page_size} must be a power of two "
                               "(GPU kernels tile pages with power-of-two blocks)")

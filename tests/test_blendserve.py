@@ -403,3 +403,20 @@ def test_probe_runs_first_and_its_outputs_are_the_real_ones(blend_engine):
     assert st.output_len_realised_mean > 0 and st.output_len_error >= 0
     assert st.computed_prefill_tokens == st.optimal_prefill_tokens
     assert st.generated_tokens == sum(len(o.token_ids) for o in out)
+
+
+def test_order_bound_is_below_every_policy_and_order_invariant():
+    """`order_bound`: no policy's projected time is below it, and the work it counts (tokens,
+    prefill pairs, KV read) is the same whatever the order (within 2 %), so fifo / bound is the
+    most any order could gain."""
+    from jaxserve.engine.simulate import order_bound
+
+    reqs = workloads.preset("blend_mix3_clustered", vocab_size=CFG.vocab_size, scale=0.1)
+    outs = [r["max_tokens"] for r in reqs]
+    bounds = {}
+    for pol in CANDIDATES:
+        res = sim(from_requests(reqs), pol)
+        bounds[pol] = order_bound(res, COSTS, budget=2048, max_rows=256, output_lens=outs)
+        assert res.seconds >= bounds[pol] > 0, pol
+        assert res.steps >= max(outs)
+    assert max(bounds.values()) <= 1.02 * min(bounds.values()), bounds

@@ -125,6 +125,26 @@ def test_extras_programs_compiled_at_start(tiny_models):
     assert st.compiled_programs == eng.runner.num_compiled
 
 
+def test_mid_token_buckets_change_no_output(tiny_models):
+    """1.5x token buckets (on by default on accelerators) pad a step to the nearer bucket: the
+    engine picks them, steps are padded less, and every output is the same."""
+    from jaxserve.runner.buckets import BucketSet
+
+    b = BucketSet.make(16384, 1024, 72, mid_from=256)
+    assert b.token_buckets[:6] == (16, 32, 64, 128, 256, 384)
+    assert b.token_bucket(716) == 768 and b.token_bucket(1025) == 1536 and b.token_buckets[-1] == 16384
+    assert BucketSet.make(2048, 256, 72).token_buckets == (16, 32, 64, 128, 256, 512, 1024, 2048)
+    path, hf = tiny_models["llama3"]
+    reqs = ragged_requests(24, hf.config.vocab_size, seed=9, max_prompt=60, max_out=20)
+    pow2 = make_engine(path, max_num_batched_tokens=64, token_bucket_mid_from=0)
+    mid = make_engine(path, max_num_batched_tokens=64, token_bucket_mid_from=16)
+    assert mid.buckets.token_buckets == (16, 24, 32, 48, 64)
+    a, b_ = pow2.run(reqs), mid.run(reqs)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b_]
+    assert {k.tokens for k in mid.runner.programs.keys()} & {24, 48}
+    assert mid.last_stats.padded_tokens < pow2.last_stats.padded_tokens
+
+
 def test_preemption_recomputes_correctly(tiny_models):
     path, hf = tiny_models["qwen2"]
     reqs = ragged_requests(12, hf.config.vocab_size, seed=11, max_prompt=40, max_out=40)

@@ -36,6 +36,7 @@ class PlanRecord:
     decode_rows: int
     kv_reads: float         # KV tokens the decode rows read (all steps)
     kv_pages_used: int
+    pairs: float = 0.0      # prefill (query, key) pairs
 
 
 @dataclasses.dataclass
@@ -125,10 +126,10 @@ def simulate(samples: list, policy: str, ecfg: EngineConfig, model_cfg: ModelCon
 
 
 def _record(dt, p, padded, terms, sched) -> PlanRecord:
-    rows, reads, decoders, _ = terms
+    rows, reads, decoders, pairs = terms
     n = p.decode_steps
     return PlanRecord(dt, p.num_tokens * n, padded, rows, n, decoders,
-                      n * reads + decoders * n * (n - 1) / 2, sched.pool.num_used)
+                      n * reads + decoders * n * (n - 1) / 2, sched.pool.num_used, pairs)
 
 
 def _fast_forward(sched, p, padded, terms, costs: StepCosts, overlap: bool, fused: int):
@@ -162,12 +163,29 @@ def _fast_forward(sched, p, padded, terms, costs: StepCosts, overlap: bool, fuse
         r = reads + j * n * decoders
         dt = costs.seconds(rows, padded, n, r, decoders, pairs, overlap)
         out.append(PlanRecord(dt, p.num_tokens * n, padded, rows, n, decoders,
-                              n * r + decoders * n * (n - 1) / 2, sched.pool.num_used))
+                              n * r + decoders * n * (n - 1) / 2, sched.pool.num_used, pairs))
     for s in running:
         s.output_ids.extend([_TOKEN] * k)
         s.num_computed += k
         sched._ensure_pages(s, s.num_computed)
     return out
+
+
+def order_bound(res: SimResult, costs: StepCosts, *, budget: int, max_rows: int,
+                output_lens: list[int]) -> float:
+    """The least time any admission order could take for the batch `res` simulated, under the
+    step-time model: the device work no order changes (tokens computed, prefill attention pairs,
+    KV read: those of `res`), no padding, no host time (hidden under overlap), and the fewest
+    steps any schedule needs (the tokens over the budget, the longest output, the outputs over
+    the rows). Because a step's parts add up (`cost_model.py`), an order can save only steps,
+    padding and host time: `res.seconds / order_bound(res, ...)` is the most any order could
+    gain over the one simulated."""
+    work = sum(costs.token * p.tokens + costs.kv * p.kv_reads + costs.pair * p.pairs
+               for p in res.trace)
+    tokens = sum(p.tokens for p in res.trace)
+    steps = max(-(-tokens // budget), max(output_lens, default=0),
+                -(-sum(output_lens) // max_rows))
+    return work + steps * costs.step
 
 
 def choose_policy(samples: list, ecfg: EngineConfig, model_cfg: ModelConfig, costs: StepCosts,

@@ -107,6 +107,11 @@ def resolve_max_model_len(cfg: ModelConfig, ecfg: EngineConfig, pages: int) -> i
     return min(cfg.max_position_embeddings, cap)
 
 
+# Where 1.5x token buckets start on an accelerator: past the tokens at which a step's matmuls
+# turn compute-bound (matmul rate over copy bandwidth, ~165 on the H200), padding costs compute.
+MID_BUCKETS_FROM = 256
+
+
 @dataclasses.dataclass(frozen=True)
 class Sizes:
     attention_impl: str
@@ -139,6 +144,9 @@ def plan_sizes(cfg: ModelConfig, ecfg: EngineConfig, kv_dtype, *, unstack=None,
     # accelerator the reference is only a peer, so one width keeps compile time down there.
     growth = (ecfg.page_bucket_growth
               if impl == "reference" and jax.default_backend() == "cpu" else 1)
-    buckets = BucketSet.make(budget, rows, pages_per_seq, page_growth=growth)
+    mid = ecfg.token_bucket_mid_from
+    if mid is None:
+        mid = 0 if jax.default_backend() == "cpu" else MID_BUCKETS_FROM
+    buckets = BucketSet.make(budget, rows, pages_per_seq, page_growth=growth, mid_from=mid)
     return Sizes(impl, loop, resolve_fused_steps(ecfg.fused_decode_steps), pages, max_len, budget,
                  rows, buckets)

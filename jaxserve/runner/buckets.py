@@ -6,10 +6,13 @@ import bisect
 import dataclasses
 
 
-def _pow2_upto(lo: int, cap: int) -> list[int]:
+def _token_buckets(lo: int, cap: int, mid_from: int = 0) -> list[int]:
+    """Powers of two from `lo`, and from `mid_from` on (0: never) also 1.5x each, up to `cap`."""
     out, v = [], lo
     while v < cap:
         out.append(v)
+        if mid_from and v >= mid_from and v * 3 // 2 < cap:
+            out.append(v * 3 // 2)
         v *= 2
     out.append(cap)  # capped at the budget, never above: a bucket past it only pads
     return sorted(set(out))
@@ -30,8 +33,9 @@ class BucketSet:
 
     @classmethod
     def make(cls, max_num_batched_tokens: int, max_num_seqs: int, max_pages_per_seq: int,
-             page_growth: int = 1, min_tokens: int = 16) -> "BucketSet":
-        tokens = _pow2_upto(min(min_tokens, max_num_batched_tokens), max_num_batched_tokens)
+             page_growth: int = 1, min_tokens: int = 16, mid_from: int = 0) -> "BucketSet":
+        tokens = _token_buckets(min(min_tokens, max_num_batched_tokens), max_num_batched_tokens,
+                                mid_from)
         return cls(tuple(tokens), max_num_seqs, max_pages_per_seq, page_growth)
 
     def seqs_for(self, num_tokens_bucket: int) -> int:
