@@ -125,6 +125,24 @@ def test_extras_programs_compiled_at_start(tiny_models):
     assert st.compiled_programs == eng.runner.num_compiled
 
 
+def test_a_shorter_batch_runs_on_the_wider_programs_already_compiled(tiny_models):
+    """One page width a batch (the kernels' setting): a batch of shorter requests after a longer
+    one reuses the programs compiled for the wider page table (a notebook's second generate, a
+    benchmark's warm-up) and compiles nothing, with the outputs a fresh engine gives."""
+    path, hf = tiny_models["llama3"]
+    long = ragged_requests(10, hf.config.vocab_size, seed=31, max_prompt=120, max_out=30)
+    short = ragged_requests(6, hf.config.vocab_size, seed=32, max_prompt=12, max_out=6)
+    eng = make_engine(path, page_bucket_growth=1, compilation_cache_dir="off")
+    eng.run(long)
+    n = eng.runner.num_compiled
+    got = eng.run(short)
+    assert eng.last_stats.compiled_programs == 0 and eng.runner.num_compiled == n
+    fresh = make_engine(path, page_bucket_growth=1, compilation_cache_dir="off")
+    want = fresh.run(short)
+    assert fresh.last_stats.compiled_programs > 0
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+
+
 def test_mid_token_buckets_change_no_output(tiny_models):
     """1.5x token buckets (on by default on accelerators) pad a step to the nearer bucket: the
     engine picks them, steps are padded less, and every output is the same."""

@@ -203,6 +203,13 @@ class ProgramSet:
         self.compile_seconds += time.perf_counter() - t0
         return len(todo)
 
+    def covering(self, key: ProgramKey) -> Optional[ProgramKey]:
+        """The narrowest compiled program that can run every step `key` would (same tokens,
+        steps and features, a page table at least as wide), or None."""
+        fits = [k for k in self._compiled if k.tokens == key.tokens and k.steps == key.steps
+                and k.features == key.features and k.pages >= key.pages]
+        return min(fits) if fits else None
+
     def pick(self, tokens: int, pages: int, steps: int, features: Features) -> ProgramKey:
         """The smallest compiled program with this token bucket, step count and features whose
         page-table width holds `pages`."""
