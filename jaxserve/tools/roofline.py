@@ -130,7 +130,9 @@ def matmul_rates(matmul_sizes=(8192, 16384), passes: int = 40) -> dict[str, floa
     """FLOP/s of one program chaining `passes` bf16 matmuls of n x n, per "<n> <layout>
     <backend>" variant: B as stored ("nn") or contracted on its last axis ("nt", the layout
     cuBLAS prefers on Hopper), and on GPU XLA's own choice of GEMM kernel beside cuBLAS only
-    (Triton GEMMs off)."""
+    (Triton GEMMs off); plus "<n> nt xla identity": B the identity, whose operands toggle few
+    bits, so a GPU that lowers its clock under load draws less power and runs nearer its peak
+    clock (the rate the tensor cores reach at all, above what random weights get)."""
     import jax
     import jax.numpy as jnp
 
@@ -152,5 +154,11 @@ def matmul_rates(matmul_sizes=(8192, 16384), passes: int = 40) -> dict[str, floa
                 fn = jax.jit(chain(layout), static_argnums=2).lower(a, b, passes).compile(opts)
                 out[f"{n} {layout} {name}"] = (2 * n ** 3 * passes
                                                / _program_seconds(lambda a, b: fn(a, b), a, b))
+        if jax.default_backend() == "gpu":
+            eye = jnp.eye(n, dtype=jnp.bfloat16)
+            fn = jax.jit(chain("nt"), static_argnums=2).lower(a, eye, passes).compile()
+            out[f"{n} nt xla identity"] = (2 * n ** 3 * passes
+                                           / _program_seconds(lambda a, b: fn(a, b), a, eye))
+            del eye
         del a, b
     return out
