@@ -174,29 +174,33 @@ def test_step_density_stays_near_the_batch_density(spec):
 
 
 def test_admission_takes_compute_work_while_memory_work_runs():
-    """With the order itself clustered (density order, no dual scan: every memory-heavy request
-    first), plan-order admission starts the first compute-heavy request only once the whole
-    memory side is admitted; the blend admission starts it at once, with most of it waiting."""
-    def admitted_before_first_compute(admission):
-        seqs = make_samples(CLUSTERED)
+    """More memory-heavy requests than rows, in a clustered order (density order, no dual scan):
+    plan-order admission fills every row with memory-heavy work and starts the first
+    compute-heavy request only when one of those finishes (~384 steps on); the blend admission
+    takes the memory side first too (longest first) but keeps a row and the pages for the
+    compute side, which starts within the first steps, while the memory side still runs."""
+    spec = [(64, 384)] * 300 + [(1536, 16)] * 100
+
+    def steps_before_first_compute(admission):
+        seqs = make_samples(spec)
         plan = plan_batch(seqs, sharing=True, policy="blendserve", model_cfg=CFG,
                           blend=BlendOptions(dual_scan=False))
         sched = Scheduler(PagePool(40657, 16), 2048, 256, reserve=True,
                           admission=for_plan(plan, admission))
         sched.light_rows = True
         sched.add_all(seqs)
-        memory = 0
-        for _ in range(400):
+        for step in range(600):
             p = sched.schedule()
-            new = [s for r, s in zip(p.rows, p.owners) if s.samples and r.start == s.base]
-            if any(len(s.prompt_ids) == 1536 for s in new):
-                return memory + sum(len(s.prompt_ids) == 64 for s in new)
-            memory += len(new)
+            if any(len(s.prompt_ids) == 1536 for s in p.owners if s.samples):
+                memory_running = sum(len(s.prompt_ids) == 64 for s in sched.running)
+                return step, memory_running
             sched.commit(p, _Result(np.full((1, len(p.rows)), 2, np.int32)))
         return None
 
-    assert admitted_before_first_compute(False) == 200
-    assert admitted_before_first_compute(True) < 100
+    plain, _ = steps_before_first_compute(False)
+    blend, memory_running = steps_before_first_compute(True)
+    assert plain >= 300
+    assert blend < 20 and memory_running >= 200
 
 
 def test_priorities_still_come_first_under_blend_admission():

@@ -18,11 +18,12 @@ groups of a side, one after another). BlendServe's density is re-measured on the
 of this engine has: a unit's share of the token budget over its share of rows or KV pages
 (reserved pages under admission control), against the batch's. Each step each side's drain time
 is its remaining need of each resource over what its running samples hold of it, the scarcest
-resource counting; the side that would finish last at that rate is admitted from. Once the memory
-side holds what rows it can, the compute side's remaining work is spread over the steps the
-memory side still needs (`step_budget`: decodes plus that share of prefill, rounded up to a token
-bucket so the share costs no padding), so each step's mix stays near the batch's density and the
-two sides run out together (no long phase of prefill alone, then decode alone). The memory side
+resource counting. The memory side is admitted from first (its samples hold rows for many steps:
+started late they end the run as a tail of long decodes in steps with few rows), the compute side
+from what it leaves. Once the memory side holds what rows it can, the compute side's remaining
+work is spread over the steps the memory side still needs (`step_budget`: decodes plus that
+share of prefill, rounded up to a token bucket so the share costs no padding), so each step's
+mix stays near the batch's density and the two sides run out together (no long phase of prefill alone, then decode alone). The memory side
 never takes the last row or the KV pages the compute side's next request needs while that side
 waits, so neither starves.
 
@@ -41,6 +42,7 @@ from jaxserve.scheduler.density import Costs, expected_len, kv_reads, prefix_sha
 from jaxserve.scheduler.sequence import Sample, Status
 
 LOOKAHEAD = 64   # waiting samples inspected past ones blocked on a prefix still being computed
+BLEND_SPREAD = 2.0   # units within this factor of the batch's density are not split into sides
 
 
 class Outcome(enum.Enum):
@@ -218,8 +220,12 @@ class BlendAdmission:
                     v[i] += d
             per.append(v)
         target = _density([sum(v[i] for v in per) for i in range(3)], cap)
-        for u, v in zip(self.units, per):
-            side = self.COMPUTE if _density(v, cap) >= target else self.MEMORY
+        rho = [_density(v, cap) for v in per]
+        # A batch whose units all sit within BLEND_SPREAD of its density has nothing to blend
+        # (requests of one shape split by rounding): one queue, in plan order.
+        uniform = all(target / BLEND_SPREAD <= r <= target * BLEND_SPREAD for r in rho)
+        for u, r in zip(self.units, rho):
+            side = self.COMPUTE if r >= target and not uniform else self.MEMORY
             for x in u.samples:
                 self.side_of[id(x)] = side
 
@@ -322,11 +328,11 @@ class BlendAdmission:
             self.blocked[self.MEMORY] = True
             mem = None
         if mem is not None and comp is not None:
-            if mem.priority != comp.priority:
-                side = self.MEMORY if mem.priority < comp.priority else self.COMPUTE
-            else:   # the side that would finish last at what it holds now catches up
-                side = (self.MEMORY if self._drain(self.MEMORY) >= self._drain(self.COMPUTE)
-                        else self.COMPUTE)
+            # Memory-heavy work first (longest-processing-time first): it holds its rows for
+            # many steps, and started late it would end the run as a tail of a few long decodes
+            # in steps with few rows. The compute side fills the budget the step has left and
+            # the rows and pages the cap above keeps for it.
+            side = (self.COMPUTE if comp.priority < mem.priority else self.MEMORY)
         elif mem is not None:
             side = self.MEMORY
         elif comp is not None:
