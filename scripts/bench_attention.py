@@ -97,6 +97,15 @@ def case_batch(name: str, scale: float) -> Batch:
         rng = np.random.default_rng(0)
         seqs = [(s(2048), s(512))] * 4 + [(int(x), 1) for x in rng.integers(s(1024), s(4096), 128)]
         return Batch(seqs, [])
+    # Decode steps of the engine's H200 runs at default sizes (no sharing): the decode-heavy
+    # workload's first wave (716 rows the KV pool holds, mid-run context), its second wave, and
+    # no-sharing's 1024 rows.
+    if name == "e":
+        return Batch([(s(640), 1)] * 716, [])
+    if name == "f":
+        return Batch([(s(1024), 1)] * 308, [])
+    if name == "g":
+        return Batch([(s(640), 1)] * 1024, [])
     raise ValueError(name)
 
 
