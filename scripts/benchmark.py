@@ -149,6 +149,20 @@ def hf_batches(reqs: list[dict], bs: int, max_tokens: int) -> list[list[dict]]:
     return out
 
 
+def _torch_device() -> str:
+    """The peer's device: the GPU, or the CPU where there is none (a smoke test of this script)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _torch_sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def run_hf(cfg_holder: dict, reqs: list[dict]) -> dict:
     """HF transformers generate, bf16, batched (left padding), on the same GPU: the peer users run
     without a serving engine. Same shape, random weights, fixed output lengths."""
@@ -160,8 +174,9 @@ def run_hf(cfg_holder: dict, reqs: list[dict]) -> dict:
     hf_cfg = transformers.AutoConfig.for_model(**{k: v for k, v in presets.preset_dict(FLAGS.model).items()
                                                   if k not in ("architectures",)})
     cfg_holder["cfg"] = presets.load_preset(FLAGS.model)
+    dev = _torch_device()
     t0 = time.perf_counter()
-    with torch.device("cuda"):
+    with torch.device(dev):
         model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16).eval()
     load_s = time.perf_counter() - t0
     bs = FLAGS.hf_batch_size
@@ -178,9 +193,9 @@ def run_hf(cfg_holder: dict, reqs: list[dict]) -> dict:
         with torch.no_grad():
             kw = ({} if FLAGS.hf_cache_implementation == "dynamic"
                   else dict(cache_implementation=FLAGS.hf_cache_implementation))
-            model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=out_len,
+            model.generate(ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=out_len,
                            min_new_tokens=out_len, do_sample=False, pad_token_id=0, **kw)
-        torch.cuda.synchronize()
+        _torch_sync()
 
     if FLAGS.hf_mode == "continuous":
         return run_hf_continuous(model, reqs, load_s)
@@ -223,7 +238,7 @@ def run_hf_continuous(model, reqs: list[dict], load_s: float) -> dict:
 
     t1 = time.perf_counter()
     model.generate_batch([r["prompt_token_ids"] for r in reqs[:4]], generation_config=config(8))
-    torch.cuda.synchronize()
+    _torch_sync()
     warm_s = time.perf_counter() - t1
     by_len: dict = {}
     for r in reqs:
@@ -234,7 +249,7 @@ def run_hf_continuous(model, reqs: list[dict], load_s: float) -> dict:
     for n_out, group in sorted(by_len.items()):
         out = model.generate_batch([r["prompt_token_ids"] for r in group],
                                    generation_config=config(n_out))
-        torch.cuda.synchronize()
+        _torch_sync()
         produced += sum(len(o.generated_tokens) for o in out.values())
         n_tok = sum(len(r["prompt_token_ids"]) + n_out for r in group)
         trace.append((time.perf_counter() - t2, n_tok, n_out * len(group), n_tok))
