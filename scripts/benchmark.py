@@ -228,7 +228,6 @@ def run_hf_continuous(model, reqs: list[dict], load_s: float) -> dict:
     """transformers' continuous batching (`generate_batch`: paged KV cache, requests join and
     leave every step), one call per distinct output length (its GenerationConfig fixes
     max_new_tokens for the call); EOS off so every request produces exactly its tokens."""
-    import torch
     import transformers
     from transformers.generation import GenerationConfig
 
