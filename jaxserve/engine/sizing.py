@@ -112,6 +112,14 @@ def resolve_max_model_len(cfg: ModelConfig, ecfg: EngineConfig, pages: int) -> i
 MID_BUCKETS_FROM = 256
 
 
+def resolve_token_bucket_mid_from(ecfg: EngineConfig, platform: str) -> int:
+    """`token_bucket_mid_from`, its default resolved: MID_BUCKETS_FROM on an accelerator, 0 (powers
+    of two only) on CPU, where compile time counts more than padding."""
+    if ecfg.token_bucket_mid_from is not None:
+        return ecfg.token_bucket_mid_from
+    return 0 if platform == "cpu" else MID_BUCKETS_FROM
+
+
 @dataclasses.dataclass(frozen=True)
 class Sizes:
     attention_impl: str
@@ -144,9 +152,7 @@ def plan_sizes(cfg: ModelConfig, ecfg: EngineConfig, kv_dtype, *, unstack=None,
     # accelerator the reference is only a peer, so one width keeps compile time down there.
     growth = (ecfg.page_bucket_growth
               if impl == "reference" and jax.default_backend() == "cpu" else 1)
-    mid = ecfg.token_bucket_mid_from
-    if mid is None:
-        mid = 0 if jax.default_backend() == "cpu" else MID_BUCKETS_FROM
-    buckets = BucketSet.make(budget, rows, pages_per_seq, page_growth=growth, mid_from=mid)
+    buckets = BucketSet.make(budget, rows, pages_per_seq, page_growth=growth,
+                             mid_from=resolve_token_bucket_mid_from(ecfg, jax.default_backend()))
     return Sizes(impl, loop, resolve_fused_steps(ecfg.fused_decode_steps), pages, max_len, budget,
                  rows, buckets)

@@ -213,12 +213,11 @@ class ProgramSet:
     def pick(self, tokens: int, pages: int, steps: int, features: Features) -> ProgramKey:
         """The smallest compiled program with this token bucket, step count and features whose
         page-table width holds `pages`."""
-        fits = [k for k in self._compiled if k.tokens == tokens and k.steps == steps
-                and k.features == features and k.pages >= pages]
-        if not fits:
+        key = self.covering(ProgramKey(tokens, pages, steps, features))
+        if key is None:
             raise RuntimeError(f"no compiled program for T={tokens} P>={pages} steps={steps} "
                                f"{features}: the run's compile set missed a reachable step")
-        return min(fits)
+        return key
 
     def __getitem__(self, key: ProgramKey):
         return self._compiled[key]

@@ -163,11 +163,10 @@ def simulate_policies(cfg: ModelConfig, prompts, params, *, device: str, ecfg: E
     if pages < per_seq + 1:
         return {}        # the longest request's KV does not fit beside the weights: nothing runs
     pages = min(pages, ecfg.max_num_seqs * per_seq + 1)
-    from jaxserve.engine.sizing import MID_BUCKETS_FROM
+    from jaxserve.engine.sizing import resolve_token_bucket_mid_from
 
-    mid = MID_BUCKETS_FROM if ecfg.token_bucket_mid_from is None else ecfg.token_bucket_mid_from
     buckets = BucketSet.make(ecfg.max_num_batched_tokens, ecfg.max_num_seqs, per_seq,
-                             mid_from=mid)
+                             mid_from=resolve_token_bucket_mid_from(ecfg, "gpu"))
     costs = StepCosts.make(prof, cfg, dtype_bytes)
     samples = [Sample(prompt_ids=list(p), index=i, params=sp, request=i, max_len=max_len)
                for i, (p, sp) in enumerate(zip(prompts, params))]
