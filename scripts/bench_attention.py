@@ -316,7 +316,7 @@ def main(argv):
     for case in FLAGS.cases:
         batch = case_batch(case, FLAGS.scale)
         print(f"# case {case}: building inputs (t={time.perf_counter() - T0:.1f}s)", flush=True)
-        nsets = FLAGS.sets or {"a": 4, "b": 16, "c": 6, "d": 6}[case]
+        nsets = FLAGS.sets or {"a": 4, "b": 16, "c": 6, "d": 6, "e": 4, "f": 4, "g": 4}[case]
         # Build R sets of metadata over disjoint pages, then one cache holding all of them.
         mds, mdgs = [], []
         base = 1

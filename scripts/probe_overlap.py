@@ -1,0 +1,232 @@
+"""Can a decode step's attention (memory-bound) run beside its matmuls (compute-bound) on one GPU?
+
+The engine's step runs each layer's matmuls, then its attention, one after the other, so a decode
+step costs their sum while its floor is their max (benchmarks/README.md: decode-heavy at 0.36 of
+the floor, the sum capping it near 0.60). This probe times L Llama-3-8B layers of one decode step
+(R rows at C tokens of context, bf16, the engine's Pallas kernel over a paged cache, KV writes
+included) in one program per variant:
+
+  mm       the matmuls alone (qkv, o, gate_up, down), all R rows
+  attn     the KV write and attention alone, all R rows
+  seq      the layer as the engine runs it
+  split    two nano-batches of R/2 rows, interleaved, one stream (what splitting costs)
+  streams  the same with every attention on a second stream (`compute_on("gpu_stream:1")`), so
+           nano-batch A's attention can run while B's matmuls do (NanoFlow's schedule):
+             qkv(A_l); {attn(A_l) || post(B_{l-1}), qkv(B_l)}; {attn(B_l) || post(A_l), qkv(A_{l+1})}
+
+If `streams` lands near max(mm, attn) rather than mm + attn, an overlapped decode layer is worth
+building. Seconds are the best of a few runs of the whole program (after a warm-up run), per
+layer.
+
+  python3 scripts/probe_overlap.py --shapes=716x640,1024x640 --layers=8 --out=$OUT/overlap.json
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.compute_on import compute_on
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from pallas_kernels.gpu import kernel, work_items  # noqa: E402
+from pallas_kernels.metadata import AttentionMetadata, write_kv  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("shapes", ["716x640", "1024x640"], "ROWSxCONTEXT decode steps")
+flags.DEFINE_integer("layers", 8, "layers in each program")
+flags.DEFINE_list("variants", ["mm", "attn", "seq", "split", "streams"], "variants to time")
+flags.DEFINE_integer("reps", 5, "timed runs (best)")
+flags.DEFINE_integer("page_size", 16, "tokens per page")
+flags.DEFINE_bool("interpret", False, "Pallas interpret mode (CPU smoke test)")
+flags.DEFINE_integer("hidden", 4096, "hidden size")
+flags.DEFINE_integer("intermediate", 14336, "MLP size")
+flags.DEFINE_string("out", "", "JSON output")
+
+HQ, HKV, D = 32, 8, 128
+
+
+def metadata(rows: int, ctx: int, ps: int, first_page: int) -> AttentionMetadata:
+    """One decode token per row at position ctx - 1; row r's pages are contiguous."""
+    npg = -(-ctx // ps)
+    pt = first_page + np.arange(rows * npg, dtype=np.int32).reshape(rows, npg)
+    pos = np.full((rows,), ctx - 1, np.int32)
+    slots = pt[:, (ctx - 1) // ps] * ps + (ctx - 1) % ps
+    md = AttentionMetadata(
+        positions=jnp.asarray(pos), token_seq=jnp.arange(rows, dtype=jnp.int32),
+        slot_mapping=jnp.asarray(slots, jnp.int32),
+        query_start=jnp.arange(rows + 1, dtype=jnp.int32),
+        seq_lens=jnp.full((rows,), ctx, jnp.int32), page_table=jnp.asarray(pt))
+    return dataclasses.replace(md, work=work_items.device_work_items(
+        md, num_q_heads=HQ, num_kv_heads=HKV, page_size=ps, head_dim=D))
+
+
+def best_seconds(fn, args, reps):
+    out = fn(*args)
+    jax.block_until_ready(out)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        jax.block_until_ready(out)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def run_shape(rows: int, ctx: int, layers: int) -> dict:
+    ps, hid, inter = FLAGS.page_size, FLAGS.hidden, FLAGS.intermediate
+    dt = jnp.bfloat16
+    half = rows // 2
+    md_all = metadata(rows, ctx, ps, 1)
+    md_a = metadata(half, ctx, ps, 1)
+    md_b = metadata(rows - half, ctx, ps, 1 + half * -(-ctx // ps))
+    pages = 1 + rows * -(-ctx // ps) + 1
+    keys = iter(jax.random.split(jax.random.key(0), 8 * layers + 4))
+
+    def w(shape, fan_in):
+        return (jax.random.normal(next(keys), shape, jnp.float32) / fan_in ** 0.5).astype(dt)
+    ws = [dict(qkv=w((hid, (HQ + 2 * HKV) * D), hid), o=w((HQ * D, hid), HQ * D),
+               gu=w((hid, 2 * inter), hid), down=w((inter, hid), inter)) for _ in range(layers)]
+    kc = jax.random.normal(next(keys), (HKV, layers * pages, ps, D), dt)
+    vc = jax.random.normal(next(keys), (HKV, layers * pages, ps, D), dt)
+    x0 = jax.random.normal(next(keys), (rows, hid), dt)
+    scale = D ** -0.5
+
+    def qkv(x, wl):
+        q, k, v = jnp.split(x @ wl["qkv"], [HQ * D, (HQ + HKV) * D], axis=-1)
+        n = x.shape[0]
+        return q.reshape(n, HQ, D), k.reshape(n, HKV, D), v.reshape(n, HKV, D)
+
+    def post(x, a, wl):
+        x = x + a.reshape(x.shape[0], HQ * D) @ wl["o"]
+        g, u = jnp.split(x @ wl["gu"], 2, axis=-1)
+        return x + (jax.nn.silu(g) * u) @ wl["down"]
+
+    def attend(kc, vc, q, k, v, md, li):
+        slots = md.slot_mapping + li * pages * ps
+        kc, vc = write_kv(kc, vc, k, v, slots)
+        a = kernel.ragged_paged_attention(q, kc, vc, md, page_offset=li * pages, sm_scale=scale,
+                                          interpret=FLAGS.interpret)
+        return kc, vc, a
+
+    attend_s1 = jax.jit(attend, static_argnums=6)
+
+    def attend_stream(*args):
+        with compute_on("gpu_stream:1"):
+            return attend_s1(*args)
+
+    def v_mm(ws, kc, vc, x):
+        for wl in ws:
+            q, _, _ = qkv(x, wl)
+            x = post(x, q, wl)
+        return x, kc, vc
+
+    def v_attn(ws, kc, vc, x):
+        q = jnp.broadcast_to(x[:, None, :D], (rows, HQ, D))
+        k = q[:, :HKV]
+        for li in range(layers):
+            kc, vc, a = attend(kc, vc, q, k, k, md_all, li)
+            q = q + a.astype(q.dtype)
+        return q, kc, vc
+
+    def v_seq(ws, kc, vc, x):
+        for li, wl in enumerate(ws):
+            q, k, v = qkv(x, wl)
+            kc, vc, a = attend(kc, vc, q, k, v, md_all, li)
+            x = post(x, a, wl)
+        return x, kc, vc
+
+    def nano(att):
+        def f(ws, kc, vc, x):
+            xa, xb = x[:half], x[half:]
+            qa, ka, va = qkv(xa, ws[0])
+            ab = None
+            for li, wl in enumerate(ws):
+                kc, vc, aa = att(kc, vc, qa, ka, va, md_a, li)
+                if ab is not None:
+                    xb = post(xb, ab, ws[li - 1])
+                qb, kb, vb = qkv(xb, wl)
+                kc, vc, ab = att(kc, vc, qb, kb, vb, md_b, li)
+                xa = post(xa, aa, wl)
+                if li + 1 < layers:
+                    qa, ka, va = qkv(xa, ws[li + 1])
+            xb = post(xb, ab, ws[-1])
+            return jnp.concatenate([xa, xb]), kc, vc
+        return f
+
+    fns = dict(mm=v_mm, attn=v_attn, seq=v_seq, split=nano(attend), streams=nano(attend_stream))
+    flops = 2 * rows * layers * sum(int(np.prod(a.shape)) for a in ws[0].values())
+    kv_bytes = 2 * rows * ctx * HKV * D * 2 * layers
+    rec = dict(rows=rows, context=ctx, layers=layers, matmul_flops=flops, kv_bytes=kv_bytes,
+               weight_bytes=2 * layers * sum(int(np.prod(a.shape)) for a in ws[0].values()))
+    outs = {}
+    for name in FLAGS.variants:
+        f = jax.jit(fns[name], donate_argnums=(1, 2))
+        try:
+            lowered = f.lower(ws, kc, vc, x0)
+            compiled = lowered.compile()
+            text = compiled.as_text() or ""
+            rec[f"{name}_stream_annotations"] = text.count('_xla_stream_annotation="1"')
+            # Donation consumes the caches: each timed run gets the previous run's outputs.
+            state = [kc, vc]
+
+            def call(*_):
+                o, state[0], state[1] = compiled(ws, state[0], state[1], x0)
+                return o
+            kc = vc = None
+            sec = best_seconds(call, (), FLAGS.reps)
+            kc, vc = state
+            out = call()
+            kc, vc = state
+            outs[name] = np.asarray(out.astype(jnp.float32))
+            rec[f"{name}_ms_per_layer"] = 1e3 * sec / layers
+            print(f"{rows}x{ctx} {name}: {1e3 * sec / layers:.3f} ms/layer "
+                  f"(annotations {rec[f'{name}_stream_annotations']})", flush=True)
+        except Exception as e:  # a variant that does not compile is a result too
+            rec[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(f"{rows}x{ctx} {name}: {rec[f'{name}_error']}", flush=True)
+            if kc is None:
+                kc = jax.random.normal(jax.random.key(5), (HKV, layers * pages, ps, D), dt)
+                vc = jax.random.normal(jax.random.key(6), (HKV, layers * pages, ps, D), dt)
+    # The nano-batched variants compute the same function as seq (up to bf16 rounding order).
+    for name in ("split", "streams"):
+        if name in outs and "seq" in outs:
+            ref = outs["seq"]
+            rec[f"{name}_max_rel_diff"] = float(np.max(np.abs(outs[name] - ref))
+                                                / (np.max(np.abs(ref)) + 1e-9))
+    m = {k: rec.get(f"{k}_ms_per_layer") for k in ("mm", "attn", "seq", "streams")}
+    if all(m.values()):
+        rec["sum_ms"] = m["mm"] + m["attn"]
+        rec["max_ms"] = max(m["mm"], m["attn"])
+        rec["streams_over_seq"] = m["streams"] / m["seq"]
+        # 0: no overlap (the sum); 1: perfect overlap (the max of the two parts).
+        rec["overlap_achieved"] = (m["seq"] - m["streams"]) / max(1e-9, m["seq"] - rec["max_ms"])
+    return rec
+
+
+def main(argv):
+    del argv
+    dev = jax.devices()[0]
+    records = []
+    for s in FLAGS.shapes:
+        rows, ctx = (int(v) for v in s.split("x"))
+        rec = run_shape(rows, ctx, FLAGS.layers)
+        rec.update(device=dev.device_kind, jax=jax.__version__,
+                   commit=os.environ.get("JAXSERVE_COMMIT", "unknown"), command=" ".join(sys.argv))
+        records.append(rec)
+        if FLAGS.out:
+            with open(FLAGS.out, "w") as f:
+                json.dump(records, f, indent=1)
+    print(json.dumps(records, indent=1))
+
+
+if __name__ == "__main__":
+    app.run(main)
