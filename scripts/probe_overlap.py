@@ -46,7 +46,8 @@ from pallas_kernels.metadata import AttentionMetadata, write_kv  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_list("shapes", ["716x640", "1024x640"], "ROWSxCONTEXT decode steps")
 flags.DEFINE_integer("layers", 8, "layers in each program")
-flags.DEFINE_list("variants", ["mm", "attn", "seq", "split", "streams", "streams_ro"],
+flags.DEFINE_list("variants", ["mm", "attn", "seq", "split", "streams", "streams_ro",
+                               "streams2", "streams2_ro"],
                   "variants to time")
 flags.DEFINE_integer("reps", 5, "timed runs (best)")
 flags.DEFINE_integer("page_size", 16, "tokens per page")
@@ -121,21 +122,23 @@ def run_shape(rows: int, ctx: int, layers: int) -> dict:
                                           interpret=FLAGS.interpret)
         return kc, vc, a
 
-    def attend_stream(kc, vc, q, k, v, md, li):
-        f = _compute_on_fn(lambda kc, vc, q, k, v, md: attend(kc, vc, q, k, v, md, li),
-                           compute_type="gpu_stream:1",
-                           out_memory_spaces=(jax.memory.Space.Device,) * 3)
-        return f(kc, vc, q, k, v, md)
-
-    def attend_stream_ro(kc, vc, q, k, v, md, li):
-        # The KV write stays on the main stream; only the read-only kernel (and its merge) runs
-        # on the second one, so no cache buffer has to alias across the async call.
-        kc, vc = write_kv(kc, vc, k, v, md.slot_mapping + li * pages * ps)
-        f = _compute_on_fn(
-            lambda kc, vc, q, md: kernel.ragged_paged_attention(
-                q, kc, vc, md, page_offset=li * pages, sm_scale=scale, interpret=FLAGS.interpret),
-            compute_type="gpu_stream:1", out_memory_spaces=jax.memory.Space.Device)
-        return kc, vc, f(kc, vc, q, md)
+    def on_stream(stream, read_only):
+        def att(kc, vc, q, k, v, md, li):
+            if read_only:
+                # The KV write stays on the main stream; only the read-only kernel (and its
+                # merge) runs on the other one, so no cache buffer aliases across the async call.
+                kc, vc = write_kv(kc, vc, k, v, md.slot_mapping + li * pages * ps)
+                f = _compute_on_fn(
+                    lambda kc, vc, q, md: kernel.ragged_paged_attention(
+                        q, kc, vc, md, page_offset=li * pages, sm_scale=scale,
+                        interpret=FLAGS.interpret),
+                    compute_type=f"gpu_stream:{stream}", out_memory_spaces=jax.memory.Space.Device)
+                return kc, vc, f(kc, vc, q, md)
+            f = _compute_on_fn(lambda kc, vc, q, k, v, md: attend(kc, vc, q, k, v, md, li),
+                               compute_type=f"gpu_stream:{stream}",
+                               out_memory_spaces=(jax.memory.Space.Device,) * 3)
+            return f(kc, vc, q, k, v, md)
+        return att
 
     def v_mm(ws, kc, vc, x):
         for wl in ws:
@@ -158,7 +161,9 @@ def run_shape(rows: int, ctx: int, layers: int) -> dict:
             x = post(x, a, wl)
         return x, kc, vc
 
-    def nano(att):
+    def nano(att, att_b=None):
+        att_b = att_b or att
+
         def f(ws, kc, vc, x):
             xa, xb = x[:half], x[half:]
             qa, ka, va = qkv(xa, ws[0])
@@ -168,7 +173,7 @@ def run_shape(rows: int, ctx: int, layers: int) -> dict:
                 if ab is not None:
                     xb = post(xb, ab, ws[li - 1])
                 qb, kb, vb = qkv(xb, wl)
-                kc, vc, ab = att(kc, vc, qb, kb, vb, md_b, li)
+                kc, vc, ab = att_b(kc, vc, qb, kb, vb, md_b, li)
                 xa = post(xa, aa, wl)
                 if li + 1 < layers:
                     qa, ka, va = qkv(xa, ws[li + 1])
@@ -176,8 +181,13 @@ def run_shape(rows: int, ctx: int, layers: int) -> dict:
             return jnp.concatenate([xa, xb]), kc, vc
         return f
 
-    fns = dict(mm=v_mm, attn=v_attn, seq=v_seq, split=nano(attend), streams=nano(attend_stream),
-               streams_ro=nano(attend_stream_ro))
+    # streams*: every attention on stream 1; streams2*: nano-batch A's on stream 1, B's on 2
+    # (two async calls in flight on one stream is an execution context XLA rejects); *_ro: the
+    # KV write on the main stream.
+    fns = dict(mm=v_mm, attn=v_attn, seq=v_seq, split=nano(attend),
+               streams=nano(on_stream(1, False)), streams_ro=nano(on_stream(1, True)),
+               streams2=nano(on_stream(1, False), on_stream(2, False)),
+               streams2_ro=nano(on_stream(1, True), on_stream(2, True)))
     flops = 2 * rows * layers * sum(int(np.prod(a.shape)) for a in ws[0].values())
     kv_bytes = 2 * rows * ctx * HKV * D * 2 * layers
     rec = dict(rows=rows, context=ctx, layers=layers, matmul_flops=flops, kv_bytes=kv_bytes,
@@ -189,7 +199,7 @@ def run_shape(rows: int, ctx: int, layers: int) -> dict:
             lowered = f.lower(ws, kc, vc, x0)
             compiled = lowered.compile()
             text = compiled.as_text() or ""
-            rec[f"{name}_stream_annotations"] = text.count('_xla_stream_annotation="1"')
+            rec[f"{name}_stream_annotations"] = text.count('_xla_stream_annotation=')
             rec[f"{name}_async_calls"] = text.count("call-start")
             # Donation consumes the caches: each timed run gets the previous run's outputs.
             state = [kc, vc]
@@ -213,7 +223,7 @@ def run_shape(rows: int, ctx: int, layers: int) -> dict:
                 kc = jax.random.normal(jax.random.key(5), (HKV, layers * pages, ps, D), dt)
                 vc = jax.random.normal(jax.random.key(6), (HKV, layers * pages, ps, D), dt)
     # The nano-batched variants compute the same function as seq (up to bf16 rounding order).
-    for name in ("split", "streams", "streams_ro"):
+    for name in ("split", "streams", "streams_ro", "streams2", "streams2_ro"):
         if name in outs and "seq" in outs:
             ref = outs["seq"]
             rec[f"{name}_max_rel_diff"] = float(np.max(np.abs(outs[name] - ref))
@@ -222,7 +232,7 @@ def run_shape(rows: int, ctx: int, layers: int) -> dict:
     if all(m.values()):
         rec["sum_ms"] = m["mm"] + m["attn"]
         rec["max_ms"] = max(m["mm"], m["attn"])
-        for name in ("streams", "streams_ro"):
+        for name in ("streams", "streams_ro", "streams2", "streams2_ro"):
             if rec.get(f"{name}_ms_per_layer"):
                 ms = rec[f"{name}_ms_per_layer"]
                 rec[f"{name}_over_seq"] = ms / m["seq"]
