@@ -321,7 +321,9 @@ def main(argv):
                command="python " + " ".join(sys.argv))
     trace = res.pop("trace")
     rec.update(res)
-    if bw and flops:
+    if bw and flops and FLAGS.engine == "jaxserve":
+        # A floor needs the engine's step sizes and KV capacity; the HF peer has neither (its
+        # batches are its own), so its records carry the ceilings but no floor.
         # The ceilings are one device's: a run on tp x dp devices has that many. The dp replicas
         # run side by side, so per step they hold dp times the rows, tokens and KV of one
         # (a floor that assumes the split is perfectly balanced).
