@@ -14,8 +14,15 @@ included) in one program per variant:
            nano-batch A's attention can run while B's matmuls do (NanoFlow's schedule):
              qkv(A_l); {attn(A_l) || post(B_{l-1}), qkv(B_l)}; {attn(B_l) || post(A_l), qkv(A_{l+1})}
 
+  smoke_add, smoke_pallas: one elementwise op, or one attention call, on stream 1 (does the
+           annotation compile at all)
+
 If `streams` lands near max(mm, attn) rather than mm + attn, an overlapped decode layer is worth
-building. Seconds are the best of a few runs of the whole program (after a warm-up run), per
+building. Measured on the H200 (JAX 0.11.2, benchmarks/README.md): at 716 x 640, mm 0.48-0.51
+and attn 0.80-0.82 ms a layer, seq 1.27-1.31 (their sum), split 1.36-1.38; every streams
+variant aborted the process in XLA (`hlo_computation.cc:185 Check failed: param_no >= 0 &&
+param_no < parameter_count`), with the metadata then closed over as constants (it is now
+passed as arguments, as the engine does). Seconds are the best of a few runs of the whole program (after a warm-up run), per
 layer.
 
   python3 scripts/probe_overlap.py --shapes=716x640,1024x640 --layers=8 --out=$OUT/overlap.json
@@ -93,6 +100,8 @@ def run_shape(rows: int, ctx: int, layers: int) -> dict:
     md_all = metadata(rows, ctx, ps, 1)
     md_a = metadata(half, ctx, ps, 1)
     md_b = metadata(rows - half, ctx, ps, 1 + half * -(-ctx // ps))
+    # Arguments of every program, as the engine's step passes its metadata (not constants).
+    mds = (md_all, md_a, md_b)
     pages = 1 + rows * -(-ctx // ps) + 1
     keys = iter(jax.random.split(jax.random.key(0), 8 * layers + 4))
 
@@ -140,40 +149,40 @@ def run_shape(rows: int, ctx: int, layers: int) -> dict:
             return f(kc, vc, q, k, v, md)
         return att
 
-    def v_mm(ws, kc, vc, x):
+    def v_mm(ws, kc, vc, x, mds):
         for wl in ws:
             q, _, _ = qkv(x, wl)
             x = post(x, q, wl)
         return x, kc, vc
 
-    def v_attn(ws, kc, vc, x):
+    def v_attn(ws, kc, vc, x, mds):
         q = jnp.broadcast_to(x[:, None, :D], (rows, HQ, D))
         k = q[:, :HKV]
         for li in range(layers):
-            kc, vc, a = attend(kc, vc, q, k, k, md_all, li)
+            kc, vc, a = attend(kc, vc, q, k, k, mds[0], li)
             q = q + a.astype(q.dtype)
         return q, kc, vc
 
-    def v_seq(ws, kc, vc, x):
+    def v_seq(ws, kc, vc, x, mds):
         for li, wl in enumerate(ws):
             q, k, v = qkv(x, wl)
-            kc, vc, a = attend(kc, vc, q, k, v, md_all, li)
+            kc, vc, a = attend(kc, vc, q, k, v, mds[0], li)
             x = post(x, a, wl)
         return x, kc, vc
 
     def nano(att, att_b=None):
         att_b = att_b or att
 
-        def f(ws, kc, vc, x):
+        def f(ws, kc, vc, x, mds):
             xa, xb = x[:half], x[half:]
             qa, ka, va = qkv(xa, ws[0])
             ab = None
             for li, wl in enumerate(ws):
-                kc, vc, aa = att(kc, vc, qa, ka, va, md_a, li)
+                kc, vc, aa = att(kc, vc, qa, ka, va, mds[1], li)
                 if ab is not None:
                     xb = post(xb, ab, ws[li - 1])
                 qb, kb, vb = qkv(xb, wl)
-                kc, vc, ab = att_b(kc, vc, qb, kb, vb, md_b, li)
+                kc, vc, ab = att_b(kc, vc, qb, kb, vb, mds[2], li)
                 xa = post(xa, aa, wl)
                 if li + 1 < layers:
                     qa, ka, va = qkv(xa, ws[li + 1])
@@ -184,7 +193,19 @@ def run_shape(rows: int, ctx: int, layers: int) -> dict:
     # streams*: every attention on stream 1; streams2*: nano-batch A's on stream 1, B's on 2
     # (two async calls in flight on one stream is an execution context XLA rejects); *_ro: the
     # KV write on the main stream.
-    fns = dict(mm=v_mm, attn=v_attn, seq=v_seq, split=nano(attend),
+    def smoke_add(ws, kc, vc, x, mds):
+        # The feature at all: one elementwise op on stream 1 beside a matmul on the main stream.
+        y = _compute_on_fn(lambda a: a * 2, compute_type="gpu_stream:1",
+                           out_memory_spaces=jax.memory.Space.Device)(x)
+        return y + x @ ws[0]["o"][:hid], kc, vc
+
+    def smoke_pallas(ws, kc, vc, x, mds):
+        # One attention call (a Pallas custom call and its merge) on stream 1, nothing beside it.
+        q, k, v = qkv(x, ws[0])
+        kc, vc, a = on_stream(1, True)(kc, vc, q, k, v, mds[0], 0)
+        return a.reshape(rows, HQ * D), kc, vc
+
+    fns = dict(smoke_add=smoke_add, smoke_pallas=smoke_pallas, mm=v_mm, attn=v_attn, seq=v_seq, split=nano(attend),
                streams=nano(on_stream(1, False)), streams_ro=nano(on_stream(1, True)),
                streams2=nano(on_stream(1, False), on_stream(2, False)),
                streams2_ro=nano(on_stream(1, True), on_stream(2, True)))
@@ -196,7 +217,7 @@ def run_shape(rows: int, ctx: int, layers: int) -> dict:
     for name in FLAGS.variants:
         f = jax.jit(fns[name], donate_argnums=(1, 2))
         try:
-            lowered = f.lower(ws, kc, vc, x0)
+            lowered = f.lower(ws, kc, vc, x0, mds)
             compiled = lowered.compile()
             text = compiled.as_text() or ""
             rec[f"{name}_stream_annotations"] = text.count('_xla_stream_annotation=')
@@ -205,7 +226,7 @@ def run_shape(rows: int, ctx: int, layers: int) -> dict:
             state = [kc, vc]
 
             def call(*_):
-                o, state[0], state[1] = compiled(ws, state[0], state[1], x0)
+                o, state[0], state[1] = compiled(ws, state[0], state[1], x0, mds)
                 return o
             kc = vc = None
             sec = best_seconds(call, (), FLAGS.reps)
