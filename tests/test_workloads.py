@@ -1,6 +1,7 @@
 """Synthetic workloads have the lengths and sharing their family promises, deterministically."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from jaxserve.tools import workloads
@@ -40,18 +41,69 @@ def test_presets_have_promised_shape(name):
             (spec["short_in"], spec["long_out"]), (spec["long_in"], spec["short_out"])}
 
 
+def _benchmark_module():
+    """scripts/benchmark.py as a module, loaded once (its absl flags can be defined only once)."""
+    import importlib.util
+    import os
+    import sys
+
+    if "benchmark_script" not in sys.modules:
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "scripts", "benchmark.py")
+        spec = importlib.util.spec_from_file_location("benchmark_script", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        sys.modules["benchmark_script"] = mod
+    return sys.modules["benchmark_script"]
+
+
+def test_hf_peer_record_with_ceilings(tmp_path, monkeypatch):
+    """The HF peer run with the ceilings of a file (as a device call runs it beside jaxserve)
+    writes its record: the ceilings on record, no floor (it has no step sizes; computing one
+    raised a TypeError after the run and lost the record)."""
+    import json
+
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from jaxserve.weights import presets
+
+    mod = _benchmark_module()
+    tiny = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=64,
+                intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=256, max_position_embeddings=256,
+                rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+    monkeypatch.setattr(presets, "preset_dict", lambda name: dict(tiny))
+    monkeypatch.setattr(presets, "is_preset", lambda name: True)
+    monkeypatch.setattr(presets, "load_preset", lambda name: presets.ModelConfig.from_hf_dict(
+        dict(tiny), source="test"))
+    work = tmp_path / "w.jsonl"
+    rng = np.random.default_rng(0)
+    with open(work, "w") as f:
+        for n in (5, 9, 7):
+            f.write(json.dumps({"prompt_token_ids": rng.integers(1, 256, n).tolist(),
+                                "max_tokens": 3}) + "\n")
+    ceil = tmp_path / "ceilings.json"
+    ceil.write_text(json.dumps({"one_program_copy_bytes_per_s": 4.1e12,
+                                "one_program_bf16_flops": 8.0e14}))
+    argv = ["benchmark.py", "--engine=hf", "--model=tiny", f"--workload={work}",
+            f"--ceilings={ceil}", f"--results_dir={tmp_path}", "--hf_batch_size=2"]
+    mod.FLAGS.unparse_flags()
+    mod.FLAGS(argv)
+    try:
+        mod.main([])
+    finally:
+        mod.FLAGS.unparse_flags()
+    rec = json.loads((tmp_path / "e2e_w_tiny_hf.json").read_text())
+    assert rec["engine"] == "hf" and rec["num_requests"] == 3 and rec["output_tokens"] == 9
+    assert rec["matmul_flops_measured"] == 8.0e14 and rec["hbm_bandwidth_measured"] == 4.1e12
+    assert rec["floor_fraction"] is None and rec["run_seconds"] > 0
+
+
 def test_hf_peer_batches_cap_rows_and_padded_tokens():
     """The HF peer's batches: at most --hf_batch_size rows and, with a token cap, at most that many
     padded tokens, so the mixed workload's 2048-token prompts run in small batches (batch 128 of
     them ran out of memory) while its short prompts keep batch 128."""
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
-                        "benchmark.py")
-    spec = importlib.util.spec_from_file_location("benchmark_script", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _benchmark_module()
     short = {"prompt_token_ids": [1] * 64, "max_tokens": 512}
     long = {"prompt_token_ids": [1] * 2048, "max_tokens": 16}
     reqs = [short] * 130 + [long] * 80
