@@ -33,7 +33,6 @@ import dataclasses
 import json
 import os
 import sys
-import time
 
 from absl import app, flags
 
@@ -47,6 +46,7 @@ except ImportError:  # later JAX: compute_on is the function form
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from jaxserve.tools import roofline  # noqa: E402
 from pallas_kernels.gpu import kernel, work_items  # noqa: E402
 from pallas_kernels.metadata import AttentionMetadata, write_kv  # noqa: E402
 
@@ -79,18 +79,6 @@ def metadata(rows: int, ctx: int, ps: int, first_page: int) -> AttentionMetadata
         seq_lens=jnp.full((rows,), ctx, jnp.int32), page_table=jnp.asarray(pt))
     return dataclasses.replace(md, work=work_items.device_work_items(
         md, num_q_heads=HQ, num_kv_heads=HKV, page_size=ps, head_dim=D))
-
-
-def best_seconds(fn, args, reps):
-    out = fn(*args)
-    jax.block_until_ready(out)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        out = fn(*args)
-        jax.block_until_ready(out)
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def run_shape(rows: int, ctx: int, layers: int) -> dict:
@@ -229,7 +217,7 @@ def run_shape(rows: int, ctx: int, layers: int) -> dict:
                 o, state[0], state[1] = compiled(ws, state[0], state[1], x0, mds)
                 return o
             kc = vc = None
-            sec = best_seconds(call, (), FLAGS.reps)
+            sec = roofline._program_seconds(call, repeats=FLAGS.reps)   # best run after a warm-up
             kc, vc = state
             out = call()
             kc, vc = state

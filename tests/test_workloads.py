@@ -68,10 +68,10 @@ def test_hf_peer_record_with_ceilings(tmp_path, monkeypatch):
     from jaxserve.weights import presets
 
     mod = _benchmark_module()
-    tiny = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=64,
-                intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=256, max_position_embeddings=256,
-                rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+    from tests import tiny_models
+
+    # The tiny test models' shapes as an HF config dict (what a preset holds).
+    tiny = dict(tiny_models.KINDS["llama3"]().to_dict(), architectures=["LlamaForCausalLM"])
     monkeypatch.setattr(presets, "preset_dict", lambda name: dict(tiny))
     monkeypatch.setattr(presets, "is_preset", lambda name: True)
     monkeypatch.setattr(presets, "load_preset", lambda name: presets.ModelConfig.from_hf_dict(
@@ -80,7 +80,7 @@ def test_hf_peer_record_with_ceilings(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     with open(work, "w") as f:
         for n in (5, 9, 7):
-            f.write(json.dumps({"prompt_token_ids": rng.integers(1, 256, n).tolist(),
+            f.write(json.dumps({"prompt_token_ids": rng.integers(1, tiny_models.VOCAB, n).tolist(),
                                 "max_tokens": 3}) + "\n")
     ceil = tmp_path / "ceilings.json"
     ceil.write_text(json.dumps({"one_program_copy_bytes_per_s": 4.1e12,
