@@ -414,7 +414,8 @@ def main(argv):
                     lw = dict(block_kv=c.get("bk"), kv_splits=c.get("splits"),
                               block_rows=c.get("bm"))
                     kw = dict(block_kv=c.get("bk"), num_warps=c.get("warps"),
-                              num_stages=c.get("stages", 2), prefetch_pages=bool(c.get("pf", 0)))
+                              num_stages=c.get("stages", 2), prefetch_pages=bool(c.get("pf", 0)),
+                              prefetch_kv=bool(c.get("pfkv", 0)))
                     record(f"pallas_gpu[{v}]", lambda kc, vc, q, md, kw=kw, lw=lw: attend(
                         q, kc, vc, device_list(md, **lw), sm_scale=sm_scale, **kw),
                         list(zip(qs, mds_j)), "no sharing; variant")
@@ -446,7 +447,8 @@ def main(argv):
                     record("pallas_gpu_cascade" + (f"[{v}]" if v else ""), lambda kc, vc, q, md, off=0, bk=bk, c=c:
                            attend(q, kc, vc, md, page_offset=off, sm_scale=sm_scale, block_kv=bk,
                                   num_warps=c.get("warps"), num_stages=c.get("stages", 2),
-                                  prefetch_pages=bool(c.get("pf", 0))),
+                                  prefetch_pages=bool(c.get("pf", 0)),
+                                  prefetch_kv=bool(c.get("pfkv", 0))),
                            list(zip(qs, mdw)), note, offsettable=True)
             elif impl == "xla_reference":
                 record(impl, lambda kc, vc, q, md, off=0: reference.ragged_paged_attention(

@@ -312,16 +312,19 @@ def test_pallas_cascade(interpret, name, seqs, groups, page_size, g, dtype, chun
 
 
 @pytest.mark.parametrize("interpret", MODES)
-def test_pallas_prefetch_pages(interpret):
-    """Page ids loaded one block ahead: same output, with and without groups, on items of one
-    block, several blocks and empty items (chunked prefixes, members with empty suffixes)."""
+@pytest.mark.parametrize("mode", ["prefetch_pages", "prefetch_kv"])
+def test_pallas_prefetch(interpret, mode):
+    """Page ids loaded one block ahead (prefetch_pages), or K/V tiles gathered one block ahead
+    with page ids two ahead (prefetch_kv): same output, with and without groups, on items of
+    one block, two blocks, several blocks and empty items (chunked prefixes, members with empty
+    suffixes)."""
     c = make_case(31, seqs=MIXED, page_size=16, g=4, d=64)
-    assert_close(run_kernel(c, interpret=interpret, prefetch_pages=True, block_kv=32,
-                            kv_splits=2), reference_out(c), c, jnp.float32)
+    assert_close(run_kernel(c, interpret=interpret, block_kv=32, kv_splits=2, **{mode: True}),
+                 reference_out(c), c, jnp.float32)
     name, seqs, groups, ps, g, dtype, chunk, bm = CASCADE_KERNEL[2]
     c = make_case(32, seqs=seqs, groups=groups, page_size=ps, g=g, d=64, dtype=DT[dtype])
     out = run_kernel(c, interpret=interpret, cascade=True, chunk_len=chunk, block_rows=bm,
-                     block_kv=32, prefetch_pages=True)
+                     block_kv=32, **{mode: True})
     assert_close(out, reference_out(c), c, DT[dtype])
 
 

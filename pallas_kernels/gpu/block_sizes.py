@@ -9,6 +9,7 @@ members' rows, so 16-row blocks read it 4x as often: on the document workload th
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import jax
@@ -17,6 +18,19 @@ from pallas_kernels.common import pow2_at_least
 
 SHARED_BLOCK_ROWS = 64      # query rows per item of host-built (shared-prefix) work lists
 MIN_SPLIT_TOKENS = 256      # a KV split costs a partial write and a merge: never shorter
+
+
+PREFETCH_MODES = ("none", "pages", "kv")
+
+
+def prefetch_mode() -> str:
+    """How far the kernel's loop loads ahead: "none", "pages" (page ids one block ahead) or "kv"
+    (K/V tiles one block ahead in registers, page ids two ahead). JAXSERVE_ATTN_PREFETCH picks
+    it, so one build can time all three end to end."""
+    mode = os.environ.get("JAXSERVE_ATTN_PREFETCH", "none")
+    if mode not in PREFETCH_MODES:
+        raise ValueError(f"JAXSERVE_ATTN_PREFETCH={mode!r}: expected one of {PREFETCH_MODES}")
+    return mode
 
 
 def num_sms() -> int:

@@ -47,7 +47,8 @@ LN2 = math.log(2.0)
 
 def _kernel(pt_ref, base_ref, kvs_ref, kve_ref, off_ref, rows_ref, hi_ref, q_ref, k_ref, v_ref,
             o_ref, lse_ref, *, g: int, hq: int, ppb: int, page_size: int, scale_log2: float,
-            window: Optional[int], prec, masked_store: bool, prefetch_pages: bool = False):
+            window: Optional[int], prec, masked_store: bool, prefetch_pages: bool = False,
+            prefetch_kv: bool = False):
     h = pl.program_id(0)
     bk = ppb * page_size
     kv_start = kvs_ref[0]
@@ -73,17 +74,7 @@ def _kernel(pt_ref, base_ref, kvs_ref, kve_ref, off_ref, rows_ref, hi_ref, q_ref
     def load_pages(i):
         return pt_ref[pl.ds(base + i * ppb, ppb)] + off    # [ppb] global page ids
 
-    def body(i, carry):
-        if prefetch_pages:
-            # The next block's page ids are loaded one iteration ahead, so the K/V gather does
-            # not wait behind a dependent page-table load (short items are latency-bound).
-            acc, m, l, pages = carry
-            nxt = load_pages(jnp.minimum(i + 1, jnp.maximum(last - 1, first)))
-        else:
-            acc, m, l = carry
-            pages = load_pages(i)
-        k = k_ref[pages].reshape(bk, d)
-        v = v_ref[pages].reshape(bk, d)
+    def block_update(i, k, v, acc, m, l):
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=prec,
                             preferred_element_type=jnp.float32) * scale_log2
         kpos = i * bk + lax.broadcasted_iota(jnp.int32, (bm, bk), 1)
@@ -96,14 +87,46 @@ def _kernel(pt_ref, base_ref, kvs_ref, kve_ref, off_ref, rows_ref, hi_ref, q_ref
         acc = acc * alpha[:, None] + lax.dot_general(
             p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=prec,
             preferred_element_type=jnp.float32)
-        if prefetch_pages:
-            return acc, m_new, l, nxt
         return acc, m_new, l
+
+    def load_kv(pages):
+        return k_ref[pages].reshape(bk, d), v_ref[pages].reshape(bk, d)
+
+    def body_prefetch_kv(i, carry):
+        # Register double-buffering: block i's K/V tiles arrived during block i-1's math, the
+        # gather of block i+1 is issued before block i's math (nothing uses it until the next
+        # iteration, so the loads stay in flight), and page ids run two blocks ahead. The last
+        # iteration re-gathers its own block (an L2 hit) instead of branching.
+        acc, m, l, k, v, pages_next = carry
+        k_n, v_n = load_kv(pages_next)
+        pages_nn = load_pages(jnp.minimum(i + 2, jnp.maximum(last - 1, first)))
+        acc, m, l = block_update(i, k, v, acc, m, l)
+        return acc, m, l, k_n, v_n, pages_nn
+
+    def body(i, carry):
+        if prefetch_pages:
+            # The next block's page ids are loaded one iteration ahead, so the K/V gather does
+            # not wait behind a dependent page-table load (short items are latency-bound).
+            acc, m, l, pages = carry
+            nxt = load_pages(jnp.minimum(i + 1, jnp.maximum(last - 1, first)))
+        else:
+            acc, m, l = carry
+            pages = load_pages(i)
+        k, v = load_kv(pages)
+        acc, m, l = block_update(i, k, v, acc, m, l)
+        if prefetch_pages:
+            return acc, m, l, nxt
+        return acc, m, l
 
     acc = jnp.zeros((bm, d), jnp.float32)
     m = jnp.full((bm,), MASK_VALUE, jnp.float32)
     l = jnp.zeros((bm,), jnp.float32)
-    if prefetch_pages:
+    if prefetch_kv:
+        # An empty range (first == last) gathers block `first` once and never uses it.
+        k0, v0 = load_kv(load_pages(first))
+        pn = load_pages(jnp.minimum(first + 1, jnp.maximum(last - 1, first)))
+        acc, m, l, _, _, _ = lax.fori_loop(first, last, body_prefetch_kv, (acc, m, l, k0, v0, pn))
+    elif prefetch_pages:
         acc, m, l, _ = lax.fori_loop(first, last, body, (acc, m, l, load_pages(first)))
     else:
         acc, m, l = lax.fori_loop(first, last, body, (acc, m, l))
@@ -126,7 +149,8 @@ def _kernel(pt_ref, base_ref, kvs_ref, kve_ref, off_ref, rows_ref, hi_ref, q_ref
 def attention_partials(q2, k_cache, v_cache, work: WorkItems, page_offset, *, g: int, hq: int,
                        sm_scale: float, window: Optional[int], pages_per_block: int,
                        num_warps: int, num_stages: int, interpret: bool,
-                       partial_dtype=None, prefetch_pages: bool = False):
+                       partial_dtype=None, prefetch_pages: bool = False,
+                       prefetch_kv: bool = False):
     """Run the kernel over every item x KV head.
 
     q2: [T * Hq, D]. Returns o [W, Hkv, BM, D] (partial_dtype), lse float32 [W, Hkv, BM].
@@ -141,7 +165,8 @@ def attention_partials(q2, k_cache, v_cache, work: WorkItems, page_offset, *, g:
     off = jnp.asarray(page_offset, jnp.int32).reshape(1)
     kernel = functools.partial(
         _kernel, g=g, hq=hq, ppb=ppb, page_size=ps, scale_log2=sm_scale * LOG2E, window=window,
-        prec=prec, masked_store=hasattr(pltriton, "store"), prefetch_pages=prefetch_pages)
+        prec=prec, masked_store=hasattr(pltriton, "store"), prefetch_pages=prefetch_pages,
+        prefetch_kv=prefetch_kv)
     npt = work.page_table.shape[0]
     # Grid (KV heads, items): the launch runs the first grid axis fastest, so programs start in
     # list order for all heads together. With (items, heads) every item of head 0 started before
@@ -206,13 +231,19 @@ def ragged_paged_attention(q, k_cache, v_cache, md: AttentionMetadata, *, page_o
                            sm_scale: float, sliding_window: Optional[int] = None,
                            interpret: bool = False, block_kv: Optional[int] = None,
                            num_warps: Optional[int] = None, num_stages: int = 2,
-                           prefetch_pages: bool = False) -> jax.Array:
+                           prefetch_pages: Optional[bool] = None,
+                           prefetch_kv: Optional[bool] = None) -> jax.Array:
     """Causal attention of a ragged token batch over the paged cache (GPU Pallas, Triton), over
     the work list `md.work` (the runner builds it once per step: on the host with shared-prefix
     groups, or on the device without; `pallas_kernels.host_prepare` / `device_prepare`). Matches
     `reference.ragged_paged_attention` on every token with a non-empty KV range; pad tokens (rows
-    with seq_len 0) give 0. `block_kv` caps the KV tokens per block (default: block_sizes).
+    with seq_len 0) give 0. `block_kv` caps the KV tokens per block and `prefetch_*` choose how
+    far the loop loads ahead (defaults: block_sizes).
     """
+    if prefetch_pages is None and prefetch_kv is None:
+        mode = block_sizes.prefetch_mode()
+        prefetch_pages, prefetch_kv = mode == "pages", mode == "kv"
+    prefetch_pages, prefetch_kv = bool(prefetch_pages), bool(prefetch_kv)
     t, hq, d = q.shape
     hkv, _, ps, dk = k_cache.shape
     if dk != d or hq % hkv:
@@ -241,6 +272,7 @@ def ragged_paged_attention(q, k_cache, v_cache, md: AttentionMetadata, *, page_o
     o, lse = attention_partials(
         q.reshape(t * hq, dp), k_cache, v_cache, work, page_offset, g=g, hq=hq,
         sm_scale=sm_scale, window=sliding_window, pages_per_block=ppb, num_warps=num_warps,
-        num_stages=num_stages, interpret=interpret, prefetch_pages=prefetch_pages)
+        num_stages=num_stages, interpret=interpret, prefetch_pages=prefetch_pages,
+        prefetch_kv=prefetch_kv)
     out = merge(o, lse, work.merge_idx, t, hkv, g, q.dtype)
     return out[..., :d] if dp != d else out
