@@ -14,8 +14,10 @@ included) in one program per variant:
            nano-batch A's attention can run while B's matmuls do (NanoFlow's schedule):
              qkv(A_l); {attn(A_l) || post(B_{l-1}), qkv(B_l)}; {attn(B_l) || post(A_l), qkv(A_{l+1})}
 
-  smoke_add, smoke_pallas: one elementwise op, or one attention call, on stream 1 (does the
-           annotation compile at all)
+  streams_mm the other way round: attention on the main stream, each nano-batch's
+           post-attention matmuls and next qkv on stream 1
+  smoke_add, smoke_mm, smoke_pallas: one elementwise op, one matmul, or one attention call, on
+           stream 1 (does the annotation compile at all)
 
 If `streams` lands near max(mm, attn) rather than mm + attn, an overlapped decode layer is worth
 building. Measured on the H200 (JAX 0.11.2, benchmarks/README.md): at 716 x 640, mm 0.48-0.51
@@ -193,7 +195,41 @@ def run_shape(rows: int, ctx: int, layers: int) -> dict:
         kc, vc, a = on_stream(1, True)(kc, vc, q, k, v, mds[0], 0)
         return a.reshape(rows, HQ * D), kc, vc
 
-    fns = dict(smoke_add=smoke_add, smoke_pallas=smoke_pallas, mm=v_mm, attn=v_attn, seq=v_seq, split=nano(attend),
+    def smoke_mm(ws, kc, vc, x, mds):
+        # One matmul (a cuBLAS / Triton GEMM, not an elementwise fusion) on stream 1.
+        y = _compute_on_fn(lambda a, b: a @ b, compute_type="gpu_stream:1",
+                           out_memory_spaces=jax.memory.Space.Device)(x, ws[0]["o"][:hid])
+        return y + x, kc, vc
+
+    def nano_mm(stream):
+        # The other way round: attention stays on the main stream (its Pallas call cannot be
+        # annotated: "No ExecutionStreamId found for call-start"), and each nano-batch's
+        # post-attention matmuls plus the next layer's qkv run on `stream`.
+        def pq(x, a, wp, wn):
+            x = post(x, a, wp)
+            return (x,) + qkv(x, wn)
+        side = _compute_on_fn(pq, compute_type=f"gpu_stream:{stream}",
+                              out_memory_spaces=(jax.memory.Space.Device,) * 4)
+
+        def f(ws, kc, vc, x, mds):
+            xa, xb = x[:half], x[half:]
+            qa, ka, va = qkv(xa, ws[0])
+            qb, kb, vb = qkv(xb, ws[0])
+            ab = None
+            for li, wl in enumerate(ws):
+                kc, vc, aa = attend(kc, vc, qa, ka, va, mds[1], li)
+                if ab is not None:
+                    xb, qb, kb, vb = side(xb, ab, ws[li - 1], wl)
+                kc, vc, ab = attend(kc, vc, qb, kb, vb, mds[2], li)
+                if li + 1 < layers:
+                    xa, qa, ka, va = side(xa, aa, wl, ws[li + 1])
+                else:
+                    xa = post(xa, aa, wl)
+            xb = post(xb, ab, ws[-1])
+            return jnp.concatenate([xa, xb]), kc, vc
+        return f
+
+    fns = dict(smoke_add=smoke_add, smoke_mm=smoke_mm, streams_mm=nano_mm(1), smoke_pallas=smoke_pallas, mm=v_mm, attn=v_attn, seq=v_seq, split=nano(attend),
                streams=nano(on_stream(1, False)), streams_ro=nano(on_stream(1, True)),
                streams2=nano(on_stream(1, False), on_stream(2, False)),
                streams2_ro=nano(on_stream(1, True), on_stream(2, True)))
@@ -232,7 +268,7 @@ def run_shape(rows: int, ctx: int, layers: int) -> dict:
                 kc = jax.random.normal(jax.random.key(5), (HKV, layers * pages, ps, D), dt)
                 vc = jax.random.normal(jax.random.key(6), (HKV, layers * pages, ps, D), dt)
     # The nano-batched variants compute the same function as seq (up to bf16 rounding order).
-    for name in ("split", "streams", "streams_ro", "streams2", "streams2_ro"):
+    for name in ("split", "streams", "streams_ro", "streams2", "streams2_ro", "streams_mm"):
         if name in outs and "seq" in outs:
             ref = outs["seq"]
             rec[f"{name}_max_rel_diff"] = float(np.max(np.abs(outs[name] - ref))
@@ -241,7 +277,7 @@ def run_shape(rows: int, ctx: int, layers: int) -> dict:
     if all(m.values()):
         rec["sum_ms"] = m["mm"] + m["attn"]
         rec["max_ms"] = max(m["mm"], m["attn"])
-        for name in ("streams", "streams_ro", "streams2", "streams2_ro"):
+        for name in ("streams", "streams_ro", "streams2", "streams2_ro", "streams_mm"):
             if rec.get(f"{name}_ms_per_layer"):
                 ms = rec[f"{name}_ms_per_layer"]
                 rec[f"{name}_over_seq"] = ms / m["seq"]

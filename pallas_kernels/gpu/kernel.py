@@ -240,10 +240,6 @@ def ragged_paged_attention(q, k_cache, v_cache, md: AttentionMetadata, *, page_o
     with seq_len 0) give 0. `block_kv` caps the KV tokens per block and `prefetch_*` choose how
     far the loop loads ahead (defaults: block_sizes).
     """
-    if prefetch_pages is None and prefetch_kv is None:
-        mode = block_sizes.prefetch_mode()
-        prefetch_pages, prefetch_kv = mode == "pages", mode == "kv"
-    prefetch_pages, prefetch_kv = bool(prefetch_pages), bool(prefetch_kv)
     t, hq, d = q.shape
     hkv, _, ps, dk = k_cache.shape
     if dk != d or hq % hkv:
@@ -262,11 +258,15 @@ def ragged_paged_attention(q, k_cache, v_cache, md: AttentionMetadata, *, page_o
         k_cache = jnp.pad(k_cache, ((0, 0), (0, 0), (0, 0), (0, dp - d)))
         v_cache = jnp.pad(v_cache, ((0, 0), (0, 0), (0, 0), (0, dp - d)))
     work = md.work
+    bm = work.rows.shape[1]
+    if prefetch_pages is None and prefetch_kv is None:
+        mode = block_sizes.prefetch_mode(bm)
+        prefetch_pages, prefetch_kv = mode == "pages", mode == "kv"
+    prefetch_pages, prefetch_kv = bool(prefetch_pages), bool(prefetch_kv)
     # The largest block up to the chosen size that divides the list's page-table width.
-    ppb = max(block_kv or block_sizes.block_kv(d, ps), ps) // ps
+    ppb = max(block_kv or block_sizes.kernel_block_kv(d, ps, bm, prefetch_kv), ps) // ps
     while work.pt_width % ppb:
         ppb //= 2
-    bm = work.rows.shape[1]
     if num_warps is None:
         num_warps = 8 if bm >= 128 else 4
     o, lse = attention_partials(
