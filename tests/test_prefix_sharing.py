@@ -194,3 +194,52 @@ def test_pallas_kernel_path_matches_reference(cascade, fused, tiny_models, engin
         assert advanced
     assert eng.last_stats.computed_prefill_tokens == eng.last_stats.optimal_prefill_tokens
     assert [o.token_ids for o in out] == [o.token_ids for o in ref.run(reqs)]
+
+
+def test_batch_without_shared_pages_runs_device_built_lists(tiny_models, monkeypatch):
+    """A batch in which no two prompts share a page cannot have a shared-prefix group, so its
+    programs take the device-built work list (decode items of 16 rows, where the host-built
+    list's one row block size is 64 for the groups' sake) and the host builds none; a batch with
+    shared pages on the same engine gets programs with host-built lists. Greedy outputs equal the
+    reference's either way."""
+    from pallas_kernels.gpu import cascade as gpu_cascade, kernel, work_items
+
+    path, _ = tiny_models["qwen2"]
+    eng = make_engine(path, attention_impl="pallas_gpu_interpret", shared_prefix_attention=True,
+                      max_num_batched_tokens=48, max_num_seqs=16, num_pages=300)
+    ref = make_engine(path, max_num_batched_tokens=48, max_num_seqs=16, num_pages=300)
+    host_built, device_built, block_rows = [], [], []
+    build, dev, partials = (gpu_cascade.build_cascade_work, work_items.device_work_items,
+                            kernel.attention_partials)
+    monkeypatch.setattr(gpu_cascade, "build_cascade_work",
+                        lambda *a, **kw: host_built.append(1) or build(*a, **kw))
+    monkeypatch.setattr(work_items, "device_work_items",
+                        lambda *a, **kw: device_built.append(1) or dev(*a, **kw))
+    monkeypatch.setattr(kernel, "attention_partials",
+                        lambda q2, kc, vc, work, *a, **kw: block_rows.append(work.rows.shape[1])
+                        or partials(q2, kc, vc, work, *a, **kw))
+
+    plain = no_sharing_workload(np.random.default_rng(5), 12)
+    out = eng.run(plain)
+    assert host_built == [] and device_built
+    assert not any(k.features.groups for k in eng.runner.programs._compiled)
+    assert min(block_rows) == 16          # decode steps ran 16-row items
+    assert [o.token_ids for o in out] == [o.token_ids for o in ref.run(plain)]
+
+    shared = groups_workload(np.random.default_rng(6), n_groups=2, share=3, shared_len=37,
+                             unique_len=9, out_len=5)
+    out = eng.run(shared)
+    assert host_built                     # the shared batch's programs build host lists
+    assert any(k.features.groups for k in eng.runner.programs._compiled)
+    assert eng.last_stats.computed_prefill_tokens == eng.last_stats.optimal_prefill_tokens
+    assert [o.token_ids for o in out] == [o.token_ids for o in ref.run(shared)]
+
+
+def test_shares_a_page():
+    from types import SimpleNamespace as S
+
+    from jaxserve.engine.engine import shares_a_page
+    assert not shares_a_page([S(prompt_ids=[1, 2, 3, 4]), S(prompt_ids=[1, 2, 3, 5])], 4)
+    assert shares_a_page([S(prompt_ids=[1, 2, 3, 4, 9]), S(prompt_ids=[1, 2, 3, 4])], 4)
+    assert not shares_a_page([S(prompt_ids=[1, 2, 3]), S(prompt_ids=[1, 2, 3])], 4)  # < a page
+    assert shares_a_page([S(prompt_ids=[7] * 8)] * 2, 4)         # n copies of one prompt

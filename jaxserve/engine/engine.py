@@ -36,8 +36,23 @@ _MIN_HIST_WIDTH = 16
 AUTO_MAX_SAMPLES = 8000     # auto simulates at most this many samples (a few seconds a policy)
 
 
-def batch_features(samples: list[Sample], vocab_size: int) -> Features:
-    """The extras the batch's programs must compute (plain when nobody asks for any)."""
+def shares_a_page(samples: list[Sample], page_size: int) -> bool:
+    """Whether two prompts start with the same page of tokens: without that no prefix of the
+    batch can be shared (shared prefixes are whole pages from the first token), so no step has
+    groups."""
+    seen = set()
+    for s in samples:
+        if len(s.prompt_ids) >= page_size:
+            head = tuple(s.prompt_ids[:page_size])
+            if head in seen:
+                return True
+            seen.add(head)
+    return False
+
+
+def batch_features(samples: list[Sample], vocab_size: int, groups: bool = True) -> Features:
+    """The extras the batch's programs must compute (plain when nobody asks for any); `groups`:
+    whether its steps can have shared-prefix groups."""
     need = 0
     for s in samples:
         p = s.params
@@ -50,7 +65,8 @@ def batch_features(samples: list[Sample], vocab_size: int) -> Features:
                     hist_width=width,
                     stochastic=any(s.params.temperature > 0 for s in samples),
                     filters=any(s.params.temperature > 0 and s.params.has_filters
-                                for s in samples))
+                                for s in samples),
+                    groups=groups)
 
 
 class CompileProgress:
@@ -257,7 +273,9 @@ class Engine:
         return keys
 
     def _compile(self, samples: list[Sample], stats: RunStats) -> Features:
-        features = batch_features(samples, self.cfg.vocab_size)
+        sharing = self.ecfg.global_prefix_sharing and self.ecfg.shared_prefix_attention
+        features = batch_features(samples, self.cfg.vocab_size,
+                                  groups=sharing and shares_a_page(samples, self.ecfg.page_size))
         keys = self.program_keys(samples, features)
         if self.buckets.page_growth <= 1:
             # One page width a batch: where attention stops at each row's length (the kernels),

@@ -204,8 +204,10 @@ class ModelRunner:
         return hashlib.sha256((self._static_print + repr(key)).encode()).hexdigest()[:40]
 
     def _layout(self, key: ProgramKey) -> dict:
+        attention = (self.attention if key.features.groups
+                     else dataclasses.replace(self.attention, shared_prefix=False))
         return dict(T=key.tokens, P=key.pages, S=self.buckets.seqs_for(key.tokens),
-                    features=key.features, page_size=self.page_size, attention=self.attention)
+                    features=key.features, page_size=self.page_size, attention=attention)
 
     def _lower(self, key: ProgramKey):
         rep = None if self.mesh is None else mesh_mod.replicated(self.mesh)

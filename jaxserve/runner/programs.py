@@ -35,7 +35,7 @@ def compiler_options(platform: str, command_buffers: bool) -> dict:
 @dataclasses.dataclass(frozen=True, order=True)
 class Features:
     """What a program computes beyond the forward pass and the argmax (static: part of its key).
-    `stochastic` and `filters` are the batch's sampling mode, shared by all its programs; the
+    `stochastic`, `filters` and `groups` are the batch's modes, shared by all its programs; the
     other fields are the extras, compiled into the programs of the steps that have rows asking
     for them."""
 
@@ -44,6 +44,10 @@ class Features:
     hist_width: int = 0             # W of the penalty history; 0 = no penalties
     stochastic: bool = False        # some row draws (temperature > 0); False: argmax only
     filters: bool = False           # some drawing row sets top-k, top-p or min-p
+    # Some rows of the batch may share a prefix, so steps hand their groups to attention (the
+    # GPU kernel's host-built work list, one row block size for all items). False when no two
+    # prompts share a page: the device builds the list per step, with decode-sized items.
+    groups: bool = True
 
     @property
     def plain(self) -> bool:
@@ -52,7 +56,7 @@ class Features:
 
     def base(self) -> "Features":
         """The same sampling mode without extras: the programs of steps no row asks extras of."""
-        return Features(stochastic=self.stochastic, filters=self.filters)
+        return Features(stochastic=self.stochastic, filters=self.filters, groups=self.groups)
 
     def for_decode_block(self) -> "Features":
         """A fused block only decodes: no prompt positions to score."""

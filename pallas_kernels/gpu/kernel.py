@@ -268,7 +268,7 @@ def ragged_paged_attention(q, k_cache, v_cache, md: AttentionMetadata, *, page_o
     while work.pt_width % ppb:
         ppb //= 2
     if num_warps is None:
-        num_warps = 8 if bm >= 128 else 4
+        num_warps = block_sizes.kernel_num_warps(bm, prefetch_kv)
     o, lse = attention_partials(
         q.reshape(t * hq, dp), k_cache, v_cache, work, page_offset, g=g, hq=hq,
         sm_scale=sm_scale, window=sliding_window, pages_per_block=ppb, num_warps=num_warps,
