@@ -112,7 +112,9 @@ def run_shape(rows: int, ctx: int, layers: int) -> dict:
     def post(x, a, wl):
         x = x + a.reshape(x.shape[0], HQ * D) @ wl["o"]
         g, u = jnp.split(x @ wl["gu"], 2, axis=-1)
-        return x + (jax.nn.silu(g) * u) @ wl["down"]
+        # SiLU from the lax primitive: jax.nn.silu is a jitted function, and a nested call
+        # inside a stream-annotated computation fails to get a stream ("No ExecutionStreamId").
+        return x + (g * jax.lax.logistic(g) * u) @ wl["down"]
 
     def attend(kc, vc, q, k, v, md, li):
         slots = md.slot_mapping + li * pages * ps

@@ -201,24 +201,39 @@ def attention_partials(q2, k_cache, v_cache, work: WorkItems, page_offset, *, g:
     return o, lse
 
 
+def _select(pred, a, b):
+    """jnp.where without its nested jitted call (lax ops only; `b` may be a scalar)."""
+    b = jnp.asarray(b, a.dtype)
+    return lax.select(lax.broadcast_in_dim(pred, a.shape, tuple(range(pred.ndim))) if
+                      pred.shape != a.shape else pred, a, lax.broadcast_in_dim(b, a.shape, ())
+                      if b.shape != a.shape else b)
+
+
 def merge(o, lse, merge_idx, t: int, hkv: int, g: int, out_dtype):
     """LSE-merge the partials of each query row: o [W, Hkv, BM, D], lse [W, Hkv, BM],
-    merge_idx [T * G, K] -> [T, Hkv * G, D]. Rows with no partial (pad tokens) give 0."""
+    merge_idx [T * G, K] -> [T, Hkv * G, D]. Rows with no partial (pad tokens) give 0.
+
+    Written with lax ops only (no jnp.where / floor_divide, which are nested jitted calls): a
+    nested call inside a stream-annotated computation gets no stream on XLA GPU ("No
+    ExecutionStreamId found for call-start"), and attention is what an overlapped step would put
+    on a side stream."""
     w, _, bm, d = o.shape
     valid = merge_idx >= 0
-    idx = jnp.maximum(merge_idx, 0)
-    wi, ii = idx // bm, idx % bm
-    lse_g = jnp.where(valid[..., None], lse[wi, :, ii], -jnp.inf)        # [TG, K, Hkv]
+    idx = lax.max(merge_idx, jnp.zeros_like(merge_idx))
+    wi, ii = lax.div(idx, jnp.int32(bm)), lax.rem(idx, jnp.int32(bm))
+    neg_inf = jnp.float32(-jnp.inf)
+    lse_g = _select(valid[..., None], lse[wi, :, ii], neg_inf)           # [TG, K, Hkv]
     o_g = o[wi, :, ii].astype(jnp.float32)                                # [TG, K, Hkv, D]
+    finite = lax.is_finite(lse_g)
     if merge_idx.shape[1] == 1:
-        out = jnp.where(jnp.isfinite(lse_g)[..., None], o_g, 0.0)[:, 0]
+        out = _select(finite[..., None], o_g, 0.0)[:, 0]
     else:
         mx = jnp.max(lse_g, axis=1, keepdims=True)
-        mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+        mx = _select(lax.is_finite(mx), mx, 0.0)
         wgt = jnp.exp(lse_g - mx)                                         # -inf -> 0
         den = jnp.sum(wgt, axis=1)
         num = jnp.sum(wgt[..., None] * o_g, axis=1)
-        out = num / jnp.where(den > 0, den, 1.0)[..., None]               # [TG, Hkv, D]
+        out = num / _select(den > 0, den, 1.0)[..., None]                 # [TG, Hkv, D]
     out = out.reshape(t, g, hkv, d).transpose(0, 2, 1, 3).reshape(t, hkv * g, d)
     return out.astype(out_dtype)
 
