@@ -20,12 +20,13 @@ included) in one program per variant:
            stream 1 (does the annotation compile at all)
 
 If `streams` lands near max(mm, attn) rather than mm + attn, an overlapped decode layer is worth
-building. Measured on the H200 (JAX 0.11.2, benchmarks/README.md): at 716 x 640, mm 0.48-0.51
-and attn 0.80-0.82 ms a layer, seq 1.27-1.31 (their sum), split 1.36-1.38; every streams
-variant aborted the process in XLA (`hlo_computation.cc:185 Check failed: param_no >= 0 &&
-param_no < parameter_count`), with the metadata then closed over as constants (it is now
-passed as arguments, as the engine does). Seconds are the best of a few runs of the whole program (after a warm-up run), per
-layer.
+building. Measured on the H200 (JAX 0.11.2, benchmarks/README.md, calls I-P): at 716 x 640, mm
+0.49-0.51, attn 0.63 (0.80 before the decode prefetch), seq 1.06 (their sum). A nested jitted
+call inside an annotated computation (jnp.where, jax.nn.silu) gets no stream ("No
+ExecutionStreamId found for call-start"), so the kernel's merge and this probe's SiLU use lax
+ops; with that the stream variants compile, but run ~11x slower than seq with wrong results
+(max_rel_diff ~0.6: a stream reads before the other has written). Seconds are the best of a
+few runs of the whole program (after a warm-up run), per layer.
 
   python3 scripts/probe_overlap.py --shapes=716x640,1024x640 --layers=8 --out=$OUT/overlap.json
 """

@@ -18,6 +18,11 @@ The work list is `AttentionMetadata.work`, built once per step by the runner: on
 shared-prefix groups (`pallas_kernels.gpu.cascade`), or on the device without
 (`pallas_kernels.gpu.work_items`).
 
+Decode items (<= 16 rows) run the loop with a register prefetch (`prefetch_kv`): block i+1's K/V
+gather is issued before block i's math and page ids run two blocks ahead, so two blocks are in
+flight per program; with 32-token blocks and 2 warps that read the KV 1.3-1.4x faster on the H200
+(block_sizes.prefetch_mode). Larger items keep the plain loop.
+
 Lowering: Triton (`compiler_params=pltriton.CompilerParams`); see benchmarks/attention.md for
 what a Mosaic GPU version would need.
 """
