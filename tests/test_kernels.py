@@ -568,3 +568,16 @@ def test_cascade_builder_vectorised_matches_loops_engine_layout():
     got = cascade.build_cascade_work(md, groups, **kw)
     for f in ("page_table", "pt_base", "kv_start", "kv_end", "rows", "row_hi", "merge_idx"):
         assert np.array_equal(getattr(got, f), getattr(want, f)), f
+
+
+def test_merge_lowers_without_nested_calls():
+    """The merge is lax ops only: a nested jitted call (jnp.where, floor_divide) inside a
+    stream-annotated computation gets no stream on XLA GPU ("No ExecutionStreamId found")."""
+    from pallas_kernels.gpu import kernel
+    for k in (1, 3):
+        o = jnp.ones((4, 2, 16, 8), jnp.bfloat16)
+        lse = jnp.ones((4, 2, 16), jnp.float32)
+        midx = jnp.zeros((32, k), jnp.int32)
+        text = jax.jit(lambda o, l, m: kernel.merge(o, l, m, 8, 2, 4, jnp.bfloat16)).lower(
+            o, lse, midx).as_text()
+        assert " call @" not in text

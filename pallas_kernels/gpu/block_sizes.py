@@ -21,8 +21,6 @@ MIN_SPLIT_TOKENS = 256      # a KV split costs a partial write and a merge: neve
 
 
 PREFETCH_MODES = ("none", "pages", "kv")
-
-
 DECODE_BLOCK_ROWS = 16      # items this small are decode rows: one token x G q heads each
 
 

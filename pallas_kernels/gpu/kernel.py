@@ -206,12 +206,11 @@ def attention_partials(q2, k_cache, v_cache, work: WorkItems, page_offset, *, g:
     return o, lse
 
 
-def _select(pred, a, b):
-    """jnp.where without its nested jitted call (lax ops only; `b` may be a scalar)."""
-    b = jnp.asarray(b, a.dtype)
-    return lax.select(lax.broadcast_in_dim(pred, a.shape, tuple(range(pred.ndim))) if
-                      pred.shape != a.shape else pred, a, lax.broadcast_in_dim(b, a.shape, ())
-                      if b.shape != a.shape else b)
+def _select(pred, a, scalar):
+    """jnp.where(pred, a, scalar) in lax ops (jnp.where is a nested jitted call); `pred`'s
+    dimensions are `a`'s leading ones (size 1 broadcasts)."""
+    return lax.select(lax.broadcast_in_dim(pred, a.shape, tuple(range(pred.ndim))), a,
+                      lax.full_like(a, scalar))
 
 
 def merge(o, lse, merge_idx, t: int, hkv: int, g: int, out_dtype):
