@@ -20,7 +20,11 @@ included) in one program per variant:
            stream 1 (does the annotation compile at all)
 
 If `streams` lands near max(mm, attn) rather than mm + attn, an overlapped decode layer is worth
-building. Measured on the H200 (JAX 0.11.2, benchmarks/README.md, calls I-P): at 716 x 640, mm
+building. The other way to the same overlap needs no annotation: run `split` inside a CUDA graph
+whose nodes follow data dependencies instead of program order (XLA_FLAGS
+`--xla_gpu_command_buffer_scheduling_mode=CONCURRENT` with command buffers on), so nano-batch A's
+attention and B's matmuls, which share no buffer, may run at once
+(benchmarks/device/probe_graphs.sh times `split` under each mode). Measured on the H200 (JAX 0.11.2, benchmarks/README.md, calls I-P): at 716 x 640, mm
 0.49-0.51, attn 0.63 (0.80 before the decode prefetch), seq 1.06 (their sum). A nested jitted
 call inside an annotated computation (jnp.where, jax.nn.silu) gets no stream ("No
 ExecutionStreamId found for call-start"), so the kernel's merge and this probe's SiLU use lax
@@ -280,7 +284,7 @@ def run_shape(rows: int, ctx: int, layers: int) -> dict:
     if all(m.values()):
         rec["sum_ms"] = m["mm"] + m["attn"]
         rec["max_ms"] = max(m["mm"], m["attn"])
-        for name in ("streams", "streams_ro", "streams2", "streams2_ro", "streams_mm"):
+        for name in ("split", "streams", "streams_ro", "streams2", "streams2_ro", "streams_mm"):
             if rec.get(f"{name}_ms_per_layer"):
                 ms = rec[f"{name}_ms_per_layer"]
                 rec[f"{name}_over_seq"] = ms / m["seq"]
@@ -297,7 +301,8 @@ def main(argv):
         rows, ctx = (int(v) for v in s.split("x"))
         rec = run_shape(rows, ctx, FLAGS.layers)
         rec.update(device=dev.device_kind, jax=jax.__version__,
-                   commit=os.environ.get("JAXSERVE_COMMIT", "unknown"), command=" ".join(sys.argv))
+                   commit=os.environ.get("JAXSERVE_COMMIT", "unknown"), command=" ".join(sys.argv),
+                   xla_flags=os.environ.get("XLA_FLAGS", ""))
         records.append(rec)
         if FLAGS.out:
             with open(FLAGS.out, "w") as f:
