@@ -75,7 +75,8 @@ def _gpu_host_prepare(md: AttentionMetadata, groups, spec: AttentionSpec) -> Att
         md, groups, num_q_heads=spec.num_q_heads, num_kv_heads=spec.num_kv_heads,
         page_size=spec.page_size, block_rows=lay["block_rows"], block_kv=lay["block_kv"],
         num_sms=lay["num_sms"], waves=lay["waves"], num_items=lay["num_items"],
-        num_partials=lay["num_partials"])
+        num_partials=lay["num_partials"], own_block_rows=lay["own_block_rows"],
+        num_own_items=lay["num_own_items"])
     return dataclasses.replace(md, work=work)
 
 

@@ -46,6 +46,25 @@ class PrefixGroups:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
+class OwnItems:
+    """A second item list of a host-built `WorkItems`, with its own row-block size BM' (decode-sized
+    items for the requests' own parts beside 64-row shared-prefix items): the same fields as the
+    first list's, over the same page table, run as a second kernel launch; the first list's
+    `merge_idx` addresses its partials after the first list's (flat W * BM + w * BM' + i)."""
+
+    pt_base: jax.Array     # int32[W']
+    kv_start: jax.Array    # int32[W']
+    kv_end: jax.Array      # int32[W']
+    rows: jax.Array        # int32[W', BM']
+    row_hi: jax.Array      # int32[W', BM']
+
+    @property
+    def block_rows(self) -> int:
+        return self.rows.shape[1]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
 class WorkItems:
     """Work list of the GPU attention kernel (`pallas_kernels.gpu`).
 
@@ -64,6 +83,7 @@ class WorkItems:
     rows: jax.Array        # int32[W, BM]  query row t * G + j of each row slot (0 for pad slots)
     row_hi: jax.Array      # int32[W, BM]  causal limit of the slot, min(pos + 1, seq_len); 0 = pad
     merge_idx: jax.Array   # int32[T * G, K] flat w * BM + i of each partial of a query row, -1 none
+    own: Optional[OwnItems] = None   # a second list of smaller items (host-built lists only)
 
     # Pages per page-table row (static: the kernel reads `pages_per_block` pages at a time and
     # the width is a multiple of it, so no read leaves its row).

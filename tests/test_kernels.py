@@ -7,6 +7,7 @@ only tokens that have keys (pad rows give 0 in the kernels and a don't-care in t
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import jax
@@ -212,12 +213,14 @@ def host_work(md, *, num_q_heads, num_kv_heads, page_size, **kw):
 
 
 def run_kernel(c: Case, *, interpret, sliding_window=None, cascade=False, block_rows=None,
-               kv_splits=None, chunk_len=None, block_kv=None, **kw):
+               kv_splits=None, chunk_len=None, block_kv=None, own_block_rows=None, **kw):
     from pallas_kernels.gpu import kernel, work_items
     if cascade:
         work = host_work(c.md, num_q_heads=c.hq, num_kv_heads=c.hkv, page_size=c.page_size,
                          block_kv=block_kv or 64, num_sms=4, chunk_len=chunk_len,
+                         own_block_rows=own_block_rows,
                          **({"block_rows": block_rows} if block_rows else {}))
+        assert (work.own is not None) == bool(own_block_rows and own_block_rows != block_rows)
     else:
         work = work_items.device_work_items(c.md, num_q_heads=c.hq, num_kv_heads=c.hkv,
                                             page_size=c.page_size, head_dim=c.q.shape[-1],
@@ -311,6 +314,29 @@ def test_pallas_cascade(interpret, name, seqs, groups, page_size, g, dtype, chun
     assert_close(out, reference_out(c), c, DT[dtype])
 
 
+# Cases whose requests' own parts can run as a second list of smaller items.
+OWN_LIST = [c for c in CASCADE_KERNEL if c[0] in ("g3_empty_suffix", "two_groups_mixed",
+                                                  "prefill_in_prefix", "g64_gqa8")] + [
+    # No group in the step: the first list holds only pad items, whose slots the kernel never
+    # stores (NaN in interpret mode), and the merge must not read them into any row.
+    ("no_groups", MIXED, (), 16, 4, "f32", None, 64)]
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("name,seqs,groups,page_size,g,dtype,chunk_len,block_rows", OWN_LIST,
+                         ids=[c[0] for c in OWN_LIST])
+def test_pallas_cascade_own_list(interpret, name, seqs, groups, page_size, g, dtype, chunk_len,
+                                 block_rows):
+    """Shared items of 64 (or 32) rows and the requests' own parts as a second launch of 16-row
+    items, merged together: the reference's output, for members with empty suffixes, prefill
+    members, chunked ranges and G = 8 (two decode tokens' heads fill 16 rows)."""
+    c = make_case(hash(name) % 1000 + 1, seqs=seqs, groups=groups, page_size=page_size, g=g,
+                  d=64, dtype=DT[dtype])
+    out = run_kernel(c, interpret=interpret, cascade=True, chunk_len=chunk_len,
+                     block_rows=max(block_rows, 32), own_block_rows=16, block_kv=32)
+    assert_close(out, reference_out(c), c, DT[dtype])
+
+
 @pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("mode", ["prefetch_pages", "prefetch_kv"])
 def test_pallas_prefetch(interpret, mode):
@@ -337,7 +363,10 @@ def test_pallas_cascade_window(interpret):
 
 
 @pytest.mark.parametrize("interpret", MODES)
-def test_pallas_cascade_list_advanced_over_fused_decode_steps(interpret):
+@pytest.mark.parametrize("block_rows,own_block_rows", [(16, None), (32, 16)],
+                         ids=["one_list", "own_list"])
+def test_pallas_cascade_list_advanced_over_fused_decode_steps(interpret, block_rows,
+                                                              own_block_rows):
     """A fused decode block keeps its first step's host-built list and advances it on device
     (`advance_work_items`): at every later step the kernel must equal the reference on that
     step's metadata. Chunked prefixes and suffixes (chunk 16), two groups beside ungrouped rows,
@@ -357,8 +386,8 @@ def test_pallas_cascade_list_advanced_over_fused_decode_steps(interpret):
             seq_lens=jnp.where(jnp.asarray(real), c.md.seq_lens - back, 0))
 
     md0 = dataclasses.replace(at_step(0), work=host_work(
-        at_step(0), num_q_heads=c.hq, num_kv_heads=c.hkv, page_size=8, block_rows=16,
-        block_kv=16, chunk_len=16, num_sms=4))
+        at_step(0), num_q_heads=c.hq, num_kv_heads=c.hkv, page_size=8, block_rows=block_rows,
+        block_kv=16, chunk_len=16, num_sms=4, own_block_rows=own_block_rows))
     fn = jax.jit(lambda q, kc, vc, md, off: kernel.ragged_paged_attention(
         q, kc, vc, md, page_offset=off, sm_scale=c.sm_scale, interpret=interpret, block_kv=16))
     for i in range(n_adv + 1):
@@ -561,13 +590,71 @@ def test_cascade_builder_vectorised_matches_loops_engine_layout():
         lens=np.pad(np.full(16, plen, np.int32), (0, s - 16)))
     lay = block_sizes.host_layout(t, s, p, num_q_heads=32, num_kv_heads=8, page_size=ps,
                                   head_dim=128)
+    # The oracle builds one list: it gets the room of both of the engine's lists.
     kw = dict(num_q_heads=32, num_kv_heads=8, page_size=ps, block_rows=lay["block_rows"],
               block_kv=lay["block_kv"], num_sms=lay["num_sms"], waves=lay["waves"],
-              num_items=lay["num_items"], num_partials=lay["num_partials"])
+              num_items=lay["num_items"] + lay["num_own_items"],
+              num_partials=lay["num_partials"])
     want = cascade_oracle.build_cascade_work_loops(md, groups, **kw)
     got = cascade.build_cascade_work(md, groups, **kw)
     for f in ("page_table", "pt_base", "kv_start", "kv_end", "rows", "row_hi", "merge_idx"):
         assert np.array_equal(getattr(got, f), getattr(want, f)), f
+    # The engine's own sizes: a decode bucket gets a second list of 16-row own items, and
+    # both lists fit their static sizes.
+    assert lay["own_block_rows"] == 16
+    split = cascade.build_cascade_work(
+        md, groups, **{**kw, "num_items": lay["num_items"]},
+        own_block_rows=lay["own_block_rows"], num_own_items=lay["num_own_items"])
+    assert split.rows.shape == (lay["num_items"], 64)
+    assert split.own.rows.shape == (lay["num_own_items"], 16)
+    assert attended(split, ps, 8) == attended(got, ps, 8)
+
+
+def attended(work, page_size, g):
+    """For every query row of a work list, the (page id, offset) KV slots its partials read,
+    with how often each is read, through the list's items as the kernel sees them: item range
+    [kv_start, kv_end) clipped to the row slot's causal limit."""
+    pw = work.pt_width
+    table = np.asarray(work.page_table).reshape(-1, pw)
+    lists = [work] + ([work.own] if work.own is not None else [])
+    flat_items = []                                       # (list, item, slot) per flat index
+    for li, it in enumerate(lists):
+        w, bm = it.rows.shape
+        flat_items += [(li, wi, i) for wi in range(w) for i in range(bm)]
+    out = {}
+    midx = np.asarray(work.merge_idx)
+    for r in range(midx.shape[0]):
+        seen = collections.Counter()
+        for f in midx[r][midx[r] >= 0]:
+            li, wi, i = flat_items[f]
+            it = lists[li]
+            assert it.rows[wi, i] == r
+            hi = min(int(it.kv_end[wi]), int(it.row_hi[wi, i]))
+            row = table[int(it.pt_base[wi]) // pw]
+            for p in range(int(it.kv_start[wi]), hi):
+                seen[(int(row[p // page_size]), p % page_size)] += 1
+        if seen:
+            out[r] = seen
+    return out
+
+
+def test_cascade_own_list_reads_what_one_list_reads():
+    """Random steps (groups, empty suffixes, prefill and decode rows, pad rows): with the own
+    parts as a second list of smaller items, every query row reads exactly the KV slots, each
+    as often, that the one-list form (checked against the loop oracle) has it read."""
+    from pallas_kernels.gpu import cascade
+    rng = np.random.default_rng(99)
+    for case in range(60):
+        page_size = int(rng.choice([8, 16]))
+        g = int(rng.choice([1, 4, 8]))
+        md = random_step_metadata(rng, page_size=page_size, max_rows=12)
+        kw = dict(num_q_heads=g * 2, num_kv_heads=2, page_size=page_size,
+                  block_rows=int(rng.choice([32, 64])), block_kv=int(rng.choice([page_size, 64])),
+                  num_sms=4, chunk_len=int(rng.choice([32, 64])) if rng.random() < 0.5 else None)
+        one = cascade.build_cascade_work(md, md.groups, **kw)
+        two = cascade.build_cascade_work(md, md.groups, **kw, own_block_rows=16)
+        assert two.own is not None and two.own.rows.shape[1] == 16
+        assert attended(two, page_size, g) == attended(one, page_size, g), case
 
 
 def test_merge_lowers_without_nested_calls():
@@ -578,6 +665,6 @@ def test_merge_lowers_without_nested_calls():
         o = jnp.ones((4, 2, 16, 8), jnp.bfloat16)
         lse = jnp.ones((4, 2, 16), jnp.float32)
         midx = jnp.zeros((32, k), jnp.int32)
-        text = jax.jit(lambda o, l, m: kernel.merge(o, l, m, 8, 2, 4, jnp.bfloat16)).lower(
+        text = jax.jit(lambda o, l, m: kernel.merge([(o, l)], m, 8, 2, 4, jnp.bfloat16)).lower(
             o, lse, midx).as_text()
         assert " call @" not in text

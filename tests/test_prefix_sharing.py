@@ -216,7 +216,8 @@ def test_batch_without_shared_pages_runs_device_built_lists(tiny_models, monkeyp
     monkeypatch.setattr(work_items, "device_work_items",
                         lambda *a, **kw: device_built.append(1) or dev(*a, **kw))
     monkeypatch.setattr(kernel, "attention_partials",
-                        lambda q2, kc, vc, work, *a, **kw: block_rows.append(work.rows.shape[1])
+                        lambda q2, kc, vc, work, *a, **kw: block_rows.append(
+                            (kw.get("items") or work).rows.shape[1])
                         or partials(q2, kc, vc, work, *a, **kw))
 
     plain = no_sharing_workload(np.random.default_rng(5), 12)
@@ -228,8 +229,11 @@ def test_batch_without_shared_pages_runs_device_built_lists(tiny_models, monkeyp
 
     shared = groups_workload(np.random.default_rng(6), n_groups=2, share=3, shared_len=37,
                              unique_len=9, out_len=5)
+    block_rows.clear()
     out = eng.run(shared)
     assert host_built                     # the shared batch's programs build host lists
+    # with 64-row shared items and, in decode steps, a second list of 16-row own items
+    assert {16, 64} <= set(block_rows)
     assert any(k.features.groups for k in eng.runner.programs._compiled)
     assert eng.last_stats.computed_prefill_tokens == eng.last_stats.optimal_prefill_tokens
     assert [o.token_ids for o in out] == [o.token_ids for o in ref.run(shared)]

@@ -97,21 +97,33 @@ def host_layout(num_tokens: int, num_seqs: int, pages_per_seq: int, *, num_q_hea
                 waves: float = 2.0) -> dict:
     """Static sizes of a host-built (shared-prefix) work list for one step bucket.
 
-    Items: each row's own part in blocks of bm/g tokens (<= T/bq + S), each group's member rows in
-    blocks of bm (<= T*g/bm + groups, groups <= S/2), plus the pieces long ranges are cut into
-    (<= 2 per item longer than a chunk, and chunks are >= total/target, so <= 2*target of them).
-    Partials per query row: the chunks of its prefix and of its suffix (chunks >= 256 tokens).
+    Shared items hold bm = 64 rows. In decode-dominated buckets (the device list's rule,
+    `device_block_rows`) the requests' own parts are a second list of decode-sized items
+    (`own_block_rows`, 16 at G <= 16), which run the kernel's decode loop; elsewhere they share
+    the 64-row list (`own_block_rows` None).
+
+    Items: each row's own part in blocks of bm'/g tokens (<= T/bq + S), each group's member rows
+    in blocks of bm (<= T*g/bm + groups, groups <= S/2), plus the pieces long ranges are cut into
+    (<= 2 per item longer than a chunk, and chunks are >= total/target, so <= 2*target of them,
+    per list). Partials per query row: the chunks of its prefix and of its suffix (chunks >= 256
+    tokens; one more when the two lists are chunked apart).
     """
     g = num_q_heads // num_kv_heads
     bm = max(SHARED_BLOCK_ROWS, pow2_at_least(g))
-    bq = max(1, bm // g)
+    small = device_block_rows(num_tokens, num_seqs, g)
+    bm_own = small if small < bm else None
     bk = block_kv(head_dim, page_size)
     target = max(1, int(waves * sms / num_kv_heads))
-    items = (-(-num_tokens // bq) + num_seqs + -(-num_tokens * g // bm) + num_seqs // 2
-             + 2 * target)
-    items = -(-items // 64) * 64
-    partials = -(-pages_per_seq * page_size // MIN_SPLIT_TOKENS) + 3
+    rnd = lambda n: -(-n // 64) * 64                               # noqa: E731
+    own = -(-num_tokens // max(1, (bm_own or bm) // g)) + num_seqs
+    shared = -(-num_tokens * g // bm) + num_seqs // 2
+    if bm_own:
+        items, own_items = rnd(shared + 2 * target), rnd(own + 2 * target)
+    else:
+        items, own_items = rnd(shared + own + 2 * target), 0
+    partials = -(-pages_per_seq * page_size // MIN_SPLIT_TOKENS) + (4 if bm_own else 3)
     ppb = bk // page_size
     pw = -(-pages_per_seq // ppb) * ppb
     return dict(block_rows=bm, block_kv=bk, num_items=items, num_partials=partials,
+                own_block_rows=bm_own, num_own_items=own_items or None,
                 num_groups=num_seqs, pt_width=pw, num_sms=sms, waves=waves)

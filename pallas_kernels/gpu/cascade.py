@@ -19,12 +19,12 @@ with no sharing costs what the plain path costs.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
 from pallas_kernels.common import pow2_at_least
-from pallas_kernels.metadata import AttentionMetadata, PrefixGroups, WorkItems
+from pallas_kernels.metadata import AttentionMetadata, OwnItems, PrefixGroups, WorkItems
 
 
 def _chunks(lo: int, hi: int, length: int, align: int):
@@ -103,46 +103,39 @@ def host_inputs(md: AttentionMetadata, groups: Optional[PrefixGroups], ppb: int)
     return pos, qs, seq_lens, seq_group, plen, table, pos.shape[0], s_count, n_groups, pw
 
 
-def build_cascade_work(md: AttentionMetadata, groups: Optional[PrefixGroups], *,
-                       num_q_heads: int, num_kv_heads: int, page_size: int, block_rows: int = 64,
-                       block_kv: int = 64, num_sms: int = 132, waves: float = 2.0,
-                       min_chunk: int = 256, chunk_len: Optional[int] = None,
-                       num_items: Optional[int] = None,
-                       num_partials: Optional[int] = None) -> WorkItems:
-    """The work list (numpy arrays) of `md` with the shared-prefix `groups` (None: no sharing).
+class _Items(NamedTuple):
+    """Candidate items of one row-block size before chunking: page-table row, KV range, and per
+    row slot the query row, its causal limit and whether the slot is used."""
 
-    `num_items` / `num_partials` fix the padded sizes (static shapes for jit; default: next power
-    of two of what is needed). `block_rows` must be a power of two >= 16; `block_kv` a multiple of
-    `page_size`: long ranges are cut on its multiples.
+    tab: np.ndarray     # int64[n]
+    lo: np.ndarray      # int64[n]
+    hi: np.ndarray      # int64[n]
+    rows: np.ndarray    # int32[n, bm]
+    his: np.ndarray     # int32[n, bm]
+    used: np.ndarray    # bool[n, bm]
 
-    Runs on the host every engine step, so it is vectorised numpy: no Python loop whose trip count
-    grows with tokens, rows, groups or items (per-row loops cost ~10 ms per step at T*G in the
-    thousands); the one exception is an explicit `chunk_len` < `block_kv` (see `_chunk_bounds`).
-    `tests/cascade_oracle.py` holds the loop form it reproduces array for array
-    (same item order, same rows, same merge lists).
-    """
-    g = num_q_heads // num_kv_heads
-    bm = block_rows
-    if bm & (bm - 1) or bm < 16:
-        raise ValueError(f"block_rows must be a power of two >= 16, got {bm}")
-    block_kv = max(block_kv, page_size)
-    ppb = block_kv // page_size
-    (pos, qs, seq_lens, seq_group, plen, table, t, s_count, n_groups,
-     pw) = host_inputs(md, groups, ppb)
 
-    # Every query token, row by row in order: its row `ts`, its index within the row `toff`, and
-    # its causal limit min(pos + 1, seq_len) (the item's KV range does the clipping to prefix or
-    # suffix, so the sliding window, measured from pos + 1, stays right).
-    qlen = np.maximum(qs[1:s_count + 1] - qs[:s_count], 0)
-    ts, toff, _ = _segment_ids(qlen)
-    tok = qs[ts] + toff
-    thi = np.minimum(pos[tok] + 1, seq_lens[ts])
+def _scatter_items(tab, lo, hi, item, slot, row, row_hi, bm: int) -> _Items:
+    n = tab.shape[0]
+    rows = np.zeros((n, bm), np.int32)
+    his = np.zeros((n, bm), np.int32)
+    used = np.zeros((n, bm), bool)
+    rows[item, slot] = row
+    his[item, slot] = row_hi
+    used[item, slot] = True
+    return _Items(tab, lo, hi, rows, his, used)
+
+
+def _concat(a: _Items, b: _Items) -> _Items:
+    return _Items(*(np.concatenate([x, y]) for x, y in zip(a, b)))
+
+
+def _shared_items(ts, tok, thi, seq_lens, seq_group, plen, s_count, n_groups, g, bm) -> _Items:
+    """Shared prefixes. Row sets: (group, prefix_len) in ascending order, members' tokens in row
+    order (the loop form's order; lexsort is stable), tokens with no visible key left out. Each
+    token gives G query rows t * G + j; a set's rows are cut into blocks of bm (a block may split
+    a token's heads when G does not divide bm)."""
     heads = np.arange(g)
-
-    # Shared prefixes. Row sets: (group, prefix_len) in ascending order, members' tokens in row
-    # order (the loop form's order; lexsort is stable), tokens with no visible key left out. Each
-    # token gives G query rows t * G + j; a set's rows are cut into blocks of bm (a block may split
-    # a token's heads when G does not divide bm).
     sg = seq_group[ts]
     sh = ((sg >= 0) & (sg < n_groups) & (seq_lens[ts] > 0) & (plen[ts] > 0) & (thi > 0))
     sel = np.nonzero(sh)[0]
@@ -155,96 +148,151 @@ def build_cascade_work(md: AttentionMetadata, groups: Optional[PrefixGroups], *,
     r_set, r_local, _ = _segment_ids(set_rows)
     set_blocks = -(-set_rows // bm)
     set_first_item = np.cumsum(set_blocks) - set_blocks
-    sh_item = set_first_item[r_set] + r_local // bm
-    sh_slot = r_local % bm
-    sh_row = (tok[sel][:, None] * g + heads).reshape(-1)
-    sh_hi = np.repeat(thi[sel], g)
-    n_sh = int(set_blocks.sum())
+    item = set_first_item[r_set] + r_local // bm
+    slot = r_local % bm
+    row = (tok[sel][:, None] * g + heads).reshape(-1)
+    row_hi = np.repeat(thi[sel], g)
+    n = int(set_blocks.sum())
     # Rows are in item order, so a block starts where its slot is 0.
-    blk_first = np.flatnonzero(sh_slot == 0)
-    sh_blk_max = np.maximum.reduceat(sh_hi, blk_first) if n_sh else np.zeros(0, np.int64)
+    blk_first = np.flatnonzero(slot == 0)
+    blk_max = np.maximum.reduceat(row_hi, blk_first) if n else np.zeros(0, np.int64)
     item_set = np.repeat(np.arange(set_rows.shape[0]), set_blocks)
-    set_gi = s_gi[new_set]
-    set_pl = s_pl[new_set]
-    sh_tab = s_count + set_gi[item_set]
-    sh_lo = np.zeros(n_sh, np.int64)
-    sh_hi_item = np.minimum(set_pl[item_set], sh_blk_max)
+    tab = s_count + s_gi[new_set][item_set]
+    hi = np.minimum(s_pl[new_set][item_set], blk_max)
+    return _scatter_items(tab, np.zeros(n, np.int64), hi, item, slot, row, row_hi, bm)
 
-    # Each request's own (unique) part: its tokens in blocks of bm // G (all of them, whatever
-    # their limit), KV range [prefix_len, max limit of the block); a block whose limits all stay
-    # within the prefix (empty suffix) has only its prefix partial and no item.
+
+def _own_items(ts, toff, tok, thi, seq_lens, plen, g, bm) -> _Items:
+    """Each request's own (unique) part: its tokens in blocks of bm // G (all of them, whatever
+    their limit), KV range [prefix_len, max limit of the block); a block whose limits all stay
+    within the prefix (empty suffix) has only its prefix partial and no item."""
+    heads = np.arange(g)
     bq = max(1, bm // g)
-    uq = seq_lens[ts] > 0
-    u_tok = np.nonzero(uq)[0]
+    u_tok = np.nonzero(seq_lens[ts] > 0)[0]
     u_s, u_off, u_hi = ts[u_tok], toff[u_tok], thi[u_tok]
     u_start = (u_off % bq) == 0                      # tokens of a row are contiguous, in order
     u_blk = np.cumsum(u_start) - 1
     u_first = np.nonzero(u_start)[0]
-    if u_first.shape[0]:
-        ub_max = np.maximum.reduceat(u_hi, u_first)
-    else:
-        ub_max = np.zeros(0, np.int64)
+    ub_max = np.maximum.reduceat(u_hi, u_first) if u_first.shape[0] else np.zeros(0, np.int64)
     ub_s = u_s[u_first]
     ub_lo = plen[ub_s]
     ub_keep = np.maximum(ub_max, 0) > ub_lo
-    ub_item = n_sh + np.cumsum(ub_keep) - 1
+    ub_item = np.cumsum(ub_keep) - 1
     tk_keep = ub_keep[u_blk]
-    u_item_tok = ub_item[u_blk][tk_keep]
-    u_slot_tok = (u_off % bq)[tk_keep] * g
-    un_item = np.repeat(u_item_tok, g)
-    un_slot = (u_slot_tok[:, None] + heads).reshape(-1)
-    un_row = (tok[u_tok][tk_keep][:, None] * g + heads).reshape(-1)
-    un_hi = np.repeat(u_hi[tk_keep], g)
+    item = np.repeat(ub_item[u_blk][tk_keep], g)
+    slot = (((u_off % bq)[tk_keep] * g)[:, None] + heads).reshape(-1)
+    row = (tok[u_tok][tk_keep][:, None] * g + heads).reshape(-1)
+    row_hi = np.repeat(u_hi[tk_keep], g)
+    return _scatter_items(ub_s[ub_keep], ub_lo[ub_keep], ub_max[ub_keep], item, slot, row,
+                          row_hi, bm)
 
-    # Candidate items before chunking: shared ones first, then unique ones.
-    raw_tab = np.concatenate([sh_tab, ub_s[ub_keep]])
-    raw_lo = np.concatenate([sh_lo, ub_lo[ub_keep]])
-    raw_hi = np.concatenate([sh_hi_item, ub_max[ub_keep]])
-    n_raw = raw_tab.shape[0]
-    if g > bm and n_raw:
-        raise ValueError(f"{g} q heads per KV head do not fit block_rows={bm}")
-    all_item = np.concatenate([sh_item, un_item])
-    all_slot = np.concatenate([sh_slot, un_slot])
-    raw_rows = np.zeros((n_raw, bm), np.int32)
-    raw_his = np.zeros((n_raw, bm), np.int32)
-    raw_used = np.zeros((n_raw, bm), bool)
-    raw_rows[all_item, all_slot] = np.concatenate([sh_row, un_row])
-    raw_his[all_item, all_slot] = np.concatenate([sh_hi, un_hi])
-    raw_used[all_item, all_slot] = True
 
-    # Cost model: an item costs ~ the KV tokens it reads; aim at `waves` programs per SM.
-    total = int(np.maximum(0, raw_hi - raw_lo).sum())
-    target_items = max(1, int(waves * num_sms / num_kv_heads))
+def _chunked(c: _Items, *, chunk_len: Optional[int], block_kv: int, min_chunk: int,
+             target_items: int, num_items: Optional[int], what: str):
+    """Cut `c`'s long ranges into chunks and order them longest first, padded to `num_items`.
+
+    Cost model: an item costs ~ the KV tokens it reads; aim at `target_items` items per KV head
+    (waves x SMs / KV heads). Returns (pt_tab, kv_start, kv_end, rows, row_hi, used) with W rows;
+    pad items have an empty range."""
+    total = int(np.maximum(0, c.hi - c.lo).sum())
     if chunk_len is None:
         chunk_len = max(min_chunk, -(-max(1, total // target_items) // block_kv) * block_kv)
-    src, c0, c1 = _chunk_bounds(raw_lo, raw_hi, chunk_len, block_kv)
+    src, c0, c1 = _chunk_bounds(c.lo, c.hi, chunk_len, block_kv)
     # Longest first (stable, as the loop form's `sorted`); ties keep (chunk, row block)
     # neighbours adjacent for L2 reuse of a chunk.
     order = np.argsort(-(c1 - c0), kind="stable")
     src, c0, c1 = src[order], c0[order], c1[order]
-
     n_items = src.shape[0]
     w_need = max(1, n_items)
     w = num_items or pow2_at_least(w_need)
     if w < w_need:
-        raise ValueError(f"num_items={w} < {w_need} needed")
-    pt_base = np.zeros((w,), np.int32)
+        raise ValueError(f"{what}={w} < {w_need} needed")
+    bm = c.rows.shape[1]
+    tab = np.zeros((w,), np.int64)
     kv_start = np.zeros((w,), np.int32)
     kv_end = np.zeros((w,), np.int32)          # pad items: empty range
-    rows_a = np.zeros((w, bm), np.int32)
-    hi_a = np.zeros((w, bm), np.int32)
-    pt_base[:n_items] = raw_tab[src] * pw
+    rows = np.zeros((w, bm), np.int32)
+    his = np.zeros((w, bm), np.int32)
+    used = np.zeros((w, bm), bool)
+    tab[:n_items] = c.tab[src]
     kv_start[:n_items] = c0
     kv_end[:n_items] = c1
-    rows_a[:n_items] = raw_rows[src]
-    hi_a[:n_items] = raw_his[src]
+    rows[:n_items] = c.rows[src]
+    his[:n_items] = c.his[src]
+    used[:n_items] = c.used[src]
+    return tab, kv_start, kv_end, rows, his, used
 
-    # merge_idx: a row's partials in item order (flat w * BM + i ascending). A row whose visible
-    # range misses a chunk entirely adds nothing to it; skip it. Row-major nonzero gives flat
-    # order, a stable sort by row keeps it within each row.
-    live = raw_used[src] & (hi_a[:n_items] > c0[:, None])
-    flat = np.flatnonzero(live)
-    r = rows_a[:n_items].reshape(-1)[flat]
+
+def build_cascade_work(md: AttentionMetadata, groups: Optional[PrefixGroups], *,
+                       num_q_heads: int, num_kv_heads: int, page_size: int, block_rows: int = 64,
+                       block_kv: int = 64, num_sms: int = 132, waves: float = 2.0,
+                       min_chunk: int = 256, chunk_len: Optional[int] = None,
+                       num_items: Optional[int] = None,
+                       num_partials: Optional[int] = None,
+                       own_block_rows: Optional[int] = None,
+                       num_own_items: Optional[int] = None) -> WorkItems:
+    """The work list (numpy arrays) of `md` with the shared-prefix `groups` (None: no sharing).
+
+    `num_items` / `num_partials` fix the padded sizes (static shapes for jit; default: next power
+    of two of what is needed). `block_rows` must be a power of two >= 16; `block_kv` a multiple of
+    `page_size`: long ranges are cut on its multiples.
+
+    `own_block_rows` (a power of two >= 16, other than `block_rows`): the requests' own parts
+    become a second list of items that size (`WorkItems.own`, `num_own_items` of them), which the
+    kernel runs as its own launch. A decode row's own part is one token x G heads: in the shared
+    items' 64-row blocks it fills G of 64 rows, in 16-row blocks G of 16, and those run the
+    kernel's decode loop (block_sizes.prefetch_mode). Each list is chunked for its own launch.
+
+    Runs on the host every engine step, so it is vectorised numpy: no Python loop whose trip count
+    grows with tokens, rows, groups or items (per-row loops cost ~10 ms per step at T*G in the
+    thousands); the one exception is an explicit `chunk_len` < `block_kv` (see `_chunk_bounds`).
+    `tests/cascade_oracle.py` holds the loop form it reproduces array for array without
+    `own_block_rows` (same item order, same rows, same merge lists).
+    """
+    g = num_q_heads // num_kv_heads
+    bm = block_rows
+    bm_own = own_block_rows or bm
+    for b in (bm, bm_own):
+        if b & (b - 1) or b < 16:
+            raise ValueError(f"block_rows must be a power of two >= 16, got {b}")
+    block_kv = max(block_kv, page_size)
+    ppb = block_kv // page_size
+    (pos, qs, seq_lens, seq_group, plen, table, t, s_count, n_groups,
+     pw) = host_inputs(md, groups, ppb)
+
+    # Every query token, row by row in order: its row `ts`, its index within the row `toff`, and
+    # its causal limit min(pos + 1, seq_len) (the item's KV range does the clipping to prefix or
+    # suffix, so the sliding window, measured from pos + 1, stays right).
+    qlen = np.maximum(qs[1:s_count + 1] - qs[:s_count], 0)
+    ts, toff, _ = _segment_ids(qlen)
+    tok = qs[ts] + toff
+    thi = np.minimum(pos[tok] + 1, seq_lens[ts])
+
+    shared = _shared_items(ts, tok, thi, seq_lens, seq_group, plen, s_count, n_groups, g, bm)
+    own = _own_items(ts, toff, tok, thi, seq_lens, plen, g, bm_own)
+    if g > min(bm, bm_own) and (shared.tab.shape[0] or own.tab.shape[0]):
+        raise ValueError(f"{g} q heads per KV head do not fit block_rows={min(bm, bm_own)}")
+    kw = dict(chunk_len=chunk_len, block_kv=block_kv, min_chunk=min_chunk,
+              target_items=max(1, int(waves * num_sms / num_kv_heads)))
+    if bm_own == bm:
+        # One list: shared items first, then own ones, chunked and ordered together.
+        parts = [_chunked(_concat(shared, own), num_items=num_items, what="num_items", **kw)]
+    else:
+        parts = [_chunked(shared, num_items=num_items, what="num_items", **kw),
+                 _chunked(own, num_items=num_own_items, what="num_own_items", **kw)]
+
+    # merge_idx: a row's partials in item order (flat w * BM + i ascending over the first list,
+    # then W * BM + w' * BM' + i' over the second). A row whose visible range misses a chunk
+    # entirely adds nothing to it; skip it. Row-major nonzero gives flat order, a stable sort by
+    # row keeps it within each row.
+    flats, rs, base = [], [], 0
+    for tab, c0, c1, rows, his, used in parts:
+        live = used & (his > c0[:, None])
+        flat = np.flatnonzero(live)
+        flats.append(flat + base)
+        rs.append(rows.reshape(-1)[flat])
+        base += rows.size
+    flat, r = np.concatenate(flats), np.concatenate(rs)
     by_row = np.argsort(r, kind="stable")
     r, flat = r[by_row], flat[by_row]
     counts = np.bincount(r, minlength=t * g)
@@ -254,5 +302,12 @@ def build_cascade_work(md: AttentionMetadata, groups: Optional[PrefixGroups], *,
         raise ValueError(f"num_partials={k} < {k_need} needed")
     midx = np.full((t * g, k), -1, np.int32)
     midx[r, np.arange(r.shape[0]) - (np.cumsum(counts) - counts)[r]] = flat
-    return WorkItems(page_table=table.reshape(-1), pt_base=pt_base, kv_start=kv_start,
-                     kv_end=kv_end, rows=rows_a, row_hi=hi_a, merge_idx=midx, pt_width=pw)
+
+    def items(part):
+        tab, c0, c1, rows, his, _ = part
+        return dict(pt_base=(tab * pw).astype(np.int32), kv_start=c0, kv_end=c1, rows=rows,
+                    row_hi=his)
+
+    own_items = OwnItems(**items(parts[1])) if len(parts) > 1 else None
+    return WorkItems(page_table=table.reshape(-1), merge_idx=midx, pt_width=pw, own=own_items,
+                     **items(parts[0]))

@@ -155,13 +155,15 @@ def attention_partials(q2, k_cache, v_cache, work: WorkItems, page_offset, *, g:
                        sm_scale: float, window: Optional[int], pages_per_block: int,
                        num_warps: int, num_stages: int, interpret: bool,
                        partial_dtype=None, prefetch_pages: bool = False,
-                       prefetch_kv: bool = False):
-    """Run the kernel over every item x KV head.
+                       prefetch_kv: bool = False, items=None):
+    """Run the kernel over every item x KV head of `items` (default: `work`'s first list; or
+    `work.own`), over `work`'s page table.
 
     q2: [T * Hq, D]. Returns o [W, Hkv, BM, D] (partial_dtype), lse float32 [W, Hkv, BM].
     """
+    items = work if items is None else items
     hkv, total_pages, ps, d = k_cache.shape
-    w, bm = work.rows.shape
+    w, bm = items.rows.shape
     ppb = pages_per_block
     if work.pt_width % ppb:
         raise ValueError(f"page-table width {work.pt_width} not a multiple of {ppb} pages/block")
@@ -201,8 +203,8 @@ def attention_partials(q2, k_cache, v_cache, work: WorkItems, page_offset, *, g:
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=f"ragged_paged_attention_bm{bm}_bk{ppb * ps}",
-    )(work.page_table, work.pt_base, work.kv_start, work.kv_end, off, work.rows, work.row_hi,
-      q2, k_cache, v_cache)
+    )(work.page_table, items.pt_base, items.kv_start, items.kv_end, off, items.rows,
+      items.row_hi, q2, k_cache, v_cache)
     return o, lse
 
 
@@ -213,21 +215,45 @@ def _select(pred, a, scalar):
                       lax.full_like(a, scalar))
 
 
-def merge(o, lse, merge_idx, t: int, hkv: int, g: int, out_dtype):
-    """LSE-merge the partials of each query row: o [W, Hkv, BM, D], lse [W, Hkv, BM],
-    merge_idx [T * G, K] -> [T, Hkv * G, D]. Rows with no partial (pad tokens) give 0.
+def _gather(parts, merge_idx):
+    """Each query row's partials from the launches' outputs `parts` [(o, lse)], addressed by
+    flat index over the launches in order (w * BM + i, then on past the first launch's W * BM):
+    (o [TG, K, Hkv, D] float32, 0 where merge_idx is -1; lse [TG, K, Hkv], -inf there).
+
+    Slots the kernel never stores (pad rows: `masked_store`) hold whatever the buffer held, NaN
+    included, and a -1 entry gathers some slot: its weight is 0, but 0 x NaN is NaN, so its
+    output is set to 0 rather than trusted to be finite."""
+    valid = merge_idx >= 0
+    o_g = lse_g = None
+    base = 0
+    for o, lse in parts:
+        w, hkv, bm, d = o.shape
+        local = merge_idx - base
+        mine = valid & (local >= 0) & (local < w * bm)
+        idx = lax.clamp(jnp.int32(0), local, jnp.int32(w * bm - 1))
+        wi, ii = lax.div(idx, jnp.int32(bm)), lax.rem(idx, jnp.int32(bm))
+        o_p = o[wi, :, ii].astype(jnp.float32)                       # [TG, K, Hkv, D]
+        lse_p = lse[wi, :, ii]                                        # [TG, K, Hkv]
+        if o_g is None:
+            o_g = lax.full(o_p.shape, 0.0, jnp.float32)
+            lse_g = lax.full(lse_p.shape, -jnp.inf, jnp.float32)
+        o_g = lax.select(lax.broadcast_in_dim(mine, o_p.shape, (0, 1)), o_p, o_g)
+        lse_g = lax.select(lax.broadcast_in_dim(mine, lse_p.shape, (0, 1)), lse_p, lse_g)
+        base += w * bm
+    return o_g, lse_g
+
+
+def merge(parts, merge_idx, t: int, hkv: int, g: int, out_dtype):
+    """LSE-merge the partials of each query row: `parts` [(o [W, Hkv, BM, D], lse [W, Hkv, BM])]
+    (one per launch), merge_idx [T * G, K] -> [T, Hkv * G, D]. Rows with no partial (pad
+    tokens) give 0.
 
     Written with lax ops only (no jnp.where / floor_divide, which are nested jitted calls): a
     nested call inside a stream-annotated computation gets no stream on XLA GPU ("No
     ExecutionStreamId found for call-start"), and attention is what an overlapped step would put
     on a side stream."""
-    w, _, bm, d = o.shape
-    valid = merge_idx >= 0
-    idx = lax.max(merge_idx, jnp.zeros_like(merge_idx))
-    wi, ii = lax.div(idx, jnp.int32(bm)), lax.rem(idx, jnp.int32(bm))
-    neg_inf = jnp.float32(-jnp.inf)
-    lse_g = _select(valid[..., None], lse[wi, :, ii], neg_inf)           # [TG, K, Hkv]
-    o_g = o[wi, :, ii].astype(jnp.float32)                                # [TG, K, Hkv, D]
+    d = parts[0][0].shape[-1]
+    o_g, lse_g = _gather(parts, merge_idx)
     finite = lax.is_finite(lse_g)
     if merge_idx.shape[1] == 1:
         out = _select(finite[..., None], o_g, 0.0)[:, 0]
@@ -277,21 +303,23 @@ def ragged_paged_attention(q, k_cache, v_cache, md: AttentionMetadata, *, page_o
         k_cache = jnp.pad(k_cache, ((0, 0), (0, 0), (0, 0), (0, dp - d)))
         v_cache = jnp.pad(v_cache, ((0, 0), (0, 0), (0, 0), (0, dp - d)))
     work = md.work
-    bm = work.rows.shape[1]
-    if prefetch_pages is None and prefetch_kv is None:
-        mode = block_sizes.prefetch_mode(bm)
-        prefetch_pages, prefetch_kv = mode == "pages", mode == "kv"
-    prefetch_pages, prefetch_kv = bool(prefetch_pages), bool(prefetch_kv)
-    # The largest block up to the chosen size that divides the list's page-table width.
-    ppb = max(block_kv or block_sizes.kernel_block_kv(d, ps, bm, prefetch_kv), ps) // ps
-    while work.pt_width % ppb:
-        ppb //= 2
-    if num_warps is None:
-        num_warps = block_sizes.kernel_num_warps(bm, prefetch_kv)
-    o, lse = attention_partials(
-        q.reshape(t * hq, dp), k_cache, v_cache, work, page_offset, g=g, hq=hq,
-        sm_scale=sm_scale, window=sliding_window, pages_per_block=ppb, num_warps=num_warps,
-        num_stages=num_stages, interpret=interpret, prefetch_pages=prefetch_pages,
-        prefetch_kv=prefetch_kv)
-    out = merge(o, lse, work.merge_idx, t, hkv, g, q.dtype)
+    parts = []
+    for items in [work] + ([work.own] if work.own is not None else []):
+        bm = items.rows.shape[1]
+        pf_pages, pf_kv = prefetch_pages, prefetch_kv
+        if pf_pages is None and pf_kv is None:
+            mode = block_sizes.prefetch_mode(bm)
+            pf_pages, pf_kv = mode == "pages", mode == "kv"
+        pf_pages, pf_kv = bool(pf_pages), bool(pf_kv)
+        # The largest block up to the chosen size that divides the list's page-table width.
+        ppb = max(block_kv or block_sizes.kernel_block_kv(d, ps, bm, pf_kv), ps) // ps
+        while work.pt_width % ppb:
+            ppb //= 2
+        parts.append(attention_partials(
+            q.reshape(t * hq, dp), k_cache, v_cache, work, page_offset, g=g, hq=hq,
+            sm_scale=sm_scale, window=sliding_window, pages_per_block=ppb,
+            num_warps=num_warps or block_sizes.kernel_num_warps(bm, pf_kv),
+            num_stages=num_stages, interpret=interpret, prefetch_pages=pf_pages,
+            prefetch_kv=pf_kv, items=items))
+    out = merge(parts, work.merge_idx, t, hkv, g, q.dtype)
     return out[..., :d] if dp != d else out

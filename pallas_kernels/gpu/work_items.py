@@ -99,18 +99,26 @@ def device_work_items(md: AttentionMetadata, *, num_q_heads: int, num_kv_heads: 
                             kv_splits=splits)
 
 
+def _advance_items(items, steps, cap):
+    live = items.row_hi > 0
+    item_hi = jnp.max(items.row_hi, axis=1)
+    tail = (items.kv_end > items.kv_start) & (items.kv_end >= item_hi)
+    return dataclasses.replace(
+        items,
+        kv_end=jnp.where(tail, jnp.minimum(items.kv_end + steps, cap), items.kv_end),
+        row_hi=jnp.where(live, jnp.minimum(items.row_hi + steps, cap), 0))
+
+
 def advance_work_items(work: WorkItems, steps, page_size: int) -> WorkItems:
     """The work list of a decode step `steps` tokens later, from the list built for a decode step
     (one token per row): every row's causal limit moves by `steps`, and so does the end of each
     item that reaches its rows' limits (the item holding the rows' newest tokens); items that end
     before (a shared prefix, an earlier chunk of a split range) are unchanged, and so are the
     partials each row merges. Limits are capped at the page-table width (rows that finished
-    inside a fused block keep computing into discarded outputs)."""
+    inside a fused block keep computing into discarded outputs). A second list (`work.own`)
+    moves the same way."""
     cap = work.pt_width * page_size
-    live = work.row_hi > 0
-    item_hi = jnp.max(work.row_hi, axis=1)
-    tail = (work.kv_end > work.kv_start) & (work.kv_end >= item_hi)
-    return dataclasses.replace(
-        work,
-        kv_end=jnp.where(tail, jnp.minimum(work.kv_end + steps, cap), work.kv_end),
-        row_hi=jnp.where(live, jnp.minimum(work.row_hi + steps, cap), 0))
+    work = _advance_items(work, steps, cap)
+    if work.own is not None:
+        work = dataclasses.replace(work, own=_advance_items(work.own, steps, cap))
+    return work
