@@ -8,9 +8,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import pallas_kernels
+from pallas_kernels import reference
 from tests.test_engine import make_engine, ragged_requests
 from tests.test_kernels import MIXED, assert_close, make_case, reference_out
 
