@@ -280,12 +280,6 @@ class EngineConfig:
     gpu_command_buffers: bool = _field(False, "XLA's GPU command buffers (CUDA graphs) in the step "
                                        "programs (off: every step's buffers change, and updating "
                                        "the graphs cost 3 % end to end on the H200)")
-    nano_batch_min_tokens: int = _field(0, "split every step of at least this many tokens into "
-                                        "two nano-batches, and run the programs as CUDA graphs "
-                                        "whose nodes follow data dependencies (XLA command "
-                                        "buffers, CONCURRENT), so one nano-batch's attention "
-                                        "may run beside the other's matmuls; 0: off. GPU, "
-                                        "batches without shared pages")
     launch_thread: bool = _field(False, "transfer each step's inputs and launch its program from a "
                                  "worker thread, so the host goes on planning while a launch "
                                  "queues behind the device")
@@ -299,11 +293,6 @@ class EngineConfig:
                                         "~/.cache/jaxserve/xla), a folder, or off")
 
     def __post_init__(self):
-        if (isinstance(self.nano_batch_min_tokens, bool) or not isinstance(self.nano_batch_min_tokens, int)
-                or self.nano_batch_min_tokens < 0):
-            raise ConfigError("engine: field 'nano_batch_min_tokens' must be an integer >= 0, got "
-                              f"{self.nano_batch_min_tokens!r}")
-
         def pos_int(name):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:

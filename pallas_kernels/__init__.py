@@ -28,8 +28,7 @@ from typing import Callable, Optional
 import jax
 
 from pallas_kernels import reference
-from pallas_kernels.metadata import (AttentionMetadata, PrefixGroups, WorkItems, layer_slots,
-                                     split_tokens, write_kv)
+from pallas_kernels.metadata import AttentionMetadata, PrefixGroups, WorkItems, layer_slots, write_kv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,4 +173,4 @@ def ragged_paged_attention(q, k_cache, v_cache, md: AttentionMetadata, *, spec: 
 
 __all__ = ["AttentionMetadata", "AttentionSpec", "PrefixGroups", "WorkItems",
            "ragged_paged_attention", "host_prepare", "device_prepare", "advance", "uses_groups",
-           "write_kv", "layer_slots", "split_tokens", "IMPLEMENTATIONS", "default_impl", "backend"]
+           "write_kv", "layer_slots", "IMPLEMENTATIONS", "default_impl", "backend"]

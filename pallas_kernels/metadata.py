@@ -139,24 +139,3 @@ def write_kv(k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array,
     vf = v_cache.reshape(hkv, npages * ps, d).at[:, slots].set(
         jnp.swapaxes(v, 0, 1).astype(v_cache.dtype), mode="promise_in_bounds")
     return kf.reshape(k_cache.shape), vf.reshape(v_cache.shape)
-
-
-def split_tokens(md: AttentionMetadata, h: int) -> tuple[AttentionMetadata, AttentionMetadata]:
-    """The step's tokens [0, h) and [h, T) as two batches over the same rows and cache (nano-
-    batches): each keeps every row, with the row's tokens on its side of the cut (a row cut in two,
-    a prefill chunk, has its first tokens in the first batch and the rest in the second, whose
-    causal limits see the first's K/V once it is written). Rows with no token on a side have an
-    empty query range there. Only the base fields: build work lists (`device_prepare`) per half.
-    """
-    if md.work is not None or md.groups is not None:
-        raise ValueError("split_tokens takes the base metadata, before work lists or groups")
-    t = md.num_tokens
-    if not 0 < h < t:
-        raise ValueError(f"cut {h} outside (0, {t})")
-    qs = md.query_start
-    a = dataclasses.replace(md, positions=md.positions[:h], token_seq=md.token_seq[:h],
-                            slot_mapping=md.slot_mapping[:h], query_start=jnp.minimum(qs, h))
-    b = dataclasses.replace(md, positions=md.positions[h:], token_seq=md.token_seq[h:],
-                            slot_mapping=md.slot_mapping[h:],
-                            query_start=jnp.clip(qs - h, 0, t - h))
-    return a, b

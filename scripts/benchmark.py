@@ -313,7 +313,6 @@ def main(argv):
                              admission_control=FLAGS.admission_control,
                              async_scheduling=FLAGS.async_scheduling,
                              gpu_command_buffers=FLAGS.gpu_command_buffers,
-                             nano_batch_min_tokens=FLAGS.nano_batch_min_tokens,
                              launch_thread=FLAGS.launch_thread,
                              tensor_parallel_size=FLAGS.tensor_parallel_size,
                              data_parallel_size=FLAGS.data_parallel_size),

@@ -129,7 +129,6 @@ class Engine:
                                   return_logits=return_logits,
                                   cache_dir=self.compilation_cache_dir, mesh=mesh, device=device,
                                   gpu_command_buffers=ecfg.gpu_command_buffers,
-                                  nano_batch_min_tokens=ecfg.nano_batch_min_tokens,
                                   launch_thread=ecfg.launch_thread)
         self.limits = Limits(sizes.max_model_len, model_cfg.vocab_size, sizes.num_pages - 1,
                              ecfg.page_size, self.eos_token_ids, tokenizer is not None)

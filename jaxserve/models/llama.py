@@ -163,9 +163,8 @@ class LlamaForCausalLM(nnx.Module):
                  v_cache: jax.Array, logits_indices: jax.Array, opts: ForwardOptions,
                  return_hidden: bool = False):
         """input_ids [T]; logits_indices [S] rows whose logits are returned; `md` is the step's
-        attention metadata, complete for `opts.attention` (the runner prepares it), or two, one
-        per nano-batch (`pallas_kernels.split_tokens`: tokens [0, cut) and [cut, T)). Under
-        tensor parallelism the arrays are this device's shards (local heads, local KV cache).
+        attention metadata, complete for `opts.attention` (the runner prepares it). Under tensor
+        parallelism the arrays are this device's shards (local heads, local KV cache).
 
         Returns (logits float32 [S, vocab], k_cache, v_cache), plus the final hidden states of all
         T rows (before the final norm; `compute_logits` turns them into logits) when
@@ -183,51 +182,28 @@ class LlamaForCausalLM(nnx.Module):
         lp = {k: v.value for k, v in vars(self.layers).items() if isinstance(v, nnx.Param)}
         sm_scale = hd ** -0.5
 
-        def attention_block(x, kc, vc, w, li, md):
-            """Norm, q/k/v, RoPE, the K/V write, attention and o_proj of the tokens of `md`."""
-            n = x.shape[0]
+        def layer(carry, args):
+            x, kc, vc = carry
+            w, li = args
             h = rms_norm(x, w["input_norm"], cfg.rms_norm_eps)
             qkv = jnp.dot(h, w["qkv_proj"], precision=prec)
             if "qkv_bias" in w:
                 qkv = qkv + w["qkv_bias"]
             q, k, v = jnp.split(qkv, [hq * hd, (hq + hkv) * hd], axis=-1)
-            q = apply_rope(q.reshape(n, hq, hd), md.positions, inv_freq)
-            k = apply_rope(k.reshape(n, hkv, hd), md.positions, inv_freq)
-            v = v.reshape(n, hkv, hd)
+            q = apply_rope(q.reshape(t, hq, hd), md.positions, inv_freq)
+            k = apply_rope(k.reshape(t, hkv, hd), md.positions, inv_freq)
+            v = v.reshape(t, hkv, hd)
             slots = pallas_kernels.layer_slots(md, li, num_pages, page_size)
             kc, vc = pallas_kernels.write_kv(kc, vc, k, v, slots)
             attn = pallas_kernels.ragged_paged_attention(
                 q, kc, vc, md, spec=opts.attention, page_offset=li * num_pages,
                 sm_scale=sm_scale, sliding_window=cfg.sliding_window)
-            x = x + opts.reduce(jnp.dot(attn.reshape(n, hq * hd), w["o_proj"], precision=prec))
-            return x, kc, vc
-
-        def mlp_block(x, w):
+            x = x + opts.reduce(jnp.dot(attn.reshape(t, hq * hd), w["o_proj"], precision=prec))
             h = rms_norm(x, w["post_norm"], cfg.rms_norm_eps)
             gate, up = jnp.split(jnp.dot(h, w["gate_up_proj"], precision=prec), 2, axis=-1)
-            return x + opts.reduce(jnp.dot(jax.nn.silu(gate) * up, w["down_proj"], precision=prec))
+            x = x + opts.reduce(jnp.dot(jax.nn.silu(gate) * up, w["down_proj"], precision=prec))
+            return (x, kc, vc), None
 
-        nano = isinstance(md, (tuple, list))
-        cut = md[0].num_tokens if nano else t
-
-        def layer(carry, args):
-            x, kc, vc = carry
-            w, li = args
-            if not nano:
-                x, kc, vc = attention_block(x, kc, vc, w, li, md)
-                return (mlp_block(x, w), kc, vc), None
-            # Nano-batches: the same layer for tokens [0, cut) and then [cut, T). Their only
-            # shared buffers are the caches (B's K/V write waits for A's attention to read), so
-            # in a CUDA graph whose edges are data dependencies (command buffers, CONCURRENT)
-            # A's attention of layer l may run beside B's o_proj and MLP of layer l - 1, and
-            # B's beside A's: the memory-bound kernel of one beside the matmuls of the other.
-            xa, kc, vc = attention_block(x[0], kc, vc, w, li, md[0])
-            xa = mlp_block(xa, w)
-            xb, kc, vc = attention_block(x[1], kc, vc, w, li, md[1])
-            return ((xa, mlp_block(xb, w)), kc, vc), None
-
-        if nano:
-            x = (x[:cut], x[cut:])
         if isinstance(lp["qkv_proj"], (tuple, list)):
             # Per-layer arrays (`unstack_layers`): an unrolled loop whose matmuls read each
             # layer's weights in place. A scan's per-layer dynamic slice of a stacked weight is
@@ -240,8 +216,6 @@ class LlamaForCausalLM(nnx.Module):
         else:
             (x, k_cache, v_cache), _ = jax.lax.scan(
                 layer, (x, k_cache, v_cache), (lp, jnp.arange(cfg.num_layers, dtype=jnp.int32)))
-        if nano:
-            x = jnp.concatenate(x)
         logits = self.compute_logits(x[logits_indices], opts)
         if return_hidden:
             return logits, k_cache, v_cache, x

@@ -60,18 +60,6 @@ class ProgramContext:
     # of a step without penalised rows, prompt logprobs of a step without such rows) is done
     # and its result selected away.
     device_conditionals: bool = True
-    # Steps of at least this many tokens run as two nano-batches (`pallas_kernels.split_tokens`,
-    # cut at half the bucket) where the attention list is built on the device; 0: never.
-    nano_min_tokens: int = 0
-
-    def nano_cut(self, md: AttentionMetadata) -> int:
-        """Where a step's tokens are cut into nano-batches (0: not cut). Host-built lists (shared
-        prefixes) cover the whole step, so their steps are not cut."""
-        t = md.num_tokens
-        if (not self.nano_min_tokens or t < max(2, self.nano_min_tokens)
-                or md.work is not None or md.groups is not None):
-            return 0
-        return t // 2
 
 
 def copy_pages(k_cache, v_cache, src, dst, ctx: ProgramContext):
@@ -127,12 +115,7 @@ def step_program(model, opts, k_cache, v_cache, inputs: StepInputs, carry: Carry
         return (is_stop & (i + 1 >= lim.min_left)) | (i + 1 >= lim.remaining)
 
     def forward_sample(i, md, tokens_in, k_cache, v_cache, dense):
-        cut = ctx.nano_cut(md)
-        if cut:
-            md = tuple(pallas_kernels.device_prepare(m, ctx.attention)
-                       for m in pallas_kernels.split_tokens(md, cut))
-        else:
-            md = pallas_kernels.device_prepare(md, ctx.attention)
+        md = pallas_kernels.device_prepare(md, ctx.attention)
         res = model(tokens_in, md, k_cache, v_cache, inputs.logits_indices, opts,
                     return_hidden=feats.prompt_logprobs)
         logits, k_cache, v_cache = res[:3]

@@ -103,8 +103,7 @@ class ModelRunner:
                  buckets: BucketSet, attention: AttentionSpec, kv_dtype,
                  return_logits: bool = False, cache_dir: Optional[str] = None,
                  mesh: Optional[jax.sharding.Mesh] = None, device=None,
-                 gpu_command_buffers: bool = False, nano_batch_min_tokens: int = 0,
-                 launch_thread: bool = False):
+                 gpu_command_buffers: bool = False, launch_thread: bool = False):
         """`attention` describes one device's heads (a tensor-parallel runner's local ones);
         `mesh`: the model's parameters are sharded over it (`runner.mesh`); `device`: the one
         device of an unsplit model (default: the first)."""
@@ -123,8 +122,7 @@ class ModelRunner:
                                   num_pages=num_pages, page_size=page_size,
                                   vocab_size=cfg.vocab_size, max_rows=buckets.max_num_seqs,
                                   return_logits=return_logits,
-                                  device_conditionals=conditionals_on_device(platform),
-                                  nano_min_tokens=nano_batch_min_tokens)
+                                  device_conditionals=conditionals_on_device(platform))
         self.graphdef, self.params = nnx.split(model)
         shape = (cfg.num_kv_heads, cfg.num_layers * num_pages, page_size, cfg.head_dim)
         if mesh is None:
@@ -138,8 +136,7 @@ class ModelRunner:
         self._jit = jax.jit(self._program, donate_argnums=(1, 2), static_argnames=("key",))
         cache = (ExecutableCache(os.path.join(cache_dir, "jaxserve-programs"))
                  if cache_dir and jax.default_backend() in EXECUTABLE_CACHE_BACKENDS else None)
-        self.compiler_options = compiler_options(platform, gpu_command_buffers,
-                                                 concurrent_graphs=nano_batch_min_tokens > 0)
+        self.compiler_options = compiler_options(platform, gpu_command_buffers)
         self._static_print = self._static_fingerprint() if cache else ""
         self.programs = ProgramSet(self._lower, self._fingerprint, cache, self.compiler_options)
         self._carry = self._to_devices(empty_carry(buckets.max_num_seqs))  # the last program's

@@ -25,22 +25,9 @@ COMPILER_OPTIONS = {"xla_disable_hlo_passes": "rematerialization"}
 NO_COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": ""}
 
 
-# Nano-batched steps: CUDA graphs of every kernel kind (Pallas kernels are custom calls), whose
-# nodes wait only for the nodes whose buffers they share (CONCURRENT; XLA's default, LHS, keeps
-# the program's order), so independent nano-batches' kernels may run at once.
-CONCURRENT_GRAPHS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL",
-                     "xla_gpu_command_buffer_scheduling_mode": "CONCURRENT",
-                     "xla_gpu_graph_min_graph_size": 1}
-
-
-def compiler_options(platform: str, command_buffers: bool,
-                     concurrent_graphs: bool = False) -> dict:
+def compiler_options(platform: str, command_buffers: bool) -> dict:
     """The options every step program is compiled with on `platform`."""
-    if platform != "gpu":
-        return dict(COMPILER_OPTIONS)
-    if concurrent_graphs:
-        return {**COMPILER_OPTIONS, **CONCURRENT_GRAPHS}
-    if not command_buffers:
+    if platform == "gpu" and not command_buffers:
         return {**COMPILER_OPTIONS, **NO_COMMAND_BUFFERS}
     return dict(COMPILER_OPTIONS)
 

@@ -16,9 +16,7 @@ partials of each query row by log-sum-exp. Items cover, in one launch (horizonta
 
 The work list is `AttentionMetadata.work`, built once per step by the runner: on the host with
 shared-prefix groups (`pallas_kernels.gpu.cascade`), or on the device without
-(`pallas_kernels.gpu.work_items`). A host-built list of a decode bucket has a second list of
-16-row items for the requests' own parts (`WorkItems.own`), run as a second launch over the same
-page table; the merge reads both launches' partials.
+(`pallas_kernels.gpu.work_items`).
 
 Decode items (<= 16 rows) run the loop with a register prefetch (`prefetch_kv`): block i+1's K/V
 gather is issued before block i's math and page ids run two blocks ahead, so two blocks are in
