@@ -24,12 +24,14 @@ building. The other way to the same overlap needs no annotation: run `split` ins
 whose nodes follow data dependencies instead of program order (XLA_FLAGS
 `--xla_gpu_command_buffer_scheduling_mode=CONCURRENT` with command buffers on), so nano-batch A's
 attention and B's matmuls, which share no buffer, may run at once
-(benchmarks/device/probe_graphs.sh times `split` under each mode). Measured on the H200 (JAX 0.11.2, benchmarks/README.md, calls I-P): at 716 x 640, mm
+(benchmarks/device/probe_graphs.sh times `split` under each mode). Measured on the H200 (call
+Q): `split` is 3-5 % slower than `seq` in every mode, CONCURRENT included: no overlap. Measured on the H200 (JAX 0.11.2, benchmarks/README.md, calls I-P): at 716 x 640, mm
 0.49-0.51, attn 0.63 (0.80 before the decode prefetch), seq 1.06 (their sum). A nested jitted
 call inside an annotated computation (jnp.where, jax.nn.silu) gets no stream ("No
 ExecutionStreamId found for call-start"), so the kernel's merge and this probe's SiLU use lax
-ops; with that the stream variants compile, but run ~11x slower than seq with wrong results
-(max_rel_diff ~0.6: a stream reads before the other has written). Seconds are the best of a
+ops; with that the stream variants compile, but run ~11x slower than seq. Their outputs differ
+from seq's (max_rel_diff ~0.6 at 716 rows), but so do `split`'s on one stream at 716 rows (0.0
+at 1024): that difference is this probe's, not the streams'. Seconds are the best of a
 few runs of the whole program (after a warm-up run), per layer.
 
   python3 scripts/probe_overlap.py --shapes=716x640,1024x640 --layers=8 --out=$OUT/overlap.json
