@@ -132,10 +132,19 @@ def write_kv(k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array,
 
     The caches are reshaped to `[Hkv, pages * page_size, D]` (a bitcast) so the update is one
     scatter per cache; XLA performs it in place on the donated/carried buffer.
+
+    `unique_indices`: a real token's slot is its own (a page belongs to one request), so only
+    pad tokens and finished rows share slots, all in the sink page 0, whose contents no query
+    reads unmasked; which duplicate lands there does not matter. Without the promise XLA:GPU
+    must order colliding writes and emits each element's store as an atomic
+    compare-and-swap loop on the 32-bit word that holds two bf16 values (profile: ~0.18 ms a
+    layer for 1,024 tokens, ~10 % of a decode step).
     """
     hkv, npages, ps, d = k_cache.shape
     kf = k_cache.reshape(hkv, npages * ps, d).at[:, slots].set(
-        jnp.swapaxes(k, 0, 1).astype(k_cache.dtype), mode="promise_in_bounds")
+        jnp.swapaxes(k, 0, 1).astype(k_cache.dtype), mode="promise_in_bounds",
+        unique_indices=True)
     vf = v_cache.reshape(hkv, npages * ps, d).at[:, slots].set(
-        jnp.swapaxes(v, 0, 1).astype(v_cache.dtype), mode="promise_in_bounds")
+        jnp.swapaxes(v, 0, 1).astype(v_cache.dtype), mode="promise_in_bounds",
+        unique_indices=True)
     return kf.reshape(k_cache.shape), vf.reshape(v_cache.shape)

@@ -137,6 +137,12 @@ def main(argv):
           f"{summ['kernel_total_s']:.2f}s")
     print("# lines:", summ["lines"])
     print("# categories:", {k: round(v, 3) for k, v in summ["categories"].items()})
+    gaps = summ.get("gaps") or {}
+    print("# idle gaps (s by size):", {k: round(v, 3) for k, v in gaps.get("seconds", {}).items()},
+          "counts:", gaps.get("counts"))
+    for g in gaps.get("largest", [])[:12]:
+        print(f"  {g['ms']:8.2f} ms at {g['at_s']:7.2f}s  after {g['after'][:45]}  "
+              f"before {g['before'][:45]}")
     print("# modules (s, count):")
     for k, s, n in summ["modules"]:
         print(f"  {s:8.3f}s {n:6d}  {k[:100]}")

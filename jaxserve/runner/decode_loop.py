@@ -69,8 +69,10 @@ def copy_pages(k_cache, v_cache, src, dst, ctx: ProgramContext):
     offs = (jnp.arange(ctx.num_layers, dtype=jnp.int32) * ctx.num_pages)[:, None]
     s_all = (offs + src[None, :]).reshape(-1)
     d_all = (offs + dst[None, :]).reshape(-1)
-    return (k_cache.at[:, d_all].set(k_cache[:, s_all]),
-            v_cache.at[:, d_all].set(v_cache[:, s_all]))
+    # Destinations are fresh pages, each copied once; the repeats are 0 -> 0 (the sink onto
+    # itself, the same value), so the writes may go unordered (see `write_kv`).
+    return (k_cache.at[:, d_all].set(k_cache[:, s_all], unique_indices=True),
+            v_cache.at[:, d_all].set(v_cache[:, s_all], unique_indices=True))
 
 
 def advanced_metadata(md0: AttentionMetadata, i, live_row, ctx: ProgramContext) -> AttentionMetadata:

@@ -73,6 +73,35 @@ def summarise(trace_dir: str, top: int, events: bool = False) -> dict:
                         sorted(modules.items(), key=lambda x: -x[1][0])[:top]],
                kernels=[(k[:120], v[0] / 1e9, v[1]) for k, v in
                         sorted(kernels.items(), key=lambda x: -x[1][0])[:top]])
+    out["gaps"] = idle_gaps(intervals, top)
     if events:   # every kernel / copy on the GPU streams, in time order: (start_ns, end_ns, name)
         out["events"] = sorted(intervals)
     return out
+
+
+def idle_gaps(intervals, top: int) -> dict:
+    """Where the GPU stood idle: total idle seconds by gap size, and the largest gaps with the
+    kernel that ended before each and the one that started after (which tells a host wait
+    between steps from one inside a program)."""
+    evs = sorted(intervals)
+    if not evs:
+        return {}
+    t0 = evs[0][0]
+    buckets = {"<10us": 0.0, "10-100us": 0.0, "0.1-1ms": 0.0, "1-10ms": 0.0, ">10ms": 0.0}
+    counts = dict.fromkeys(buckets, 0)
+    big = []
+    end, last = evs[0][1], evs[0][2]
+    for s, e, name in evs[1:]:
+        if s > end:
+            g = s - end
+            b = ("<10us" if g < 1e4 else "10-100us" if g < 1e5 else "0.1-1ms" if g < 1e6
+                 else "1-10ms" if g < 1e7 else ">10ms")
+            buckets[b] += g / 1e9
+            counts[b] += 1
+            big.append((g, end - t0, last, name))
+        if e >= end:
+            end, last = e, name
+    big.sort(reverse=True)
+    return dict(seconds=buckets, counts=counts,
+                largest=[dict(ms=g / 1e6, at_s=at / 1e9, after=a[:80], before=b[:80])
+                         for g, at, a, b in big[:top]])
