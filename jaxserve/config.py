@@ -251,6 +251,11 @@ class EngineConfig:
                                      "bucket; only the CPU reference attention uses more)")
     fused_decode_steps: Optional[int] = _field(None, "decode steps fused into one program when only "
                                                "decodes run (default: 8 on GPU/TPU, 1 on CPU)")
+    fuse_while_stalled: bool = _field(True, "fuse decode steps also while samples wait that did "
+                                      "not fit in the KV pool at the last step (none can start "
+                                      "before a running one ends; one stopping on EOS inside a "
+                                      "block frees its pages at the block's end); off: only "
+                                      "when nothing waits")
     global_prefix_sharing: bool = _field(True, "compute each prefix shared across the batch once")
     # H100: the document workload 22.5 s with it (36.8 s when fused blocks did not keep it); 5 %
     # slower where nothing is shared (no-sharing workload 39.2 vs 37.2 s: a host list per step).

@@ -310,6 +310,7 @@ def main(argv):
                              blend_admission=FLAGS.blend_admission,
                              num_pages=FLAGS.num_pages,
                              fused_decode_steps=FLAGS.fused_decode_steps or "auto",
+                             fuse_while_stalled=FLAGS.fuse_while_stalled,
                              admission_control=FLAGS.admission_control,
                              async_scheduling=FLAGS.async_scheduling,
                              gpu_command_buffers=FLAGS.gpu_command_buffers,

@@ -267,6 +267,41 @@ def test_fused_decode_blocks_equal_single_steps(n_fused, tiny_models):
     assert fused.last_stats.fused_blocks > 0 and single.last_stats.fused_blocks == 0
 
 
+def test_decode_blocks_fuse_while_waiting_work_cannot_fit(tiny_models, monkeypatch):
+    """With the KV pool full, samples that wait cannot start until a running one ends: decode
+    steps fuse meanwhile (they changed no admission), and the outputs equal single steps'."""
+    from jaxserve.scheduler import scheduler as sched_mod
+
+    path, hf = tiny_models["llama3"]
+    rng = np.random.default_rng(5)
+    reqs = [Request(f"r{i}", rng.integers(0, hf.config.vocab_size, 20).tolist(),
+                    SamplingParams(max_tokens=int(rng.integers(18, 28)), temperature=0))
+            for i in range(10)]
+    single = make_engine(path, max_num_seqs=8, num_pages=24)
+    ref = single.run(reqs)
+    reqs[3].params = SamplingParams(max_tokens=27, temperature=0,
+                                    stop_token_ids=[ref[3].token_ids[9]])   # ends mid-block
+    ref = single.run(reqs)
+    blocks_while_waiting = []
+    orig = sched_mod.Scheduler.schedule_decode_block
+
+    def spy(self, n):
+        plan = orig(self, n)
+        if plan is not None and self.waiting:
+            blocks_while_waiting.append(len(self.waiting))
+        return plan
+
+    monkeypatch.setattr(sched_mod.Scheduler, "schedule_decode_block", spy)
+    fused = make_engine(path, max_num_seqs=8, num_pages=24, fused_decode_steps=4)
+    out = fused.run(reqs)
+    # 23 usable pages of 8 tokens hold 3-4 rows at full length: the rest wait for them.
+    assert single.last_stats.peak_kv_pages >= 20
+    assert blocks_while_waiting, "no decode block was fused while samples waited"
+    for a, b in zip(ref, out):
+        assert (a.token_ids, a.finish_reason) == (b.token_ids, b.finish_reason), a.request_id
+    assert out[3].finish_reason == "stop"
+
+
 def test_n_samples_share_the_prompt_and_differ(tiny_models):
     """n > 1: the samples share the prompt's KV (all but each one's last prompt token is computed
     once), greedy samples equal the n=1 output, seeded samples are distinct and reproducible."""

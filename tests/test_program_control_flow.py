@@ -60,7 +60,7 @@ def test_gpu_programs_have_no_host_decided_control_flow(tiny_models, monkeypatch
 def test_cache_writes_are_unordered_scatters(tiny_models, monkeypatch):
     """Every scatter into the KV cache (the new tokens' K/V, the copy-on-write pages) is
     promised unique indices: without the promise XLA:GPU orders colliding writes, and on the
-    H200 the 32 layers' K/V writes took ~10 % of a 1,024-row decode step."""
+    H200 the 32 layers' K/V writes took ~15 % of a 1,024-row decode step."""
     runner = runner_for(tiny_models, "gpu", monkeypatch)
     c = runner.cfg
     slots = c.num_layers * 64 * PAGE_SIZE

@@ -159,7 +159,8 @@ class Engine:
         features = self._compile(samples, stats)
         sched = Scheduler(PagePool(self.num_pages, self.ecfg.page_size),
                           self.sizes.max_num_batched_tokens, self.sizes.max_num_seqs,
-                          reserve=self.ecfg.admission_control, admission=stages.admission)
+                          reserve=self.ecfg.admission_control, admission=stages.admission,
+                          fuse_while_stalled=self.ecfg.fuse_while_stalled)
         sched.add_all(stages.first)
         metrics = {id(s): RequestMetrics(arrival_time=t_start) for s in samples}
 

@@ -97,7 +97,8 @@ def simulate(samples: list, policy: str, ecfg: EngineConfig, model_cfg: ModelCon
                       model_cfg=model_cfg, blend=blend, density=density)
     sched = Scheduler(PagePool(num_pages, ecfg.page_size), ecfg.max_num_batched_tokens,
                       ecfg.max_num_seqs, reserve=ecfg.admission_control,
-                      admission=for_plan(plan, policy == "blendserve" and blend.admission))
+                      admission=for_plan(plan, policy == "blendserve" and blend.admission),
+                      fuse_while_stalled=ecfg.fuse_while_stalled)
     sched.add_all(seqs)
     sched.light_rows = True
     seconds, steps, plans, trace = 0.0, 0, 0, []
@@ -142,7 +143,8 @@ def _fast_forward(sched, p, padded, terms, costs: StepCosts, overlap: bool, fuse
     (an admission that failed keeps failing). Pages for the skipped positions are allocated as
     the steps would have."""
     running = sched.running
-    if p.decode_steps == 1 and not sched.waiting and fused > 1:
+    if p.decode_steps == 1 and fused > 1 and (
+            not sched.waiting or sched.fuse_while_stalled and sched.admission_stalled):
         return None                      # a fused block may come next (pages permitting)
     if len(p.rows) != len(running) or not all(r.samples and r.num_tokens == 1 for r in p.rows):
         return None

@@ -49,8 +49,9 @@ def _logprob_entry(k: int, ids, vals, token: int, token_lp) -> dict:
 
 class Scheduler:
     def __init__(self, pool: PagePool, max_num_batched_tokens: int, max_num_seqs: int,
-                 reserve: bool = False, admission=None):
+                 reserve: bool = False, admission=None, fuse_while_stalled: bool = True):
         self.pool = pool
+        self.fuse_while_stalled = fuse_while_stalled
         self.ps = pool.page_size
         self.budget = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
@@ -58,6 +59,9 @@ class Scheduler:
         self.waiting: list[Sample] = []        # sorted by sort_key
         self.running: list[KVSequence] = []    # samples and prefixes being computed
         self.committed = 0                     # pages reserved by admitted, unfinished sequences
+        # The last step's admission found nothing waiting that fits (pages, reserve or rows),
+        # and no sequence has released pages since: nothing can start until one does.
+        self.admission_stalled = False
         self.num_preemptions = 0
         self.num_dropped = 0                   # tokens sampled for samples already finished
         self.num_prefix_evictions = 0          # times resident prefixes had to be dropped
@@ -125,6 +129,7 @@ class Scheduler:
         return True
 
     def _release(self, seq: KVSequence) -> None:
+        self.admission_stalled = False
         self.pool.release(seq.pages)
         seq.pages = []
         if self.reserve:
@@ -212,6 +217,7 @@ class Scheduler:
         # Admit waiting work while it fits, in the order the admission policy offers it.
         pol = self.admission
         pol.begin()
+        admitted_any = no_fit = False
         while budget > 0 and len(picked) < self.max_num_seqs and len(self._copies) < MAX_COPIES:
             seq = pol.next()
             if seq is None:
@@ -220,7 +226,13 @@ class Scheduler:
             if admitted is not None:
                 picked.append((admitted, n))
                 budget -= n
+                admitted_any = True
+            no_fit |= outcome is Outcome.NO_FIT
             pol.result(seq, outcome)
+        # Pages and reserve only shrink while rows decode, and rows free only when one ends:
+        # what did not fit now does not fit until a sequence releases its pages (`_release`).
+        self.admission_stalled = bool(self.waiting) and not admitted_any and (
+            no_fit or len(picked) >= self.max_num_seqs)
         if not picked and self.waiting and not self.running:
             picked = self._unstick(budget)
         return self._plan(picked)
@@ -278,17 +290,24 @@ class Scheduler:
     def schedule_decode_block(self, n_steps: int) -> Optional[StepPlan]:
         """A plan for `n_steps` fused decode steps, or None when a plain step is needed.
 
-        Only when nothing waits and every running sequence is a decoding sample: then no step in
-        the block would have admitted or prefilled anything, so fusing changes no scheduling
-        decision. Pages for every row's next `min(n_steps, remaining)` tokens are allocated first.
+        Only when every running sequence is a decoding sample and no step in the block would
+        have admitted or prefilled anything: nothing waits, or what waits did not fit at the
+        last step (`admission_stalled`) and no row reaches its max_tokens inside the block, so
+        no pages come free before it ends. (A row that stops on EOS or a stop string inside the
+        block frees its pages at the block's end instead of at once: a waiting sample may then
+        start up to `n_steps - 1` steps later than in plain steps.) Pages for every row's next
+        `min(n_steps, remaining)` tokens are allocated first.
         """
-        if n_steps <= 1 or self.waiting:
+        if n_steps <= 1 or (self.waiting and not (self.fuse_while_stalled and
+                                                   self.admission_stalled)):
             return None
         # Samples whose every token is on the device already end at a commit: not in the block.
         rows = [s for s in self.running if not (s.samples and s.remaining <= 0)]
         if not rows or len(rows) > min(self.max_num_seqs, self.budget):
             return None
         if any(not seq.samples or seq.num_pending != 1 for seq in rows):
+            return None
+        if self.waiting and any(seq.remaining < n_steps for seq in rows):
             return None
         need = 0
         for seq in rows:
