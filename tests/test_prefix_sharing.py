@@ -239,6 +239,31 @@ def test_batch_without_shared_pages_runs_device_built_lists(tiny_models, monkeyp
     assert [o.token_ids for o in out] == [o.token_ids for o in ref.run(shared)]
 
 
+def test_shared_block_rows_override(tiny_models, monkeypatch):
+    """JAXSERVE_SHARED_BLOCK_ROWS sets the shared items' size (an A/B switch for the device):
+    128-row items run and give the reference's greedy outputs; a bad value is refused."""
+    from pallas_kernels.gpu import block_sizes, kernel
+
+    monkeypatch.setenv("JAXSERVE_SHARED_BLOCK_ROWS", "128")
+    path, _ = tiny_models["qwen2"]
+    eng = make_engine(path, attention_impl="pallas_gpu_interpret", shared_prefix_attention=True,
+                      max_num_batched_tokens=48, max_num_seqs=16, num_pages=300)
+    ref = make_engine(path, max_num_batched_tokens=48, max_num_seqs=16, num_pages=300)
+    rows, partials = [], kernel.attention_partials
+    monkeypatch.setattr(kernel, "attention_partials",
+                        lambda q2, kc, vc, work, *a, **kw: rows.append(
+                            (kw.get("items") or work).rows.shape[1])
+                        or partials(q2, kc, vc, work, *a, **kw))
+    shared = groups_workload(np.random.default_rng(8), n_groups=2, share=4, shared_len=37,
+                             unique_len=9, out_len=4)
+    out = eng.run(shared)
+    assert 128 in rows             # the shared items (16: decode own parts; 64: device lists)
+    assert [o.token_ids for o in out] == [o.token_ids for o in ref.run(shared)]
+    monkeypatch.setenv("JAXSERVE_SHARED_BLOCK_ROWS", "96")
+    with pytest.raises(ValueError, match="power of two"):
+        block_sizes.shared_block_rows()
+
+
 def test_shares_a_page():
     from types import SimpleNamespace as S
 

@@ -39,6 +39,22 @@ def prefetch_mode(block_rows: int) -> str:
     return mode
 
 
+def shared_block_rows() -> int:
+    """Query rows per shared item of host-built lists. A group's prefix is read once per item
+    of its members' rows, so larger items read it less often (prefill chunks of many members:
+    BatchLLM's prefill attention ran at ~20 % of the tensor-core rate in 64-row items, H200
+    call S) but waste more rows on small groups. JAXSERVE_SHARED_BLOCK_ROWS (a power of two,
+    16-256) overrides the default for every bucket, so one build can time the sizes end to
+    end."""
+    env = os.environ.get("JAXSERVE_SHARED_BLOCK_ROWS")
+    if not env:
+        return SHARED_BLOCK_ROWS
+    bm = int(env)
+    if bm < 16 or bm > 256 or bm & (bm - 1):
+        raise ValueError(f"JAXSERVE_SHARED_BLOCK_ROWS={env!r}: expected a power of two in 16-256")
+    return bm
+
+
 def kernel_num_warps(block_rows: int, prefetch_kv: bool) -> int:
     """Warps per program: 2 for decode items with the "kv" prefetch (H200, call O: 716 / 1024
     rows x 640 tokens 0.64 / 0.87 ms against 0.68 / 0.92 with 4, and 64 rows x 4096 tokens 0.39
@@ -97,7 +113,7 @@ def host_layout(num_tokens: int, num_seqs: int, pages_per_seq: int, *, num_q_hea
                 waves: float = 2.0) -> dict:
     """Static sizes of a host-built (shared-prefix) work list for one step bucket.
 
-    Shared items hold bm = 64 rows. In decode-dominated buckets (the device list's rule,
+    Shared items hold bm = 64 rows (`shared_block_rows`). In decode-dominated buckets (the device list's rule,
     `device_block_rows`) the requests' own parts are a second list of decode-sized items
     (`own_block_rows`, 16 at G <= 16), which run the kernel's decode loop; elsewhere they share
     the 64-row list (`own_block_rows` None).
@@ -109,7 +125,7 @@ def host_layout(num_tokens: int, num_seqs: int, pages_per_seq: int, *, num_q_hea
     tokens; one more when the two lists are chunked apart).
     """
     g = num_q_heads // num_kv_heads
-    bm = max(SHARED_BLOCK_ROWS, pow2_at_least(g))
+    bm = max(shared_block_rows(), pow2_at_least(g))
     small = device_block_rows(num_tokens, num_seqs, g)
     bm_own = small if small < bm else None
     bk = block_kv(head_dim, page_size)
