@@ -257,7 +257,7 @@ def test_shared_block_rows_override(tiny_models, monkeypatch):
     shared = groups_workload(np.random.default_rng(8), n_groups=2, share=4, shared_len=37,
                              unique_len=9, out_len=4)
     out = eng.run(shared)
-    assert 128 in rows             # the shared items (16: decode own parts; 64: device lists)
+    assert 128 in rows       # the shared items (own parts: 16 in decode, 64 in prefill buckets)
     assert [o.token_ids for o in out] == [o.token_ids for o in ref.run(shared)]
     monkeypatch.setenv("JAXSERVE_SHARED_BLOCK_ROWS", "96")
     with pytest.raises(ValueError, match="power of two"):

@@ -113,10 +113,11 @@ def host_layout(num_tokens: int, num_seqs: int, pages_per_seq: int, *, num_q_hea
                 waves: float = 2.0) -> dict:
     """Static sizes of a host-built (shared-prefix) work list for one step bucket.
 
-    Shared items hold bm = 64 rows (`shared_block_rows`). In decode-dominated buckets (the device list's rule,
-    `device_block_rows`) the requests' own parts are a second list of decode-sized items
-    (`own_block_rows`, 16 at G <= 16), which run the kernel's decode loop; elsewhere they share
-    the 64-row list (`own_block_rows` None).
+    Shared items hold bm = 64 rows (`shared_block_rows`). Where the device list's rule
+    (`device_block_rows`) gives smaller items, the requests' own parts are a second list of
+    those (`own_block_rows`: 16 in decode-dominated buckets, which run the kernel's decode loop;
+    64 in prefill buckets when bm is raised past it); elsewhere they share the bm-row list
+    (`own_block_rows` None).
 
     Items: each row's own part in blocks of bm'/g tokens (<= T/bq + S), each group's member rows
     in blocks of bm (<= T*g/bm + groups, groups <= S/2), plus the pieces long ranges are cut into
