@@ -1,26 +1,31 @@
 # A/B of the engine's switches in one device call each, against the ceilings of call J.
-#   PART=1 bash benchmarks/device/ab_switches.sh   # decode-heavy, fuse_while_stalled on / off;
-#                                                  # BatchLLM x1 with it on (~480 s)
+#   PART=1 bash benchmarks/device/ab_switches.sh   # decode-heavy and BatchLLM x1 with
+#                                                  # fuse_while_stalled on (~560 s)
 #   PART=2 bash benchmarks/device/ab_switches.sh   # BatchLLM x1, 128-row shared items; its
-#                                                  # x0.25 profile with the idle-gap report (~520 s)
+#                                                  # x0.25 profile with the idle-gap report (~560 s)
+#   PART=3 bash benchmarks/device/ab_switches.sh   # decode-heavy with fuse_while_stalled off
+# A cold run spends 80-170 s compiling before it starts: decode-heavy needs ~230 s in all,
+# BatchLLM x1 ~300 s, which sets the timeouts below.
 # Records land in $OUT with the tags below; the second run of a pair takes its programs from the
 # compilation cache the first one filled.
 source benchmarks/device/common.sh
 C=${CEILINGS:-benchmarks/results/h200/ceilings_callJ.json}
 case "${PART:-1}" in
 1)
-  bench 170 --workload=decode_heavy --scale=1 --max_model_len=1280 --ceilings=$C --tag=_stalled_on
-  bench 110 --workload=decode_heavy --scale=1 --max_model_len=1280 --ceilings=$C \
-    --fuse_while_stalled=false --tag=_stalled_off
-  bench 240 --workload=batchllm --scale=1 --max_model_len=2432 --ceilings=$C --tag=_stalled_on
+  bench 250 --workload=decode_heavy --scale=1 --max_model_len=1280 --ceilings=$C --tag=_stalled_on
+  bench 330 --workload=batchllm --scale=1 --max_model_len=2432 --ceilings=$C --tag=_stalled_on
   ;;
 2)
-  JAXSERVE_SHARED_BLOCK_ROWS=128 bench 250 --workload=batchllm --scale=1 --max_model_len=2432 \
+  JAXSERVE_SHARED_BLOCK_ROWS=128 bench 330 --workload=batchllm --scale=1 --max_model_len=2432 \
     --ceilings=$C --tag=_shared128
-  timeout 250 python3 scripts/profile_engine.py --workload=batchllm --scale=0.25 \
+  timeout 230 python3 scripts/profile_engine.py --workload=batchllm --scale=0.25 \
     --max_model_len=2432 --top=30 --out=$OUT/profile_batchllm_x025.json 2>&1 \
     | grep -v -i deprecat | grep -v "Unable to init" | tail -60
   stamp profile
+  ;;
+3)
+  bench 250 --workload=decode_heavy --scale=1 --max_model_len=1280 --ceilings=$C \
+    --fuse_while_stalled=false --tag=_stalled_off
   ;;
 esac
 rm -f $OUT/*.png
