@@ -399,6 +399,14 @@ def test_programs_load_from_the_cache_on_a_second_start(tiny_models, tmp_path, m
     other = make_engine(path, compilation_cache_dir=str(tmp_path), page_size=16)
     assert [o.token_ids for o in other.run(reqs)] == ref
     assert other.runner.programs.cache_hits == 0     # another layout: nothing loaded
+    # The kernels' environment switches change block sizes and so the programs' input shapes:
+    # a program built without them must not be loaded with them (H200: a TypeError at step 1).
+    for name, value in (("JAXSERVE_SHARED_BLOCK_ROWS", "128"), ("JAXSERVE_ATTN_PREFETCH", "none")):
+        monkeypatch.setenv(name, value)
+        switched = make_engine(path, compilation_cache_dir=str(tmp_path))
+        assert [o.token_ids for o in switched.run(reqs)] == ref
+        assert switched.runner.programs.cache_hits == 0, name
+        monkeypatch.delenv(name)
     folder = os.path.join(str(tmp_path), "jaxserve-programs")
     for f in os.listdir(folder):
         with open(os.path.join(folder, f), "wb") as fh:

@@ -36,6 +36,7 @@ from jaxserve.runner.programs import (ExecutableCache, Features, ProgramKey,
 from jaxserve.runner.step_inputs import abstract_step_inputs, build_step_inputs, empty_carry
 from jaxserve.scheduler.step_plan import StepPlan
 from pallas_kernels import AttentionSpec
+from pallas_kernels.gpu import block_sizes
 
 
 @dataclasses.dataclass
@@ -195,7 +196,7 @@ class ModelRunner:
                  repr(self.cfg), repr(self.ctx), repr(self.opts), str(self.graphdef),
                  repr(jax.tree.structure(self.params)), repr(jax.tree.leaves(shapes)),
                  repr((self.k_cache.shape, str(self.k_cache.dtype))), repr(sorted(self.compiler_options.items())),
-                 os.environ.get("XLA_FLAGS", "")]
+                 os.environ.get("XLA_FLAGS", ""), repr(sorted(block_sizes.env_overrides().items()))]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
     def _fingerprint(self, key: ProgramKey) -> str:

@@ -20,6 +20,17 @@ SHARED_BLOCK_ROWS = 64      # query rows per item of host-built (shared-prefix) 
 MIN_SPLIT_TOKENS = 256      # a KV split costs a partial write and a merge: never shorter
 
 
+# Environment switches that change the kernels' block sizes or loops: whatever caches a compiled
+# program must key on them (`env_overrides`), or a run with a switch set loads programs built
+# without it, whose inputs have other shapes.
+ENV_SWITCHES = ("JAXSERVE_ATTN_PREFETCH", "JAXSERVE_SHARED_BLOCK_ROWS")
+
+
+def env_overrides() -> dict:
+    """The kernel switches set in the environment, name -> value."""
+    return {k: os.environ[k] for k in ENV_SWITCHES if os.environ.get(k)}
+
+
 PREFETCH_MODES = ("none", "pages", "kv")
 DECODE_BLOCK_ROWS = 16      # items this small are decode rows: one token x G q heads each
 
