@@ -337,7 +337,9 @@ def main(argv):
                                      max_num_seqs=rec["max_num_seqs"] * dp,
                                      kv_capacity_tokens=kv_cap * dp if kv_cap else kv_cap)
         rec.update(floor_seconds=fl.seconds, floor_bound=fl.bound, floor_flops=fl.flops,
-                   floor_bytes=fl.bytes, floor_fraction=fl.seconds / run_s)
+                   floor_bytes=fl.bytes, floor_fraction=fl.seconds / run_s,
+                   serial_floor_seconds=fl.serial_seconds,
+                   serial_floor_fraction=fl.serial_seconds / run_s)
     else:
         rec.update(floor_seconds=None, floor_fraction=None)
     if jax.process_index() != 0:     # multi-host: process 0 writes the record

@@ -13,7 +13,7 @@ T0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import jax, flax, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'transformers', transformers.__version__, jax.devices())"
-KEYS='"(workload|run_seconds|compile_seconds|warmup_seconds|compile_cache_hits|total_tokens_per_s|floor_fraction|floor_seconds|num_steps|fused_blocks|token_fill_mean|peak_kv_pool_use|hbm_bandwidth_measured|matmul_flops_measured|max_num_seqs|max_num_batched_tokens|dropped_tokens|error)"'
+KEYS='"(workload|run_seconds|compile_seconds|warmup_seconds|compile_cache_hits|total_tokens_per_s|floor_fraction|floor_seconds|serial_floor_fraction|num_steps|fused_blocks|token_fill_mean|peak_kv_pool_use|hbm_bandwidth_measured|matmul_flops_measured|max_num_seqs|max_num_batched_tokens|dropped_tokens|error)"'
 
 # bench TIMEOUT [benchmark.py flags...]: one end-to-end record into $OUT, its key lines printed.
 bench() {

@@ -29,6 +29,12 @@ class Floor:
     bytes: float
     compute_seconds: float
     memory_seconds: float
+    # The same work when the weight matmuls and attention cannot overlap each other (one stream:
+    # XLA:GPU runs a step's kernels one after another), each bounded by the larger of its own
+    # FLOPs and bytes: max(weights x steps / bw, matmul FLOPs / rate) + max(KV reads / bw,
+    # attention FLOPs / rate). `seconds` (everything overlapped) is the floor; this one says how
+    # much of the gap to it only overlap can close.
+    serial_seconds: float = 0.0
 
     @property
     def seconds(self) -> float:
@@ -52,14 +58,15 @@ def workload_floor(cfg: ModelConfig, prompt_lens: Sequence[int], output_lens: Se
     prefill = optimal_prefill_tokens if optimal_prefill_tokens is not None else sum(prompt_lens)
     decode = sum(output_lens)
     L, hq, hd = cfg.num_layers, cfg.num_heads, cfg.head_dim
-    flops = 2.0 * matmul_params(cfg) * (prefill + decode)
+    mm_flops = 2.0 * matmul_params(cfg) * (prefill + decode)
     # Attention: 4 * context * hq * hd per token per layer (QK^T and PV, 2 FLOPs per MAC).
     attn_ctx = 0.0
     for p, d, s in zip(prompt_lens, output_lens, shared):
         own = p - s
         attn_ctx += own * (s + own / 2) + d * (p + d / 2)
     attn_ctx += sum(s * s / 2 for s in set(shared))  # each distinct shared prefix once (approx.)
-    flops += 4.0 * attn_ctx * hq * hd * L
+    attn_flops = 4.0 * attn_ctx * hq * hd * L
+    flops = mm_flops + attn_flops
     weights = cfg.num_params() * dtype_bytes
     rows = max_num_seqs
     if kv_capacity_tokens is not None and n:
@@ -79,7 +86,9 @@ def workload_floor(cfg: ModelConfig, prompt_lens: Sequence[int], output_lens: Se
             groups[s] = max(groups.get(s, 0), d)
     kv_reads += sum(s * d for s, d in groups.items())
     total_bytes = weights * steps + kv_reads * kv_tok
-    return Floor(flops, total_bytes, flops / peak_flops, total_bytes / hbm_bandwidth)
+    serial = (max(weights * steps / hbm_bandwidth, mm_flops / peak_flops)
+              + max(kv_reads * kv_tok / hbm_bandwidth, attn_flops / peak_flops))
+    return Floor(flops, total_bytes, flops / peak_flops, total_bytes / hbm_bandwidth, serial)
 
 
 def _program_seconds(fn, *args, repeats: int = 3) -> float:
