@@ -5,6 +5,11 @@ Cases:
   b  64 requests sharing a 4k prefix + 256 unique tokens each, decode
   c  256 requests in 16 groups sharing 2k + 512 unique each, decode
   d  mixed step: 4 prefill chunks of 512 tokens (context 2048) + 128 decode rows (1k..4k)
+  e, f, g  decode steps of the engine's H200 runs without sharing (716 / 308 / 1024 rows)
+  h  a BatchLLM prefill step: 4 groups x 16 members prefilling 200 tokens over a 2000-token
+     shared prefix, beside 960 decode rows in 60 such groups (13,760 tokens)
+  i  a document prefill step: 4 documents of 4096 tokens, 64 questions of 64 tokens each
+     (16,384 tokens)
 
 Peers in the same run: the XLA reference (`pallas_kernels.reference`), JAX's Pallas
 `paged_attention` (decode cases, read per request), dense cuDNN / XLA attention on contiguous
@@ -42,11 +47,13 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("cases", ["a", "b", "c", "d"], "cases to run")
 flags.DEFINE_list("impls", ["pallas_gpu", "pallas_gpu_cascade", "jax_paged_attention",
                             "cudnn_dense", "xla_reference", "pallas_gpu_hostwork", "xla_dense",
-                            "pallas_gpu_variants", "pallas_gpu_cascade_variants"],
+                            "pallas_gpu_variants", "pallas_gpu_cascade_variants",
+                            "cudnn_prefill"],
                   "implementations, in run order (most important first)")
 flags.DEFINE_list("variants", [], "extra pallas_gpu configs, '+'-joined, e.g. "
                   "'bk=128+splits=4+warps=4+stages=3+bm=16' (each becomes pallas_gpu[...])")
-flags.DEFINE_list("cascade_variants", [], "extra cascade configs, e.g. 'bm=32+bk=64+chunk=512'")
+flags.DEFINE_list("cascade_variants", [], "extra cascade configs, e.g. 'bm=32+bk=64+chunk=512'; "
+                  "own=N puts the requests' own parts in a second list of N-row items")
 flags.DEFINE_integer("bw_mib", 1024, "size of each buffer of the bandwidth pass (MiB)")
 flags.DEFINE_bool("interpret", False, "run the Pallas kernels in interpret mode (CPU smoke test)")
 flags.DEFINE_integer("page_size", 16, "tokens per page")
@@ -106,7 +113,24 @@ def case_batch(name: str, scale: float) -> Batch:
         return Batch([(s(1024), 1)] * 308, [])
     if name == "g":
         return Batch([(s(640), 1)] * 1024, [])
+    # Prefill steps of the shared workloads at the engine's H200 sizes (16,384 tokens, 1,024
+    # rows), where the shared items run at a fraction of the tensor-core rate (call S).
+    if name == "h":
+        pre, own, m = s(2000), s(200), 16
+        seqs = [(pre + own, own)] * (4 * m) + [(pre + own + 48, 1)] * (60 * m)
+        return Batch(seqs, [(pre, list(range(m * gi, m * gi + m))) for gi in range(64)])
+    if name == "i":
+        doc, qlen, m = s(4096), max(16, int(64 * scale) // 16 * 16), 64
+        return Batch([(doc + qlen, qlen)] * (4 * m),
+                     [(doc, list(range(m * gi, m * gi + m))) for gi in range(4)])
     raise ValueError(name)
+
+
+def attention_flops(batch: Batch) -> float:
+    """Matmul FLOPs of causal attention (QK^T and PV, 2 per MAC): a query at position p sees p + 1
+    keys."""
+    vis = sum(ql * kv - ql * (ql - 1) / 2 for kv, ql in batch.seqs)
+    return 4.0 * vis * HQ * D
 
 
 def build_metadata(batch: Batch, ps: int, page_base: int):
@@ -316,7 +340,8 @@ def main(argv):
     for case in FLAGS.cases:
         batch = case_batch(case, FLAGS.scale)
         print(f"# case {case}: building inputs (t={time.perf_counter() - T0:.1f}s)", flush=True)
-        nsets = FLAGS.sets or {"a": 4, "b": 16, "c": 6, "d": 6, "e": 4, "f": 4, "g": 4}[case]
+        nsets = FLAGS.sets or {"a": 4, "b": 16, "c": 6, "d": 6, "e": 4, "f": 4, "g": 4,
+                               "h": 3, "i": 3}[case]
         # Build R sets of metadata over disjoint pages, then one cache holding all of them.
         mds, mdgs = [], []
         base = 1
@@ -333,13 +358,15 @@ def main(argv):
         qs = [jax.random.normal(k, (t, HQ, D), DTYPE)
               for k in jax.random.split(kq, nsets)]
         ukv = unique_kv_bytes(batch)
+        flops = attention_flops(batch)
         decode_only = all(ql == 1 for _, ql in batch.seqs)
         ref_out = None
         # Correctness check on a sample of tokens against a float64 numpy oracle (cheap, and
         # independent of XLA's GPU compiler and autotuner).
         sample = np.unique(np.linspace(0, t - 1, 12).astype(int))
 
-        def record(impl, fn, arg_sets, note="", consts=None, offsettable=False):
+        def record(impl, fn, arg_sets, note="", consts=None, offsettable=False, own_flops=None,
+                   oracle=True):
             nonlocal ref_out
             t_start = time.perf_counter()
             print(f"{case:2s} {impl:34s} ... (t={t_start - T0:.1f}s)", flush=True)
@@ -370,23 +397,29 @@ def main(argv):
                 records.append(dict(case=case, impl=impl, device=device, error=msg,
                                     commit=commit, jax_version=jax.__version__))
                 return
-            o0 = np.asarray(out[0].astype(jnp.float32)).reshape(t, HQ, D)
-            if ref_out is None:
-                ref_out = numpy_oracle(qs[0], k_cache, v_cache, mds[0], sm_scale, sample)
-            rel = float(np.linalg.norm(o0[sample] - ref_out) / np.linalg.norm(ref_out))
+            if oracle:
+                o0 = np.asarray(out[0].astype(jnp.float32)).reshape(t, HQ, D)
+                if ref_out is None:
+                    ref_out = numpy_oracle(qs[0], k_cache, v_cache, mds[0], sm_scale, sample)
+                rel = float(np.linalg.norm(o0[sample] - ref_out) / np.linalg.norm(ref_out))
+            else:        # a peer over other data (contiguous copies): no oracle of its own
+                rel = float("nan")
+            fl = flops if own_flops is None else own_flops
             frac = ukv / sec / bw
             wall = time.perf_counter() - t_start
             rec = dict(case=case, impl=impl, device=device, seconds=sec, seconds_min=best,
                        unique_kv_bytes=ukv, hbm_bandwidth_measured=bw, bw_fraction=frac,
+                       attention_flops=fl, tflops_per_s=fl / sec / 1e12,
                        rel_err_vs_reference=rel, sets=len(arg_sets), page_size=ps,
                        num_tokens=t, num_seqs=len(batch.seqs), commit=commit,
                        jax_version=jax.__version__, note=note, wall_incl_compile_s=wall,
                        timing=timing, **extra)
             records.append(rec)
-            table.append((case, impl, sec, frac, rel))
+            table.append((case, impl, sec, frac, fl / sec / 1e12, rel))
             flush_json()
             print(f"{case:2s} {impl:34s} {sec * 1e3:8.4f} ms  {frac * 100:6.1f}% BW  "
-                  f"rel_err {rel:.2e}  (compile+check+timing {wall:.1f}s)", flush=True)
+                  f"{fl / sec / 1e12:6.1f} TFLOP/s  rel_err {rel:.2e}  "
+                  f"(compile+check+timing {wall:.1f}s)", flush=True)
             if "seconds_dispatch" in extra:
                 print(f"   dispatch-per-call timing {extra['seconds_dispatch'] * 1e3:.4f} ms", flush=True)
             if "gpu_busy_seconds" in extra:
@@ -439,6 +472,7 @@ def main(argv):
                     mdw = [jax.tree.map(jnp.asarray, dataclasses.replace(m, work=cascade.build_cascade_work(
                         m, g, num_q_heads=HQ, num_kv_heads=HKV, page_size=ps,
                         block_rows=c.get("bm", 64), block_kv=bk, chunk_len=c.get("chunk"),
+                        own_block_rows=c.get("own"),
                         num_sms=getattr(dev, "core_count", 132))))
                         for m, g in zip(mds, mdgs)]
                     w = mdw[0].work
@@ -499,6 +533,24 @@ def main(argv):
                     f"jax.nn.dot_product_attention(implementation={implname!r}) on contiguous "
                     f"KV (no paging, no sharing)", consts=())
                 del args
+            elif impl == "cudnn_prefill":
+                # The tensor-core rate dense flash attention reaches at this step's prefill
+                # shape: the prefilling members' queries over contiguous copies of their whole
+                # context, without the causal mask (its FLOPs are counted as such).
+                pre = [(kv, ql) for kv, ql in batch.seqs if ql > 1]
+                if not pre or len(set(pre)) != 1:
+                    continue
+                (kvl, ql), b = pre[0], len(pre)
+                ka, kb_, kc_ = jax.random.split(jax.random.key(7), 3)
+                args = [(jax.random.normal(ka, (b, ql, HQ, D), DTYPE),
+                         jax.random.normal(kb_, (b, kvl, HKV, D), DTYPE),
+                         jax.random.normal(kc_, (b, kvl, HKV, D), DTYPE))]
+                record(impl, lambda q, k, v: jax.nn.dot_product_attention(
+                    q, k, v, scale=sm_scale, implementation="cudnn"), args,
+                    f"jax.nn.dot_product_attention(cudnn), {b} x {ql} queries over {kvl} "
+                    f"contiguous keys, no mask", consts=(), own_flops=4.0 * b * ql * kvl * HQ * D,
+                    oracle=False)
+                del args
         del k_cache, v_cache
     if FLAGS.out:
         os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
@@ -507,9 +559,9 @@ def main(argv):
             r["command"] = cmd
         with open(FLAGS.out, "w") as f:
             json.dump(records, f, indent=1)
-    print("\n# summary: case impl ms %BW(unique KV) rel_err")
-    for case, impl, sec, frac, rel in table:
-        print(f"{case} {impl:34s} {sec * 1e3:8.4f} {frac * 100:6.1f} {rel:.1e}")
+    print("\n# summary: case impl ms %BW(unique KV) TFLOP/s rel_err")
+    for case, impl, sec, frac, tf, rel in table:
+        print(f"{case} {impl:34s} {sec * 1e3:8.4f} {frac * 100:6.1f} {tf:6.1f} {rel:.1e}")
 
 
 if __name__ == "__main__":
