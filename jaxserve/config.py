@@ -247,6 +247,11 @@ class EngineConfig:
         "matmuls are compute-bound on an accelerator, so a step padded to the next power of two "
         "pays for up to twice its tokens (the H200's 716-row decode steps ran in 1024-token "
         "programs); each extra bucket is one more program to compile")
+    token_bucket_quarter_from: Optional[int] = _field(
+        None, "from this many tokens on, token buckets also at 1.25x and 1.75x of each power of "
+        "two (0: never; default: 8192 on GPU/TPU, 0 on CPU). A prefill step whose rows are all "
+        "taken stops short of its token budget (BatchLLM on the H200: 13,760 of 16,384 tokens), "
+        "and at these sizes each padded token costs its full share of the matmuls")
     page_bucket_growth: int = _field(4, "page-table width buckets grow by this factor (1: one "
                                      "bucket; only the CPU reference attention uses more)")
     fused_decode_steps: Optional[int] = _field(None, "decode steps fused into one program when only "
@@ -315,10 +320,11 @@ class EngineConfig:
                      "max_num_seqs"):
             if getattr(self, name) is not None:
                 pos_int(name)
-        mid = self.token_bucket_mid_from
-        if mid is not None and (isinstance(mid, bool) or not isinstance(mid, int) or mid < 0):
-            raise ConfigError("engine: field 'token_bucket_mid_from' must be an integer >= 0 "
-                              f"(0: powers of two only), got {mid!r}")
+        for name in ("token_bucket_mid_from", "token_bucket_quarter_from"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise ConfigError(f"engine: field '{name}' must be an integer >= 0 "
+                                  f"(0: never), got {v!r}")
         if self.page_size & (self.page_size - 1):
             raise ConfigError(f"engine: field 'page_size'={self.page_size} must be a power of two "
                               "(GPU kernels tile pages with power-of-two blocks)")

@@ -311,6 +311,8 @@ def main(argv):
                              num_pages=FLAGS.num_pages,
                              fused_decode_steps=FLAGS.fused_decode_steps or "auto",
                              fuse_while_stalled=FLAGS.fuse_while_stalled,
+                             token_bucket_mid_from=FLAGS.token_bucket_mid_from,
+                             token_bucket_quarter_from=FLAGS.token_bucket_quarter_from,
                              admission_control=FLAGS.admission_control,
                              async_scheduling=FLAGS.async_scheduling,
                              gpu_command_buffers=FLAGS.gpu_command_buffers,

@@ -29,6 +29,8 @@ flags.DEFINE_integer("max_num_seqs", 1024, "rows a step")
 flags.DEFINE_integer("num_pages", 51608, "KV pages (the H200's for Llama-3-8B at default sizes)")
 flags.DEFINE_integer("max_model_len", 4608, "prompt + output tokens per request")
 flags.DEFINE_integer("token_bucket_mid_from", 256, "1.5x token buckets from here (0: off)")
+flags.DEFINE_integer("token_bucket_quarter_from", 8192, "1.25x / 1.75x token buckets from here "
+                     "(0: off)")
 flags.DEFINE_string("out", "", "JSON output")
 
 
@@ -48,9 +50,11 @@ def main(argv):
     costs = StepCosts.make(device_profile(FLAGS.device), cfg)
     b, r = FLAGS.max_num_batched_tokens, FLAGS.max_num_seqs
     ec = EngineConfig(max_num_batched_tokens=b, max_num_seqs=r, max_model_len=FLAGS.max_model_len,
-                      num_pages=FLAGS.num_pages, token_bucket_mid_from=FLAGS.token_bucket_mid_from)
+                      num_pages=FLAGS.num_pages, token_bucket_mid_from=FLAGS.token_bucket_mid_from,
+                      token_bucket_quarter_from=FLAGS.token_bucket_quarter_from)
     buckets = BucketSet.make(b, r, -(-FLAGS.max_model_len // 16),
-                             mid_from=FLAGS.token_bucket_mid_from)
+                             mid_from=FLAGS.token_bucket_mid_from,
+                             quarter_from=FLAGS.token_bucket_quarter_from)
     rows = []
     for name in FLAGS.workloads:
         reqs = workloads.preset(name, vocab_size=cfg.vocab_size, scale=FLAGS.scale)

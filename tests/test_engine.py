@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.config import ConfigError, EngineConfig, ModelConfig
 from jaxserve.engine import Engine, Request
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.weights.assemble import build_model
@@ -161,6 +161,34 @@ def test_mid_token_buckets_change_no_output(tiny_models):
     assert [o.token_ids for o in a] == [o.token_ids for o in b_]
     assert {k.tokens for k in mid.runner.programs.keys()} & {24, 48}
     assert mid.last_stats.padded_tokens < pow2.last_stats.padded_tokens
+
+
+def test_quarter_token_buckets_change_no_output(tiny_models):
+    """1.25x / 1.75x token buckets from `token_bucket_quarter_from` (8,192 on accelerators): the
+    H200's BatchLLM prefill steps of 13,760 tokens run in a 14,336-token program instead of
+    16,384; on a tiny model the engine picks them and every output is the same."""
+    from jaxserve.engine.sizing import QUARTER_BUCKETS_FROM, resolve_token_bucket_quarter_from
+    from jaxserve.runner.buckets import BucketSet
+
+    b = BucketSet.make(16384, 1024, 72, mid_from=256, quarter_from=8192)
+    assert b.token_buckets[-5:] == (8192, 10240, 12288, 14336, 16384)
+    assert b.token_bucket(13760) == 14336 and b.token_bucket(5000) == 6144
+    assert BucketSet.make(16384, 1024, 72, mid_from=256).token_bucket(13760) == 16384
+    assert resolve_token_bucket_quarter_from(EngineConfig(), "gpu") == QUARTER_BUCKETS_FROM
+    assert resolve_token_bucket_quarter_from(EngineConfig(), "cpu") == 0
+    assert resolve_token_bucket_quarter_from(EngineConfig(token_bucket_quarter_from=0), "gpu") == 0
+    with pytest.raises(ConfigError, match="token_bucket_quarter_from"):
+        EngineConfig(token_bucket_quarter_from=-1)
+    path, hf = tiny_models["llama3"]
+    reqs = ragged_requests(24, hf.config.vocab_size, seed=9, max_prompt=60, max_out=20)
+    plain = make_engine(path, max_num_batched_tokens=64, token_bucket_mid_from=0)
+    quarter = make_engine(path, max_num_batched_tokens=64, token_bucket_mid_from=0,
+                          token_bucket_quarter_from=32)
+    assert quarter.buckets.token_buckets == (16, 32, 40, 48, 56, 64)
+    a, b_ = plain.run(reqs), quarter.run(reqs)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b_]
+    assert {k.tokens for k in quarter.runner.programs.keys()} & {40, 56}
+    assert quarter.last_stats.padded_tokens < plain.last_stats.padded_tokens
 
 
 def test_preemption_recomputes_correctly(tiny_models):

@@ -4,6 +4,8 @@
 #   PART=2 bash benchmarks/device/ab_switches.sh   # BatchLLM x1, 128-row shared items; its
 #                                                  # x0.25 profile with the idle-gap report (~560 s)
 #   PART=3 bash benchmarks/device/ab_switches.sh   # decode-heavy with fuse_while_stalled off
+#   PART=4 bash benchmarks/device/ab_switches.sh   # BatchLLM x1 with 1.25x / 1.75x token buckets
+#                                                  # on (default) and off (~480 s)
 # A cold run spends 80-170 s compiling before it starts: decode-heavy needs ~230 s in all,
 # BatchLLM x1 ~300 s, which sets the timeouts below.
 # Records land in $OUT with the tags below; the second run of a pair takes its programs from the
@@ -26,6 +28,11 @@ case "${PART:-1}" in
 3)
   bench 250 --workload=decode_heavy --scale=1 --max_model_len=1280 --ceilings=$C \
     --fuse_while_stalled=false --tag=_stalled_off
+  ;;
+4)
+  bench 330 --workload=batchllm --scale=1 --max_model_len=2432 --ceilings=$C --tag=_quarter_on
+  bench 200 --workload=batchllm --scale=1 --max_model_len=2432 --ceilings=$C \
+    --token_bucket_quarter_from=0 --tag=_quarter_off
   ;;
 esac
 rm -f $OUT/*.png

@@ -6,13 +6,18 @@ import bisect
 import dataclasses
 
 
-def _token_buckets(lo: int, cap: int, mid_from: int = 0) -> list[int]:
-    """Powers of two from `lo`, and from `mid_from` on (0: never) also 1.5x each, up to `cap`."""
+def _token_buckets(lo: int, cap: int, mid_from: int = 0, quarter_from: int = 0) -> list[int]:
+    """Powers of two from `lo`, from `mid_from` on (0: never) also 1.5x each, and from
+    `quarter_from` on (0: never) also 1.25x and 1.75x, up to `cap`."""
     out, v = [], lo
     while v < cap:
         out.append(v)
-        if mid_from and v >= mid_from and v * 3 // 2 < cap:
-            out.append(v * 3 // 2)
+        steps = []
+        if mid_from and v >= mid_from:
+            steps.append(6)
+        if quarter_from and v >= quarter_from:
+            steps += [5, 6, 7]
+        out += [v * q // 4 for q in steps if v * q // 4 < cap]
         v *= 2
     out.append(cap)  # capped at the budget, never above: a bucket past it only pads
     return sorted(set(out))
@@ -33,9 +38,10 @@ class BucketSet:
 
     @classmethod
     def make(cls, max_num_batched_tokens: int, max_num_seqs: int, max_pages_per_seq: int,
-             page_growth: int = 1, min_tokens: int = 16, mid_from: int = 0) -> "BucketSet":
+             page_growth: int = 1, min_tokens: int = 16, mid_from: int = 0,
+             quarter_from: int = 0) -> "BucketSet":
         tokens = _token_buckets(min(min_tokens, max_num_batched_tokens), max_num_batched_tokens,
-                                mid_from)
+                                mid_from, quarter_from)
         return cls(tuple(tokens), max_num_seqs, max_pages_per_seq, page_growth)
 
     def seqs_for(self, num_tokens_bucket: int) -> int:

@@ -152,7 +152,6 @@ def simulate_policies(cfg: ModelConfig, prompts, params, *, device: str, ecfg: E
     """Projected seconds of each candidate policy (what `schedule_policy="auto"` compares), with
     the KV pages the device's memory holds beside the weights."""
     from jaxserve.engine.simulate import CANDIDATES, simulate
-    from jaxserve.runner.buckets import BucketSet
 
     prof = PROFILES[device]
     max_len = ecfg.max_model_len or max(len(p) + sp.max_tokens for p, sp in zip(prompts, params))
@@ -163,10 +162,9 @@ def simulate_policies(cfg: ModelConfig, prompts, params, *, device: str, ecfg: E
     if pages < per_seq + 1:
         return {}        # the longest request's KV does not fit beside the weights: nothing runs
     pages = min(pages, ecfg.max_num_seqs * per_seq + 1)
-    from jaxserve.engine.sizing import resolve_token_bucket_mid_from
+    from jaxserve.engine.sizing import bucket_set
 
-    buckets = BucketSet.make(ecfg.max_num_batched_tokens, ecfg.max_num_seqs, per_seq,
-                             mid_from=resolve_token_bucket_mid_from(ecfg, "gpu"))
+    buckets = bucket_set(ecfg, ecfg.max_num_batched_tokens, ecfg.max_num_seqs, per_seq, "gpu")
     costs = StepCosts.make(prof, cfg, dtype_bytes)
     samples = [Sample(prompt_ids=list(p), index=i, params=sp, request=i, max_len=max_len)
                for i, (p, sp) in enumerate(zip(prompts, params))]
