@@ -290,7 +290,6 @@ def main(argv):
     cfg = holder["cfg"]
     prompts = [r["prompt_token_ids"] for r in reqs]
     tree = build_prefix_tree(prompts)
-    shared = [nd.depth if nd is not None else 0 for nd in tree.leaf_node]
     n_in = sum(len(p) for p in prompts)
     n_out = sum(r["max_tokens"] for r in reqs)
     run_s = res["run_seconds"]
@@ -327,17 +326,13 @@ def main(argv):
     if bw and flops and FLAGS.engine == "jaxserve":
         # A floor needs the engine's step sizes and KV capacity; the HF peer has neither (its
         # batches are its own), so its records carry the ceilings but no floor.
-        # The ceilings are one device's: a run on tp x dp devices has that many. The dp replicas
-        # run side by side, so per step they hold dp times the rows, tokens and KV of one
-        # (a floor that assumes the split is perfectly balanced).
-        tp, dp = FLAGS.tensor_parallel_size, FLAGS.data_parallel_size
-        kv_cap = res.get("kv_capacity_tokens")
-        fl = roofline.workload_floor(cfg, [len(p) for p in prompts], [r["max_tokens"] for r in reqs],
-                                     shared, optimal_prefill_tokens=tree.optimal_prefill_tokens,
-                                     peak_flops=flops * tp * dp, hbm_bandwidth=bw * tp * dp,
-                                     max_num_batched_tokens=rec["max_num_batched_tokens"] * dp,
-                                     max_num_seqs=rec["max_num_seqs"] * dp,
-                                     kv_capacity_tokens=kv_cap * dp if kv_cap else kv_cap)
+        fl = roofline.batch_floor(cfg, prompts, [r["max_tokens"] for r in reqs], tree,
+                                  peak_flops=flops, hbm_bandwidth=bw,
+                                  max_num_batched_tokens=rec["max_num_batched_tokens"],
+                                  max_num_seqs=rec["max_num_seqs"],
+                                  kv_capacity_tokens=res.get("kv_capacity_tokens"),
+                                  tensor_parallel=FLAGS.tensor_parallel_size,
+                                  data_parallel=FLAGS.data_parallel_size)
         rec.update(floor_seconds=fl.seconds, floor_bound=fl.bound, floor_flops=fl.flops,
                    floor_bytes=fl.bytes, floor_fraction=fl.seconds / run_s,
                    serial_floor_seconds=fl.serial_seconds,

@@ -36,7 +36,6 @@ def command_flags(command: str) -> dict:
 
 def refloor(rec: dict, ceilings: Optional[tuple[float, float]] = None) -> dict:
     """`ceilings`: (copy bytes/s, bf16 FLOP/s) to derive against; None: the record's own."""
-    from jaxserve.scheduler.prefix_tree import build_prefix_tree
     from jaxserve.tools import roofline, workloads
     from jaxserve.weights import presets
 
@@ -46,21 +45,18 @@ def refloor(rec: dict, ceilings: Optional[tuple[float, float]] = None) -> dict:
                             scale=float(f.get("scale", 1)), seed=int(f.get("workload_seed", 0)))
     if int(f.get("max_requests", 0)):
         reqs = reqs[:int(f["max_requests"])]
+    from jaxserve.scheduler.prefix_tree import build_prefix_tree
+
     prompts = [r["prompt_token_ids"] for r in reqs]
     tree = build_prefix_tree(prompts)
-    shared = [nd.depth if nd is not None else 0 for nd in tree.leaf_node]
-    tp = int(f.get("tensor_parallel_size", 1))
-    dp = int(f.get("data_parallel_size", 1))
-    kv_cap = rec.get("kv_capacity_tokens")
 
     def floor(bw: float, flops: float):
-        return roofline.workload_floor(
-            cfg, [len(p) for p in prompts], [r["max_tokens"] for r in reqs], shared,
-            optimal_prefill_tokens=tree.optimal_prefill_tokens,
-            peak_flops=flops * tp * dp, hbm_bandwidth=bw * tp * dp,
-            max_num_batched_tokens=rec["max_num_batched_tokens"] * dp,
-            max_num_seqs=rec["max_num_seqs"] * dp,
-            kv_capacity_tokens=kv_cap * dp if kv_cap else kv_cap)
+        return roofline.batch_floor(
+            cfg, prompts, [r["max_tokens"] for r in reqs], tree, peak_flops=flops,
+            hbm_bandwidth=bw, max_num_batched_tokens=rec["max_num_batched_tokens"],
+            max_num_seqs=rec["max_num_seqs"], kv_capacity_tokens=rec.get("kv_capacity_tokens"),
+            tensor_parallel=int(f.get("tensor_parallel_size", 1)),
+            data_parallel=int(f.get("data_parallel_size", 1)))
 
     own = floor(rec["hbm_bandwidth_measured"], rec["matmul_flops_measured"])
     same = abs(own.seconds - rec["floor_seconds"]) <= 1e-6 * rec["floor_seconds"]

@@ -99,6 +99,49 @@ def test_hf_peer_record_with_ceilings(tmp_path, monkeypatch):
     assert rec["floor_fraction"] is None and rec["run_seconds"] > 0
 
 
+def test_jaxserve_record_holds_both_floors(tmp_path, monkeypatch):
+    """A jaxserve run with the ceilings of a file records the floor and the serial floor (the
+    matmuls and attention one after another), which is never below it, and the fractions of
+    the run they are."""
+    import json
+
+    from jaxserve.weights import presets
+
+    mod = _benchmark_module()
+    from tests import tiny_models
+
+    tiny = dict(tiny_models.KINDS["llama3"]().to_dict(), architectures=["LlamaForCausalLM"])
+    monkeypatch.setattr(presets, "preset_dict", lambda name: dict(tiny))
+    monkeypatch.setattr(presets, "is_preset", lambda name: True)
+    monkeypatch.setattr(presets, "load_preset", lambda name: presets.ModelConfig.from_hf_dict(
+        dict(tiny), source="test"))
+    work = tmp_path / "w.jsonl"
+    rng = np.random.default_rng(1)
+    shared = rng.integers(1, tiny_models.VOCAB, 32).tolist()
+    with open(work, "w") as f:
+        for n in (5, 9, 7):
+            f.write(json.dumps({"prompt_token_ids": shared + rng.integers(
+                1, tiny_models.VOCAB, n).tolist(), "max_tokens": 4}) + "\n")
+    ceil = tmp_path / "ceilings.json"
+    ceil.write_text(json.dumps({"one_program_copy_bytes_per_s": 4.1e12,
+                                "one_program_bf16_flops": 8.0e14}))
+    argv = ["benchmark.py", "--engine=jaxserve", "--model=tiny", f"--workload={work}",
+            f"--ceilings={ceil}", f"--results_dir={tmp_path}", "--max_model_len=64",
+            "--compilation_cache_dir=off"]
+    mod.FLAGS.unparse_flags()
+    mod.FLAGS(argv)
+    try:
+        mod.main([])
+    finally:
+        mod.FLAGS.unparse_flags()
+    rec = json.loads((tmp_path / "e2e_w_tiny_jaxserve.json").read_text())
+    assert rec["floor_seconds"] > 0
+    assert rec["serial_floor_seconds"] >= rec["floor_seconds"]
+    assert rec["floor_fraction"] == pytest.approx(rec["floor_seconds"] / rec["run_seconds"])
+    assert rec["serial_floor_fraction"] == pytest.approx(
+        rec["serial_floor_seconds"] / rec["run_seconds"])
+
+
 def test_hf_peer_batches_cap_rows_and_padded_tokens():
     """The HF peer's batches: at most --hf_batch_size rows and, with a token cap, at most that many
     padded tokens, so the mixed workload's 2048-token prompts run in small batches (batch 128 of

@@ -91,6 +91,30 @@ def workload_floor(cfg: ModelConfig, prompt_lens: Sequence[int], output_lens: Se
     return Floor(flops, total_bytes, flops / peak_flops, total_bytes / hbm_bandwidth, serial)
 
 
+def batch_floor(cfg: ModelConfig, prompts: Sequence[Sequence[int]], output_lens: Sequence[int],
+                tree=None, *, peak_flops: float, hbm_bandwidth: float,
+                max_num_batched_tokens: int, max_num_seqs: int,
+                kv_capacity_tokens: Optional[int] = None, tensor_parallel: int = 1,
+                data_parallel: int = 1) -> Floor:
+    """The floor of a batch of token prompts as a benchmark record states it: shared prefixes
+    from the batch's prefix tree (`tree`, built here when None), ceilings and step sizes of one
+    device. The ceilings are one device's, and a run on tp x dp devices has that many; the dp
+    replicas run side by side, so per step they hold dp times the rows, tokens and KV of one (a
+    floor that assumes the split is perfectly balanced)."""
+    from jaxserve.scheduler.prefix_tree import build_prefix_tree
+
+    tree = tree if tree is not None else build_prefix_tree([list(p) for p in prompts])
+    shared = [nd.depth if nd is not None else 0 for nd in tree.leaf_node]
+    n, dp = tensor_parallel * data_parallel, data_parallel
+    return workload_floor(cfg, [len(p) for p in prompts], output_lens, shared,
+                          optimal_prefill_tokens=tree.optimal_prefill_tokens,
+                          peak_flops=peak_flops * n, hbm_bandwidth=hbm_bandwidth * n,
+                          max_num_batched_tokens=max_num_batched_tokens * dp,
+                          max_num_seqs=max_num_seqs * dp,
+                          kv_capacity_tokens=kv_capacity_tokens * dp if kv_capacity_tokens
+                          else kv_capacity_tokens)
+
+
 def _program_seconds(fn, *args, repeats: int = 3) -> float:
     """Best wall time of a whole (long) program over a few runs, after a compile-and-warm-up run."""
     fn(*args).block_until_ready()
