@@ -48,12 +48,15 @@ flags.DEFINE_list("cases", ["a", "b", "c", "d"], "cases to run")
 flags.DEFINE_list("impls", ["pallas_gpu", "pallas_gpu_cascade", "jax_paged_attention",
                             "cudnn_dense", "xla_reference", "pallas_gpu_hostwork", "xla_dense",
                             "pallas_gpu_variants", "pallas_gpu_cascade_variants",
-                            "cudnn_prefill"],
+                            "cudnn_prefill", "stacked_prefix"],
                   "implementations, in run order (most important first)")
 flags.DEFINE_list("variants", [], "extra pallas_gpu configs, '+'-joined, e.g. "
                   "'bk=128+splits=4+warps=4+stages=3+bm=16' (each becomes pallas_gpu[...])")
 flags.DEFINE_list("cascade_variants", [], "extra cascade configs, e.g. 'bm=32+bk=64+chunk=512'; "
                   "own=N puts the requests' own parts in a second list of N-row items")
+flags.DEFINE_list("mgpu_configs", ["64x128x2", "64x64x2", "128x128x2"],
+                  "stacked_prefix: JAX's Mosaic GPU flash attention configs 'block_qxblock_kv"
+                  "xmax_concurrent_steps', each timed beside cuDNN")
 flags.DEFINE_integer("bw_mib", 1024, "size of each buffer of the bandwidth pass (MiB)")
 flags.DEFINE_bool("interpret", False, "run the Pallas kernels in interpret mode (CPU smoke test)")
 flags.DEFINE_integer("page_size", 16, "tokens per page")
@@ -281,6 +284,51 @@ def hbm_bandwidth(reps):
     sec, _, out, _ = time_sets(lambda x: x * 2 + 1, [(x,) for x in xs], reps, mode="dispatch")
     del out, xs
     return 2 * n * 2 / sec
+
+
+def stacked_prefix_peers(case, batch, record, sm_scale):
+    """The prefix part of a cascade step as dense attention: per group with prefilling members,
+    every member's query tokens stacked into one sequence over the group's prefix (no mask: all
+    of a member's tokens follow the prefix). This is the work a shared-prefix item does; cuDNN
+    and JAX's Mosaic GPU flash attention (FlashAttention-3 on Hopper: TMA, wgmma, warp-specialised
+    loads) say what rate a kernel reaches at the shape. Mosaic needs the query length a multiple
+    of 2 x block_q and the KV a multiple of block_kv: the inputs are zero-padded, and FLOPs are
+    counted over the unpadded shape (the useful work)."""
+    pre = [(p, [m for m in mem if batch.seqs[m][1] > 1]) for p, mem in batch.groups]
+    pre = [(p, mem) for p, mem in pre if mem]
+    qls = {batch.seqs[m][1] for _, mem in pre for m in mem}
+    if not pre or len({(p, len(mem)) for p, mem in pre}) != 1 or len(qls) != 1:
+        return
+    (plen, mem), ng, ql = pre[0], len(pre), qls.pop()
+    sq = len(mem) * ql
+    flops = 4.0 * ng * sq * plen * HQ * D
+    ka, kb_, kc_ = jax.random.split(jax.random.key(11), 3)
+    q = jax.random.normal(ka, (ng, sq, HQ, D), DTYPE)
+    k = jax.random.normal(kb_, (ng, plen, HKV, D), DTYPE)
+    v = jax.random.normal(kc_, (ng, plen, HKV, D), DTYPE)
+    shape = f"{ng} groups x {len(mem)} members x {ql} queries stacked ({sq}) over a {plen}-token prefix"
+    record("cudnn_stacked", lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, scale=sm_scale, implementation="cudnn"), [(q, k, v)],
+        f"jax.nn.dot_product_attention(cudnn), {shape}, no mask", consts=(), own_flops=flops,
+        oracle=False)
+    try:
+        from jax.experimental.pallas.ops.gpu import attention_mgpu
+    except Exception as e:  # pragma: no cover - Mosaic GPU needs a Hopper-class GPU build
+        print(f"{case} mgpu_stacked unavailable: {type(e).__name__}: {e}")
+        return
+    for cfg in FLAGS.mgpu_configs:
+        bq, bkv, steps = (int(x) for x in cfg.split("x"))
+        sq_p, pl_p = -(-sq // (2 * bq)) * 2 * bq, -(-plen // bkv) * bkv
+        qp = jnp.pad(q, ((0, 0), (0, sq_p - sq), (0, 0), (0, 0)))
+        kp = jnp.pad(k, ((0, 0), (0, pl_p - plen), (0, 0), (0, 0)))
+        vp = jnp.pad(v, ((0, 0), (0, pl_p - plen), (0, 0), (0, 0)))
+        conf = attention_mgpu.TuningConfig(block_q=bq, block_kv=bkv, max_concurrent_steps=steps)
+        # The kernel applies no softmax scale: q is scaled inside the timed program, as a
+        # caller would have to. Its padded keys are not masked: a rate, not an output.
+        record(f"mgpu_stacked[{cfg}]", lambda q, k, v, conf=conf: attention_mgpu.attention(
+            (q * sm_scale).astype(q.dtype), k, v, conf), [(qp, kp, vp)],
+            f"jax attention_mgpu (FA3, Mosaic GPU) {shape}, padded to {sq_p} x {pl_p}",
+            consts=(), own_flops=flops, oracle=False)
 
 
 def parse_cfg(s: str) -> dict:
@@ -551,6 +599,8 @@ def main(argv):
                     f"contiguous keys, no mask", consts=(), own_flops=4.0 * b * ql * kvl * HQ * D,
                     oracle=False)
                 del args
+            elif impl == "stacked_prefix":
+                stacked_prefix_peers(case, batch, record, sm_scale)
         del k_cache, v_cache
     if FLAGS.out:
         os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
