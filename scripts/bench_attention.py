@@ -53,7 +53,8 @@ flags.DEFINE_list("impls", ["pallas_gpu", "pallas_gpu_cascade", "jax_paged_atten
 flags.DEFINE_list("variants", [], "extra pallas_gpu configs, '+'-joined, e.g. "
                   "'bk=128+splits=4+warps=4+stages=3+bm=16' (each becomes pallas_gpu[...])")
 flags.DEFINE_list("cascade_variants", [], "extra cascade configs, e.g. 'bm=32+bk=64+chunk=512'; "
-                  "own=N puts the requests' own parts in a second list of N-row items")
+                  "own=N puts the requests' own parts in a second list of N-row items; xlamerge=1 "
+                  "merges the partials with the XLA merge")
 flags.DEFINE_list("mgpu_configs", ["64x128x2", "64x64x2", "128x128x2"],
                   "stacked_prefix: JAX's Mosaic GPU flash attention configs 'block_qxblock_kv"
                   "xmax_concurrent_steps', each timed beside cuDNN")
@@ -526,11 +527,23 @@ def main(argv):
                     w = mdw[0].work
                     note = (f"shared prefix; items={int(np.sum(np.asarray(w.kv_end) > np.asarray(w.kv_start)))}"
                             f" bm={w.rows.shape[1]} partials/row<={w.merge_idx.shape[1]}")
-                    record("pallas_gpu_cascade" + (f"[{v}]" if v else ""), lambda kc, vc, q, md, off=0, bk=bk, c=c:
-                           attend(q, kc, vc, md, page_offset=off, sm_scale=sm_scale, block_kv=bk,
-                                  num_warps=c.get("warps"), num_stages=c.get("stages", 2),
-                                  prefetch_pages=bool(c.get("pf", 0)),
-                                  prefetch_kv=bool(c.get("pfkv", 0))),
+                    def cascade_fn(kc, vc, q, md, off=0, bk=bk, c=c):
+                        # xlamerge=1: the XLA merge instead of the Pallas one (the switch is
+                        # read while the program is traced)
+                        prev = os.environ.get("JAXSERVE_MERGE")
+                        os.environ["JAXSERVE_MERGE"] = "xla" if c.get("xlamerge") else (prev or "pallas")
+                        try:
+                            return attend(q, kc, vc, md, page_offset=off, sm_scale=sm_scale,
+                                          block_kv=bk, num_warps=c.get("warps"),
+                                          num_stages=c.get("stages", 2),
+                                          prefetch_pages=bool(c.get("pf", 0)),
+                                          prefetch_kv=bool(c.get("pfkv", 0)))
+                        finally:
+                            if prev is None:
+                                os.environ.pop("JAXSERVE_MERGE", None)
+                            else:
+                                os.environ["JAXSERVE_MERGE"] = prev
+                    record("pallas_gpu_cascade" + (f"[{v}]" if v else ""), cascade_fn,
                            list(zip(qs, mdw)), note, offsettable=True)
             elif impl == "xla_reference":
                 record(impl, lambda kc, vc, q, md, off=0: reference.ragged_paged_attention(

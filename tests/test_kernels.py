@@ -329,9 +329,14 @@ def test_pallas_cascade_own_list(interpret, name, seqs, groups, page_size, g, dt
                                  block_rows):
     """Shared items of 64 (or 32) rows and the requests' own parts as a second launch of 16-row
     items, merged together: the reference's output, for members with empty suffixes, prefill
-    members, chunked ranges and G = 8 (two decode tokens' heads fill 16 rows)."""
+    members, chunked ranges and G = 8 (two decode tokens' heads fill 16 rows). Pad tokens
+    round the step to 16 tokens, as the engine's buckets do, so the Pallas merge runs (the
+    cascade cases above, at odd token counts, take the XLA merge)."""
+    from pallas_kernels.gpu import merge as merge_kernel
+    q_tokens = sum(q for _, q in seqs)
     c = make_case(hash(name) % 1000 + 1, seqs=seqs, groups=groups, page_size=page_size, g=g,
-                  d=64, dtype=DT[dtype])
+                  d=64, dtype=DT[dtype], pad_tokens=3 + (-(q_tokens + 3)) % 16)
+    assert merge_kernel.block_rows(c.q.shape[0] * g)
     out = run_kernel(c, interpret=interpret, cascade=True, chunk_len=chunk_len,
                      block_rows=max(block_rows, 32), own_block_rows=16, block_kv=32)
     assert_close(out, reference_out(c), c, DT[dtype])
@@ -668,3 +673,64 @@ def test_merge_lowers_without_nested_calls():
         text = jax.jit(lambda o, l, m: kernel.merge([(o, l)], m, 8, 2, 4, jnp.bfloat16)).lower(
             o, lse, midx).as_text()
         assert " call @" not in text
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("k,g,t", [(1, 4, 8), (3, 4, 16), (4, 1, 64), (8, 8, 4), (2, 7, 16)])
+def test_merge_kernel_matches_xla_merge_and_oracle(interpret, k, g, t):
+    """The Pallas merge reads only the partials merge_idx lists: slots nobody lists hold NaN
+    (as unstored pad rows do) and must not reach any row; two launches of different row
+    blocks; rows with no partial give 0; K not a power of two; G = 7 (not a power of two)."""
+    from pallas_kernels.gpu import kernel, merge as merge_kernel
+    rng = np.random.default_rng(k * 100 + g * 10 + t)
+    hkv, d = 2, 64
+    shapes = [(5, 16), (7, 8)]                                 # (W, BM) of the two launches
+    n_slots = sum(w * bm for w, bm in shapes)
+    parts = []
+    for w, bm in shapes:
+        o = rng.standard_normal((w, hkv, bm, d)).astype(np.float32)
+        lse = rng.standard_normal((w, hkv, bm)).astype(np.float32) * 3
+        parts.append([o, lse])
+    midx = np.full((t * g, k), -1, np.int32)
+    free = rng.permutation(n_slots)
+    used = 0
+    for r in range(t * g):
+        n = int(rng.integers(0, k + 1)) if r % 5 else 0        # every fifth row has none
+        n = min(n, n_slots - used)
+        midx[r, :n] = np.sort(free[used:used + n])
+        used += n
+    listed = np.zeros(n_slots, bool)
+    listed[midx[midx >= 0]] = True
+    base = 0
+    for (w, bm), p in zip(shapes, parts):
+        mask = ~listed[base:base + w * bm].reshape(w, bm)      # [W, BM] unlisted slots
+        p[0][np.broadcast_to(mask[:, None, :, None], p[0].shape)] = np.nan
+        p[1][np.broadcast_to(mask[:, None, :], p[1].shape)] = np.nan
+        base += w * bm
+    jparts = [(jnp.asarray(o, jnp.bfloat16), jnp.asarray(lse)) for o, lse in parts]
+    got = jax.jit(lambda ps, m: merge_kernel.merge(ps, m, t, hkv, g, jnp.float32,
+                                                   interpret=interpret))(jparts, jnp.asarray(midx))
+    want = kernel.merge(jparts, jnp.asarray(midx), t, hkv, g, jnp.float32)
+    # numpy oracle over the same bf16-rounded partials
+    flat_o = np.concatenate([np.asarray(o.astype(jnp.float32)).transpose(0, 2, 1, 3)
+                             .reshape(-1, hkv, d) for o, _ in jparts])
+    flat_l = np.concatenate([np.asarray(l).transpose(0, 2, 1).reshape(-1, hkv) for _, l in jparts])
+    ref = np.zeros((t, hkv * g, d), np.float64)
+    for r in range(t * g):
+        ids = midx[r][midx[r] >= 0]
+        if not ids.size:
+            continue
+        lse = flat_l[ids].astype(np.float64)                   # [n, Hkv]
+        wgt = np.exp(lse - lse.max(0))
+        o = (wgt[..., None] * flat_o[ids]).sum(0) / wgt.sum(0)[:, None]
+        for h in range(hkv):
+            ref[r // g, h * g + r % g] = o[h]
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+
+
+def test_merge_kernel_block_rows():
+    from pallas_kernels.gpu import merge as merge_kernel
+    assert merge_kernel.block_rows(4 * 16384) == 64
+    assert merge_kernel.block_rows(7 * 16) == 16
+    assert merge_kernel.block_rows(4 * 89) is None             # falls back to the XLA merge

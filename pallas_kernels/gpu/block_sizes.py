@@ -23,7 +23,7 @@ MIN_SPLIT_TOKENS = 256      # a KV split costs a partial write and a merge: neve
 # Environment switches that change the kernels' block sizes or loops: whatever caches a compiled
 # program must key on them (`env_overrides`), or a run with a switch set loads programs built
 # without it, whose inputs have other shapes.
-ENV_SWITCHES = ("JAXSERVE_ATTN_PREFETCH", "JAXSERVE_SHARED_BLOCK_ROWS")
+ENV_SWITCHES = ("JAXSERVE_ATTN_PREFETCH", "JAXSERVE_SHARED_BLOCK_ROWS", "JAXSERVE_MERGE")
 
 
 def env_overrides() -> dict:
@@ -32,6 +32,17 @@ def env_overrides() -> dict:
 
 
 PREFETCH_MODES = ("none", "pages", "kv")
+MERGE_IMPLS = ("pallas", "xla")
+
+
+def merge_impl() -> str:
+    """How a step's attention partials are merged: "pallas" (`pallas_kernels.gpu.merge`, reads
+    only the partials a row has) or "xla" (`kernel.merge`, gathers every slot of merge_idx).
+    JAXSERVE_MERGE overrides the default, so one build can time both end to end."""
+    impl = os.environ.get("JAXSERVE_MERGE") or "pallas"
+    if impl not in MERGE_IMPLS:
+        raise ValueError(f"JAXSERVE_MERGE={impl!r}: expected one of {MERGE_IMPLS}")
+    return impl
 DECODE_BLOCK_ROWS = 16      # items this small are decode rows: one token x G q heads each
 
 

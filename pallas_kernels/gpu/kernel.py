@@ -6,8 +6,8 @@ q heads that share a KV head), so GQA heads are stacked into the matmul M dimens
 (KV heads, items), heads fastest, so the list's longest-first order holds across heads; each
 program streams its KV range page-block by page-block (gathering pages through the page table,
 `ref[int_vector]`) with an online softmax and writes a partial (output normalised over its range,
-log-sum-exp) per row. A merge (one XLA fusion) combines the
-partials of each query row by log-sum-exp. Items cover, in one launch (horizontal fusion):
+log-sum-exp) per row. A merge (`pallas_kernels.gpu.merge`, or one XLA fusion, `merge` below)
+combines the partials of each query row by log-sum-exp. Items cover, in one launch (horizontal fusion):
 
   * prefill chunks and decode tokens (rows of one request, causal mask per row),
   * a long KV range split into chunks (flash-decoding: more programs than requests),
@@ -40,6 +40,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.common import MASK_VALUE
 from pallas_kernels.gpu import block_sizes
+from pallas_kernels.gpu import merge as merge_kernel
 from pallas_kernels.metadata import AttentionMetadata, WorkItems
 
 LOG2E = math.log2(math.e)
@@ -321,5 +322,8 @@ def ragged_paged_attention(q, k_cache, v_cache, md: AttentionMetadata, *, page_o
             num_warps=num_warps or block_sizes.kernel_num_warps(bm, pf_kv),
             num_stages=num_stages, interpret=interpret, prefetch_pages=pf_pages,
             prefetch_kv=pf_kv, items=items))
-    out = merge(parts, work.merge_idx, t, hkv, g, q.dtype)
+    if block_sizes.merge_impl() == "pallas" and merge_kernel.block_rows(t * g):
+        out = merge_kernel.merge(parts, work.merge_idx, t, hkv, g, q.dtype, interpret=interpret)
+    else:
+        out = merge(parts, work.merge_idx, t, hkv, g, q.dtype)
     return out[..., :d] if dp != d else out

@@ -1,0 +1,124 @@
+"""LSE merge of the attention kernel's partials as a Pallas (Triton) kernel.
+
+The attention kernel writes one partial (output normalised over its KV range, log-sum-exp) per
+query row and item; `merge_idx` [T * G, K] lists each row's partials, -1 padded to K, the
+step's most partials per row (a pow2 bucket). The XLA merge (`kernel.merge`) gathers all K
+slots of every row and combines them: at a BatchLLM prefill step (16,384 tokens, K = 8) that is
+1 GB of bf16 gathered per layer where most rows have one or two partials, and it was the largest
+"other" fusion of the profile (`loop_transpose_fusion`, ~0.15 ms a layer, 4 % of the run).
+
+Here each program takes a block of RB query rows of one KV head and reads only the partials
+that exist: the loads of slot k are masked by merge_idx >= 0, and a masked lane fetches
+nothing. Two passes over the K slots: the log-sum-exps alone (4 bytes a slot) give the row's
+maximum, then the outputs are read once and weighted. Rows are scattered straight into the
+[T, Hq, D] output (q head h * G + j of token t), so no transpose follows.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+MIN_BLOCK_ROWS = 16      # below this many rows a program the XLA merge is the better choice
+MAX_BLOCK_ROWS = 64
+
+
+def block_rows(tg: int):
+    """Rows per program: the largest power of two up to MAX_BLOCK_ROWS dividing T * G (every
+    program writes whole rows and none runs past the end), or None where that is below
+    MIN_BLOCK_ROWS (an odd token count: the caller uses the XLA merge)."""
+    rb = MAX_BLOCK_ROWS
+    while rb >= MIN_BLOCK_ROWS:
+        if tg % rb == 0:
+            return rb
+        rb //= 2
+    return None
+
+
+def _kernel(midx_ref, *refs, parts, k: int, g: int, hq: int, rb: int):
+    *part_refs, out_ref = refs
+    h = pl.program_id(0)
+    r0 = pl.program_id(1) * rb
+    rows = r0 + lax.broadcasted_iota(jnp.int32, (rb,), 0)             # [RB] t * G + j
+    d = out_ref.shape[-1]
+
+    def slot(kk):
+        """Row-wise (flat partial index, mask) of each part for slot kk."""
+        idx = midx_ref[pl.ds(r0, rb), kk]                              # [RB]
+        out, base = [], 0
+        for w, hkv, bm in parts:
+            local = idx - base
+            mine = (idx >= 0) & (local >= 0) & (local < w * bm)
+            local = jnp.where(mine, local, 0)
+            flat = (lax.div(local, bm) * hkv + h) * bm + lax.rem(local, bm)
+            out.append((flat, mine))
+            base += w * bm
+        return out
+
+    def load_lse(kk):
+        v = jnp.full((rb,), -jnp.inf, jnp.float32)
+        for (flat, mine), (o_ref, lse_ref) in zip(slot(kk), _pairs(part_refs)):
+            v = jnp.where(mine, pltriton.load(lse_ref.at[flat], mask=mine, other=-jnp.inf), v)
+        return v
+
+    mx = jnp.full((rb,), -jnp.inf, jnp.float32)
+    for kk in range(k):
+        mx = jnp.maximum(mx, load_lse(kk))
+    mx = jnp.where(mx > -jnp.inf, mx, 0.0)
+    # Both dimensions indexed by arrays (row gather x all columns): the form both the Triton
+    # lowering and interpret mode take for a masked gather.
+    cols = lax.broadcasted_iota(jnp.int32, (1, d), 1)
+    acc = jnp.zeros((rb, d), jnp.float32)
+    den = jnp.zeros((rb,), jnp.float32)
+    for kk in range(k):
+        lse_k = load_lse(kk)
+        wgt = jnp.exp(lse_k - mx)                                      # -inf (no partial) -> 0
+        den = den + wgt
+        for (flat, mine), (o_ref, _) in zip(slot(kk), _pairs(part_refs)):
+            m2 = jnp.broadcast_to(mine[:, None], (rb, d))
+            o_k = pltriton.load(o_ref.at[flat[:, None], cols], mask=m2,
+                                other=0.0).astype(jnp.float32)
+            acc = acc + wgt[:, None] * o_k
+    out = acc / jnp.where(den > 0, den, 1.0)[:, None]
+    qrow = lax.div(rows, g) * hq + h * g + lax.rem(rows, g)
+    pltriton.store(out_ref.at[qrow[:, None], cols], out.astype(out_ref.dtype))
+
+
+def _pairs(flat_refs):
+    return list(zip(flat_refs[0::2], flat_refs[1::2]))
+
+
+def merge(parts, merge_idx, t: int, hkv: int, g: int, out_dtype, *, interpret: bool = False):
+    """Same contract as `kernel.merge`: `parts` [(o [W, Hkv, BM, D], lse [W, Hkv, BM])] (one per
+    launch), merge_idx [T * G, K] -> [T, Hkv * G, D], rows with no partial 0. T * G must have a
+    power-of-two divisor of at least MIN_BLOCK_ROWS (`block_rows`)."""
+    tg, k = merge_idx.shape
+    if tg != t * g:
+        raise ValueError(f"merge_idx has {tg} rows, expected {t} x {g}")
+    rb = block_rows(tg)
+    if rb is None:
+        raise ValueError(f"{tg} query rows have no power-of-two block of >= {MIN_BLOCK_ROWS}")
+    d = parts[0][0].shape[-1]
+    hq = hkv * g
+    shapes = tuple((o.shape[0], o.shape[1], o.shape[2]) for o, _ in parts)
+    flat = []
+    specs = [pl.BlockSpec(merge_idx.shape, lambda h, i: (0, 0))]
+    for o, lse in parts:
+        n = o.shape[0] * o.shape[1] * o.shape[2]
+        flat += [o.reshape(n, d), lse.reshape(n)]
+        specs += [pl.BlockSpec((n, d), lambda h, i: (0, 0)), pl.BlockSpec((n,), lambda h, i: (0,))]
+    out = pl.pallas_call(
+        functools.partial(_kernel, parts=shapes, k=k, g=g, hq=hq, rb=rb),
+        grid=(hkv, tg // rb),
+        in_specs=specs,
+        out_specs=pl.BlockSpec((t * hq, d), lambda h, i: (0, 0)),
+        out_shape=jax.ShapeDtypeStruct((t * hq, d), out_dtype),
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name=f"merge_partials_k{k}",
+    )(merge_idx, *flat)
+    return out.reshape(t, hq, d)
