@@ -6,6 +6,9 @@
 #   PART=3 bash benchmarks/device/ab_switches.sh   # decode-heavy with fuse_while_stalled off
 #   PART=4 bash benchmarks/device/ab_switches.sh   # BatchLLM x1 with 1.25x / 1.75x token buckets
 #                                                  # on (default) and off (~480 s)
+#   PART=5 bash benchmarks/device/ab_switches.sh   # BatchLLM x0.25 profile (the merge's kernel
+#                                                  # time) and document x1 (~400 s)
+#   PART=6 bash benchmarks/device/ab_switches.sh   # ragged and mixed x1 (~400 s)
 # A cold run spends 80-170 s compiling before it starts: decode-heavy needs ~230 s in all,
 # BatchLLM x1 ~300 s, which sets the timeouts below.
 # Records land in $OUT with the tags below; the second run of a pair takes its programs from the
@@ -33,6 +36,17 @@ case "${PART:-1}" in
   bench 330 --workload=batchllm --scale=1 --max_model_len=2432 --ceilings=$C --tag=_quarter_on
   bench 200 --workload=batchllm --scale=1 --max_model_len=2432 --ceilings=$C \
     --token_bucket_quarter_from=0 --tag=_quarter_off
+  ;;
+5)
+  timeout 230 python3 scripts/profile_engine.py --workload=batchllm --scale=0.25 \
+    --max_model_len=2432 --top=30 --out=$OUT/profile_batchllm_x025.json 2>&1 \
+    | grep -v -i deprecat | grep -v "Unable to init" | tail -45
+  stamp profile
+  bench 170 --workload=document --scale=1 --max_model_len=4224 --ceilings=$C --tag=_floors
+  ;;
+6)
+  bench 190 --workload=ragged --scale=1 --max_model_len=3072 --ceilings=$C --tag=_floors
+  bench 190 --workload=mixed --scale=1 --max_model_len=2080 --ceilings=$C --tag=_floors
   ;;
 esac
 rm -f $OUT/*.png
