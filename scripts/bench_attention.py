@@ -312,6 +312,7 @@ def stacked_prefix_peers(case, batch, record, sm_scale):
         q, k, v, scale=sm_scale, implementation="cudnn"), [(q, k, v)],
         f"jax.nn.dot_product_attention(cudnn), {shape}, no mask", consts=(), own_flops=flops,
         oracle=False)
+    cudnn_packed_probe(case, q, k, v, record, sm_scale, flops, shape)
     try:
         from jax.experimental.pallas.ops.gpu import attention_mgpu
     except Exception as e:  # pragma: no cover - Mosaic GPU needs a Hopper-class GPU build
@@ -326,10 +327,69 @@ def stacked_prefix_peers(case, batch, record, sm_scale):
         conf = attention_mgpu.TuningConfig(block_q=bq, block_kv=bkv, max_concurrent_steps=steps)
         # The kernel applies no softmax scale: q is scaled inside the timed program, as a
         # caller would have to. Its padded keys are not masked: a rate, not an output.
+        # float16: the kernel's shared-memory buffers are float16 whatever the inputs (the
+        # rate of bf16 and f16 wgmma is the same)
+        qp, kp, vp = (x.astype(jnp.float16) for x in (qp, kp, vp))
         record(f"mgpu_stacked[{cfg}]", lambda q, k, v, conf=conf: attention_mgpu.attention(
             (q * sm_scale).astype(q.dtype), k, v, conf), [(qp, kp, vp)],
             f"jax attention_mgpu (FA3, Mosaic GPU) {shape}, padded to {sq_p} x {pl_p}",
             consts=(), own_flops=flops, oracle=False)
+
+
+def cudnn_packed_probe(case, q, k, v, record, sm_scale, flops, shape):
+    """The prefix part as one cuDNN call in the packed (THD) layout, with the log-sum-exp an LSE
+    merge needs: every group's stacked queries one segment of a single row, its prefix the
+    matching KV segment (`q_offsets` / `kv_offsets`), `return_residual=True`. This is the form
+    an engine step could hand cuDNN (static shapes: the packed lengths are the step's buckets).
+    Checked against a float64 oracle on a sample of rows of the second segment."""
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as fa
+    except Exception as e:  # pragma: no cover
+        print(f"{case} cudnn_packed unavailable: {e}")
+        return
+    ng, sq, hq, d = q.shape
+    plen = k.shape[1]
+    qp, kp, vp = (x.reshape(1, ng * x.shape[1], *x.shape[2:]) for x in (q, k, v))
+    qo = jnp.asarray([[i * sq for i in range(ng + 1)]], jnp.int32)
+    ko = jnp.asarray([[i * plen for i in range(ng + 1)]], jnp.int32)
+    ql = jnp.full((1, ng), sq, jnp.int32)
+    kl = jnp.full((1, ng), plen, jnp.int32)
+
+    def fn(q, k, v):
+        return fa.dot_product_attention(q, k, v, q_seqlen=ql, kv_seqlen=kl, q_offsets=qo,
+                                        kv_offsets=ko, scale=sm_scale,
+                                        mask_type=fa.MaskType.PADDING, return_residual=True)
+    note = f"cuDNN packed layout + log-sum-exp, {shape}"
+    try:
+        out, lse = jax.jit(fn)(qp, kp, vp)
+        seg = min(1, ng - 1)
+        rows = np.unique(np.linspace(0, sq - 1, 6).astype(int))
+        qs = np.asarray(q[seg].astype(jnp.float32), np.float64)[rows]      # [r, Hq, D]
+        ks = np.asarray(k[seg].astype(jnp.float32), np.float64)            # [P, Hkv, D]
+        vs = np.asarray(v[seg].astype(jnp.float32), np.float64)
+        g = hq // ks.shape[1]
+        kr, vr = np.repeat(ks, g, axis=1), np.repeat(vs, g, axis=1)        # [P, Hq, D]
+        sc = np.einsum("rhd,phd->rhp", qs, kr) * sm_scale
+        mx = sc.max(-1, keepdims=True)
+        p = np.exp(sc - mx)
+        want_o = np.einsum("rhp,phd->rhd", p / p.sum(-1, keepdims=True), vr)
+        want_l = (mx[..., 0] + np.log(p.sum(-1)))                           # [r, Hq]
+        got_o = np.asarray(out[0, seg * sq + rows].astype(jnp.float32))
+        rel = float(np.linalg.norm(got_o - want_o) / np.linalg.norm(want_o))
+        lse_np = np.asarray(lse)
+        # the residual's layout is read off its shape: [B * M, N, T] or [B, N, T]
+        if lse_np.ndim == 3 and lse_np.shape[0] == ng:
+            got_l = lse_np[seg][:, rows].T
+        else:
+            got_l = lse_np.reshape(-1, hq, ng * sq)[0][:, seg * sq + rows].T
+        lse_err = float(np.max(np.abs(got_l - want_l)))
+        note += f"; lse shape {list(lse_np.shape)}, output rel err {rel:.1e}, lse max abs err {lse_err:.1e}"
+        print(f"{case} cudnn_packed_lse check: {note}", flush=True)
+    except Exception as e:
+        print(f"{case} cudnn_packed_lse FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+        return
+    record("cudnn_packed_lse", fn, [(qp, kp, vp)], note, consts=(), own_flops=flops,
+           oracle=False)
 
 
 def parse_cfg(s: str) -> dict:

@@ -9,6 +9,8 @@
 #   PART=5 bash benchmarks/device/ab_switches.sh   # BatchLLM x0.25 profile (the merge's kernel
 #                                                  # time) and document x1 (~400 s)
 #   PART=6 bash benchmarks/device/ab_switches.sh   # ragged and mixed x1 (~400 s)
+#   PART=7 bash benchmarks/device/ab_switches.sh   # the prefix part through cuDNN's packed layout
+#                                                  # (rate, lse), document x1 profile (~330 s)
 # A cold run spends 80-170 s compiling before it starts: decode-heavy needs ~230 s in all,
 # BatchLLM x1 ~300 s, which sets the timeouts below.
 # Records land in $OUT with the tags below; the second run of a pair takes its programs from the
@@ -47,6 +49,16 @@ case "${PART:-1}" in
 6)
   bench 190 --workload=ragged --scale=1 --max_model_len=3072 --ceilings=$C --tag=_floors
   bench 190 --workload=mixed --scale=1 --max_model_len=2080 --ceilings=$C --tag=_floors
+  ;;
+7)
+  timeout 120 python3 scripts/bench_attention.py --cases=h,i --impls=stacked_prefix \
+    --mgpu_configs=64x128x2,128x128x2 --reps=5 --out=$OUT/attention_stacked.json 2>&1 \
+    | grep -v -i deprecat | grep -v "Unable to init" | grep -v "^    @" | tail -20
+  stamp stacked
+  timeout 280 python3 scripts/profile_engine.py --workload=document --scale=1 \
+    --max_model_len=4224 --top=30 --out=$OUT/profile_document.json 2>&1 \
+    | grep -v -i deprecat | grep -v "Unable to init" | tail -45
+  stamp profile
   ;;
 esac
 rm -f $OUT/*.png
