@@ -11,6 +11,8 @@
 #   PART=6 bash benchmarks/device/ab_switches.sh   # ragged and mixed x1 (~400 s)
 #   PART=7 bash benchmarks/device/ab_switches.sh   # the prefix part through cuDNN's packed layout
 #                                                  # (rate, lse), document x1 profile (~330 s)
+#   PART=8 bash benchmarks/device/ab_switches.sh   # PART=7 with BatchLLM x0.25's profile
+#                                                  # between its two parts (~560 s)
 # A cold run spends 80-170 s compiling before it starts: decode-heavy needs ~230 s in all,
 # BatchLLM x1 ~300 s, which sets the timeouts below.
 # Records land in $OUT with the tags below; the second run of a pair takes its programs from the
@@ -50,12 +52,18 @@ case "${PART:-1}" in
   bench 190 --workload=ragged --scale=1 --max_model_len=3072 --ceilings=$C --tag=_floors
   bench 190 --workload=mixed --scale=1 --max_model_len=2080 --ceilings=$C --tag=_floors
   ;;
-7)
-  timeout 120 python3 scripts/bench_attention.py --cases=h,i --impls=stacked_prefix \
+7|8)
+  timeout 100 python3 scripts/bench_attention.py --cases=h,i --impls=stacked_prefix \
     --mgpu_configs=64x128x2,128x128x2 --reps=5 --out=$OUT/attention_stacked.json 2>&1 \
     | grep -v -i deprecat | grep -v "Unable to init" | grep -v "^    @" | tail -20
   stamp stacked
-  timeout 280 python3 scripts/profile_engine.py --workload=document --scale=1 \
+  if [ "${PART}" = 8 ]; then
+    timeout 220 python3 scripts/profile_engine.py --workload=batchllm --scale=0.25 \
+      --max_model_len=2432 --top=30 --out=$OUT/profile_batchllm_x025.json 2>&1 \
+      | grep -v -i deprecat | grep -v "Unable to init" | tail -40
+    stamp profile-batchllm
+  fi
+  timeout 250 python3 scripts/profile_engine.py --workload=document --scale=1 \
     --max_model_len=4224 --top=30 --out=$OUT/profile_document.json 2>&1 \
     | grep -v -i deprecat | grep -v "Unable to init" | tail -45
   stamp profile
