@@ -53,8 +53,8 @@ flags.DEFINE_list("impls", ["pallas_gpu", "pallas_gpu_cascade", "jax_paged_atten
 flags.DEFINE_list("variants", [], "extra pallas_gpu configs, '+'-joined, e.g. "
                   "'bk=128+splits=4+warps=4+stages=3+bm=16' (each becomes pallas_gpu[...])")
 flags.DEFINE_list("cascade_variants", [], "extra cascade configs, e.g. 'bm=32+bk=64+chunk=512'; "
-                  "own=N puts the requests' own parts in a second list of N-row items; xlamerge=1 "
-                  "merges the partials with the XLA merge")
+                  "own=N puts the requests' own parts in a second list of N-row items; xlamerge=1 / "
+                  "pallasmerge=1 choose the merge (JAXSERVE_MERGE)")
 flags.DEFINE_list("mgpu_configs", ["64x128x2", "64x64x2", "128x128x2"],
                   "stacked_prefix: JAX's Mosaic GPU flash attention configs 'block_qxblock_kv"
                   "xmax_concurrent_steps', each timed beside cuDNN")
@@ -588,10 +588,12 @@ def main(argv):
                     note = (f"shared prefix; items={int(np.sum(np.asarray(w.kv_end) > np.asarray(w.kv_start)))}"
                             f" bm={w.rows.shape[1]} partials/row<={w.merge_idx.shape[1]}")
                     def cascade_fn(kc, vc, q, md, off=0, bk=bk, c=c):
-                        # xlamerge=1: the XLA merge instead of the Pallas one (the switch is
-                        # read while the program is traced)
+                        # xlamerge=1 / pallasmerge=1: which merge (the switch is read while
+                        # the program is traced; otherwise the default)
                         prev = os.environ.get("JAXSERVE_MERGE")
-                        os.environ["JAXSERVE_MERGE"] = "xla" if c.get("xlamerge") else (prev or "pallas")
+                        os.environ["JAXSERVE_MERGE"] = ("xla" if c.get("xlamerge") else "pallas"
+                                                        if c.get("pallasmerge") else
+                                                        prev or block_sizes.merge_impl())
                         try:
                             return attend(q, kc, vc, md, page_offset=off, sm_scale=sm_scale,
                                           block_kv=bk, num_warps=c.get("warps"),

@@ -326,13 +326,14 @@ OWN_LIST = [c for c in CASCADE_KERNEL if c[0] in ("g3_empty_suffix", "two_groups
 @pytest.mark.parametrize("name,seqs,groups,page_size,g,dtype,chunk_len,block_rows", OWN_LIST,
                          ids=[c[0] for c in OWN_LIST])
 def test_pallas_cascade_own_list(interpret, name, seqs, groups, page_size, g, dtype, chunk_len,
-                                 block_rows):
+                                 block_rows, monkeypatch):
     """Shared items of 64 (or 32) rows and the requests' own parts as a second launch of 16-row
     items, merged together: the reference's output, for members with empty suffixes, prefill
     members, chunked ranges and G = 8 (two decode tokens' heads fill 16 rows). Pad tokens
-    round the step to 16 tokens, as the engine's buckets do, so the Pallas merge runs (the
-    cascade cases above, at odd token counts, take the XLA merge)."""
+    round the step to 16 tokens, as the engine's buckets do, and the Pallas merge (opt-in,
+    JAXSERVE_MERGE=pallas) merges the two launches; the cascade cases above take the XLA one."""
     from pallas_kernels.gpu import merge as merge_kernel
+    monkeypatch.setenv("JAXSERVE_MERGE", "pallas")
     q_tokens = sum(q for _, q in seqs)
     c = make_case(hash(name) % 1000 + 1, seqs=seqs, groups=groups, page_size=page_size, g=g,
                   d=64, dtype=DT[dtype], pad_tokens=3 + (-(q_tokens + 3)) % 16)

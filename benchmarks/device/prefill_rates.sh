@@ -6,7 +6,7 @@
 source benchmarks/device/common.sh
 timeout ${LIMIT:-480} python3 scripts/bench_attention.py --cases=${CASES:-h,i} \
   --impls=pallas_gpu_cascade,stacked_prefix,cudnn_prefill,pallas_gpu_cascade_variants \
-  --cascade_variants=${VARIANTS:-xlamerge=1,bk=128,bk=128+stages=3,bm=128+bk=128+warps=8} \
+  --cascade_variants=${VARIANTS:-pallasmerge=1,bk=128,bk=128+stages=3,bm=128+bk=128+warps=8} \
   --mgpu_configs=${MGPU:-64x128x2,64x64x2,128x128x2,64x128x3} --timing=layers --reps=5 \
   --trace_cases=${TRACE:-h,i} --out=$OUT/attention_prefill_rates.json 2>&1 \
   | grep -v -i deprecat | grep -v "Unable to init" | grep -v "^    @" | tail -60

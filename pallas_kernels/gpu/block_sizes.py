@@ -36,10 +36,11 @@ MERGE_IMPLS = ("pallas", "xla")
 
 
 def merge_impl() -> str:
-    """How a step's attention partials are merged: "pallas" (`pallas_kernels.gpu.merge`, reads
-    only the partials a row has) or "xla" (`kernel.merge`, gathers every slot of merge_idx).
-    JAXSERVE_MERGE overrides the default, so one build can time both end to end."""
-    impl = os.environ.get("JAXSERVE_MERGE") or "pallas"
+    """How a step's attention partials are merged: "xla" (`kernel.merge`, one fusion gathering
+    every slot of merge_idx; the default) or "pallas" (`pallas_kernels.gpu.merge`, reads only the
+    partials a row has; slower on the H200 at the engine's steps, benchmarks/README.md call AC).
+    JAXSERVE_MERGE chooses, so one build can time both end to end."""
+    impl = os.environ.get("JAXSERVE_MERGE") or "xla"
     if impl not in MERGE_IMPLS:
         raise ValueError(f"JAXSERVE_MERGE={impl!r}: expected one of {MERGE_IMPLS}")
     return impl

@@ -1,17 +1,20 @@
-"""LSE merge of the attention kernel's partials as a Pallas (Triton) kernel.
+"""LSE merge of the attention kernel's partials as a Pallas (Triton) kernel (opt-in:
+JAXSERVE_MERGE=pallas; the default is the XLA merge, `kernel.merge`).
 
 The attention kernel writes one partial (output normalised over its KV range, log-sum-exp) per
 query row and item; `merge_idx` [T * G, K] lists each row's partials, -1 padded to K, the
-step's most partials per row (a pow2 bucket). The XLA merge (`kernel.merge`) gathers all K
-slots of every row and combines them: at a BatchLLM prefill step (16,384 tokens, K = 8) that is
-1 GB of bf16 gathered per layer where most rows have one or two partials, and it was the largest
-"other" fusion of the profile (`loop_transpose_fusion`, ~0.15 ms a layer, 4 % of the run).
-
+step's most partials per row. The XLA merge gathers all K slots of every row and combines them.
 Here each program takes a block of RB query rows of one KV head and reads only the partials
 that exist: the loads of slot k are masked by merge_idx >= 0, and a masked lane fetches
 nothing. Two passes over the K slots: the log-sum-exps alone (4 bytes a slot) give the row's
 maximum, then the outputs are read once and weighted. Rows are scattered straight into the
 [T, Hq, D] output (q head h * G + j of token t), so no transpose follows.
+
+Measured on the H200 (benchmarks/README.md, calls AA and AC) it loses to the XLA merge: at K = 2
+(every slot used) 86-106 us against 76-95 us a layer; in BatchLLM's steps (K = 12-13, most
+slots empty) 1.51 s against 1.04 s of the x0.25 run, with every row's K masked slots still
+stepped through. What would make it pay: a loop bounded by the block's own count of partials,
+or the merge folded into the attention kernel's epilogue for rows with a single partial.
 """
 from __future__ import annotations
 
@@ -65,24 +68,28 @@ def _kernel(midx_ref, *refs, parts, k: int, g: int, hq: int, rb: int):
             v = jnp.where(mine, pltriton.load(lse_ref.at[flat], mask=mine, other=-jnp.inf), v)
         return v
 
-    mx = jnp.full((rb,), -jnp.inf, jnp.float32)
-    for kk in range(k):
-        mx = jnp.maximum(mx, load_lse(kk))
+    # Loops over the K slots, not unrolled: with K unrolled (K masked [RB, D] gathers per part)
+    # BatchLLM's step programs (K = 12-13) compiled slower than with the XLA merge and a
+    # document run did not finish compiling in 270 s (H200, benchmarks/README.md call AC).
+    mx = lax.fori_loop(0, k, lambda kk, mx: jnp.maximum(mx, load_lse(kk)),
+                       jnp.full((rb,), -jnp.inf, jnp.float32))
     mx = jnp.where(mx > -jnp.inf, mx, 0.0)
     # Both dimensions indexed by arrays (row gather x all columns): the form both the Triton
     # lowering and interpret mode take for a masked gather.
     cols = lax.broadcasted_iota(jnp.int32, (1, d), 1)
-    acc = jnp.zeros((rb, d), jnp.float32)
-    den = jnp.zeros((rb,), jnp.float32)
-    for kk in range(k):
-        lse_k = load_lse(kk)
-        wgt = jnp.exp(lse_k - mx)                                      # -inf (no partial) -> 0
-        den = den + wgt
+
+    def accumulate(kk, carry):
+        acc, den = carry
+        wgt = jnp.exp(load_lse(kk) - mx)                               # -inf (no partial) -> 0
         for (flat, mine), (o_ref, _) in zip(slot(kk), _pairs(part_refs)):
             m2 = jnp.broadcast_to(mine[:, None], (rb, d))
             o_k = pltriton.load(o_ref.at[flat[:, None], cols], mask=m2,
                                 other=0.0).astype(jnp.float32)
             acc = acc + wgt[:, None] * o_k
+        return acc, den + wgt
+
+    acc, den = lax.fori_loop(0, k, accumulate, (jnp.zeros((rb, d), jnp.float32),
+                                                jnp.zeros((rb,), jnp.float32)))
     out = acc / jnp.where(den > 0, den, 1.0)[:, None]
     qrow = lax.div(rows, g) * hq + h * g + lax.rem(rows, g)
     pltriton.store(out_ref.at[qrow[:, None], cols], out.astype(out_ref.dtype))
