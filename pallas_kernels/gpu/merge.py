@@ -69,8 +69,8 @@ def _kernel(midx_ref, *refs, parts, k: int, g: int, hq: int, rb: int):
         return v
 
     # Loops over the K slots, not unrolled: with K unrolled (K masked [RB, D] gathers per part)
-    # BatchLLM's step programs (K = 12-13) compiled slower than with the XLA merge and a
-    # document run did not finish compiling in 270 s (H200, benchmarks/README.md call AC).
+    # BatchLLM's step programs (K = 12-13) compiled ~2.5x slower than before and a document run
+    # did not finish compiling in 270 s (H200, benchmarks/README.md call AC).
     mx = lax.fori_loop(0, k, lambda kk, mx: jnp.maximum(mx, load_lse(kk)),
                        jnp.full((rb,), -jnp.inf, jnp.float32))
     mx = jnp.where(mx > -jnp.inf, mx, 0.0)
