@@ -44,6 +44,8 @@ def merge_impl() -> str:
     if impl not in MERGE_IMPLS:
         raise ValueError(f"JAXSERVE_MERGE={impl!r}: expected one of {MERGE_IMPLS}")
     return impl
+
+
 DECODE_BLOCK_ROWS = 16      # items this small are decode rows: one token x G q heads each
 
 

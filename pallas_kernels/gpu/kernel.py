@@ -7,7 +7,8 @@ q heads that share a KV head), so GQA heads are stacked into the matmul M dimens
 program streams its KV range page-block by page-block (gathering pages through the page table,
 `ref[int_vector]`) with an online softmax and writes a partial (output normalised over its range,
 log-sum-exp) per row. A merge (one XLA fusion, `merge` below; or, opt-in,
-`pallas_kernels.gpu.merge`) combines the partials of each query row by log-sum-exp. Items cover, in one launch (horizontal fusion):
+`pallas_kernels.gpu.merge`) combines the partials of each query row by log-sum-exp. Items
+cover, in one launch (horizontal fusion):
 
   * prefill chunks and decode tokens (rows of one request, causal mask per row),
   * a long KV range split into chunks (flash-decoding: more programs than requests),
