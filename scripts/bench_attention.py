@@ -587,24 +587,16 @@ def main(argv):
                     w = mdw[0].work
                     note = (f"shared prefix; items={int(np.sum(np.asarray(w.kv_end) > np.asarray(w.kv_start)))}"
                             f" bm={w.rows.shape[1]} partials/row<={w.merge_idx.shape[1]}")
-                    def cascade_fn(kc, vc, q, md, off=0, bk=bk, c=c):
-                        # xlamerge=1 / pallasmerge=1: which merge (the switch is read while
-                        # the program is traced; otherwise the default)
-                        prev = os.environ.get("JAXSERVE_MERGE")
-                        os.environ["JAXSERVE_MERGE"] = ("xla" if c.get("xlamerge") else "pallas"
-                                                        if c.get("pallasmerge") else
-                                                        prev or block_sizes.merge_impl())
-                        try:
-                            return attend(q, kc, vc, md, page_offset=off, sm_scale=sm_scale,
-                                          block_kv=bk, num_warps=c.get("warps"),
-                                          num_stages=c.get("stages", 2),
-                                          prefetch_pages=bool(c.get("pf", 0)),
-                                          prefetch_kv=bool(c.get("pfkv", 0)))
-                        finally:
-                            if prev is None:
-                                os.environ.pop("JAXSERVE_MERGE", None)
-                            else:
-                                os.environ["JAXSERVE_MERGE"] = prev
+                    # xlamerge=1 / pallasmerge=1: which merge (otherwise the default)
+                    merge_impl = ("xla" if c.get("xlamerge") else
+                                  "pallas" if c.get("pallasmerge") else None)
+
+                    def cascade_fn(kc, vc, q, md, off=0, bk=bk, c=c, merge_impl=merge_impl):
+                        return attend(q, kc, vc, md, page_offset=off, sm_scale=sm_scale,
+                                      block_kv=bk, num_warps=c.get("warps"),
+                                      num_stages=c.get("stages", 2),
+                                      prefetch_pages=bool(c.get("pf", 0)),
+                                      prefetch_kv=bool(c.get("pfkv", 0)), merge_impl=merge_impl)
                     record("pallas_gpu_cascade" + (f"[{v}]" if v else ""), cascade_fn,
                            list(zip(qs, mdw)), note, offsettable=True)
             elif impl == "xla_reference":

@@ -279,13 +279,15 @@ def ragged_paged_attention(q, k_cache, v_cache, md: AttentionMetadata, *, page_o
                            interpret: bool = False, block_kv: Optional[int] = None,
                            num_warps: Optional[int] = None, num_stages: int = 2,
                            prefetch_pages: Optional[bool] = None,
-                           prefetch_kv: Optional[bool] = None) -> jax.Array:
+                           prefetch_kv: Optional[bool] = None,
+                           merge_impl: Optional[str] = None) -> jax.Array:
     """Causal attention of a ragged token batch over the paged cache (GPU Pallas, Triton), over
     the work list `md.work` (the runner builds it once per step: on the host with shared-prefix
     groups, or on the device without; `pallas_kernels.host_prepare` / `device_prepare`). Matches
     `reference.ragged_paged_attention` on every token with a non-empty KV range; pad tokens (rows
     with seq_len 0) give 0. `block_kv` caps the KV tokens per block and `prefetch_*` choose how
-    far the loop loads ahead (defaults: block_sizes).
+    far the loop loads ahead, `merge_impl` which merge combines the partials ("xla" or
+    "pallas"; defaults: block_sizes).
     """
     t, hq, d = q.shape
     hkv, _, ps, dk = k_cache.shape
@@ -323,7 +325,7 @@ def ragged_paged_attention(q, k_cache, v_cache, md: AttentionMetadata, *, page_o
             num_warps=num_warps or block_sizes.kernel_num_warps(bm, pf_kv),
             num_stages=num_stages, interpret=interpret, prefetch_pages=pf_pages,
             prefetch_kv=pf_kv, items=items))
-    if block_sizes.merge_impl() == "pallas" and merge_kernel.block_rows(t * g):
+    if (merge_impl or block_sizes.merge_impl()) == "pallas" and merge_kernel.block_rows(t * g):
         out = merge_kernel.merge(parts, work.merge_idx, t, hkv, g, q.dtype, interpret=interpret)
     else:
         out = merge(parts, work.merge_idx, t, hkv, g, q.dtype)

@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-MIN_BLOCK_ROWS = 16      # below this many rows a program the XLA merge is the better choice
+MIN_BLOCK_ROWS = 16      # fewer rows a program than this: the caller takes the XLA merge
 MAX_BLOCK_ROWS = 64
 
 
