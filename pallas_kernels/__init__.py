@@ -43,6 +43,9 @@ class AttentionSpec:
     # Use the step's shared-prefix groups (read a group's prefix once per step), where the
     # implementation supports them.
     shared_prefix: bool = False
+    # Prefilling members' shared prefixes as one packed flash-attention call a step (GPU
+    # backends; `packed_prefix_available` says where it can run).
+    packed_prefix: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,13 +73,15 @@ def _gpu_host_prepare(md: AttentionMetadata, groups, spec: AttentionSpec) -> Att
 
     lay = block_sizes.host_layout(md.num_tokens, md.num_seqs, md.pages_per_seq,
                                   num_q_heads=spec.num_q_heads, num_kv_heads=spec.num_kv_heads,
-                                  page_size=spec.page_size, head_dim=spec.head_dim)
+                                  page_size=spec.page_size, head_dim=spec.head_dim,
+                                  packed=spec.packed_prefix)
     work = cascade.build_cascade_work(
         md, groups, num_q_heads=spec.num_q_heads, num_kv_heads=spec.num_kv_heads,
         page_size=spec.page_size, block_rows=lay["block_rows"], block_kv=lay["block_kv"],
         num_sms=lay["num_sms"], waves=lay["waves"], num_items=lay["num_items"],
         num_partials=lay["num_partials"], own_block_rows=lay["own_block_rows"],
-        num_own_items=lay["num_own_items"])
+        num_own_items=lay["num_own_items"], packed_segments=lay["packed_segments"],
+        packed_pages=lay["packed_pages"])
     return dataclasses.replace(md, work=work)
 
 
@@ -123,6 +128,19 @@ IMPLEMENTATIONS: dict[str, Backend] = {
     "pallas_gpu_interpret": Backend(_gpu_attention(True), **_GPU),
     "pallas_tpu": Backend(_tpu_attention, supports_groups=True, host_prepare=_tpu_host_prepare),
 }
+
+
+def packed_prefix_available(impl: str, dtype, head_dim: int,
+                            sliding_window: Optional[int]) -> bool:
+    """Whether `AttentionSpec.packed_prefix` can be on: the GPU backends, no sliding window (a
+    segment sees its whole prefix), the switch on (JAXSERVE_PACKED_PREFIX), and cuDNN's packed
+    layout on the device (interpret mode: its jnp form)."""
+    if impl not in ("pallas_gpu", "pallas_gpu_interpret") or sliding_window is not None:
+        return False
+    from pallas_kernels.gpu import block_sizes, packed_prefix
+    if not block_sizes.packed_prefix_enabled():
+        return False
+    return impl == "pallas_gpu_interpret" or packed_prefix.use_cudnn(dtype, head_dim)
 
 
 def default_impl() -> str:
@@ -173,4 +191,5 @@ def ragged_paged_attention(q, k_cache, v_cache, md: AttentionMetadata, *, spec: 
 
 __all__ = ["AttentionMetadata", "AttentionSpec", "PrefixGroups", "WorkItems",
            "ragged_paged_attention", "host_prepare", "device_prepare", "advance", "uses_groups",
-           "write_kv", "layer_slots", "IMPLEMENTATIONS", "default_impl", "backend"]
+           "write_kv", "layer_slots", "IMPLEMENTATIONS", "default_impl", "backend",
+           "packed_prefix_available"]

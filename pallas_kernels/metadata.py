@@ -65,6 +65,33 @@ class OwnItems:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
+class PackedPrefix:
+    """The shared prefixes of a step's prefilling group members as dense segments, for one packed
+    flash-attention call (cuDNN's THD layout on the GPU) instead of the kernel's shared items.
+
+    Segment s is one (group, prefix length) set: the query tokens of its members whose every
+    prefix key precedes them (packed rows `[q_offsets[s], q_offsets[s] + q_lens[s])`) against
+    the set's prefix, gathered from `kv_pages` into one contiguous KV buffer at tokens
+    `[kv_offsets[s], kv_offsets[s] + kv_lens[s])`. No mask but the segments' is needed. Unused
+    segment slots hold -1 (cuDNN's convention). The partials follow those of the kernel's
+    launches in `WorkItems.merge_idx`: packed row p, q head j at flat `base + p * G + j`.
+    """
+
+    q_tokens: jax.Array    # int32[Tp]     step token of packed row p (pad rows: 0)
+    q_seg: jax.Array       # int32[Tp]     segment of packed row p (pad rows: 0)
+    q_lens: jax.Array      # int32[NS]     query rows of segment s (-1: unused slot)
+    q_offsets: jax.Array   # int32[NS + 1] first packed row of segment s, then the end (-1: unused)
+    kv_pages: jax.Array    # int32[C]      layer-local pages of the contiguous KV (pad: sink 0)
+    kv_lens: jax.Array     # int32[NS]     prefix tokens of segment s (-1: unused slot)
+    kv_offsets: jax.Array  # int32[NS + 1] first KV token of segment s, then the end (-1: unused)
+
+    @property
+    def num_segments(self) -> int:
+        return self.q_lens.shape[0]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
 class WorkItems:
     """Work list of the GPU attention kernel (`pallas_kernels.gpu`).
 
@@ -84,6 +111,8 @@ class WorkItems:
     row_hi: jax.Array      # int32[W, BM]  causal limit of the slot, min(pos + 1, seq_len); 0 = pad
     merge_idx: jax.Array   # int32[T * G, K] flat w * BM + i of each partial of a query row, -1 none
     own: Optional[OwnItems] = None   # a second list of smaller items (host-built lists only)
+    # Prefilling members' shared prefixes as dense segments (host-built lists of prefill buckets).
+    packed: Optional[PackedPrefix] = None
 
     # Pages per page-table row (static: the kernel reads `pages_per_block` pages at a time and
     # the width is a multiple of it, so no read leaves its row).

@@ -677,15 +677,19 @@ def test_merge_lowers_without_nested_calls():
 
 
 @pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("k,g,t", [(1, 4, 8), (3, 4, 16), (4, 1, 64), (8, 8, 4), (2, 7, 16)])
-def test_merge_kernel_matches_xla_merge_and_oracle(interpret, k, g, t):
+@pytest.mark.parametrize("k,g,t,tail", [(1, 4, 8, None), (3, 4, 16, None), (4, 1, 64, None),
+                                        (8, 8, 4, None), (2, 7, 16, None), (13, 4, 64, 96)])
+def test_merge_kernel_matches_xla_merge_and_oracle(interpret, k, g, t, tail):
     """The Pallas merge reads only the partials merge_idx lists: slots nobody lists hold NaN
     (as unstored pad rows do) and must not reach any row; two launches of different row
-    blocks; rows with no partial give 0; K not a power of two; G = 7 (not a power of two)."""
+    blocks; rows with no partial give 0; K not a power of two; G = 7 (not a power of two).
+    `tail`: rows from there on have at most two partials and the last block none, so blocks
+    stop at their own last slot (2 or 0 of K = 13) while the first ones run all K."""
     from pallas_kernels.gpu import kernel, merge as merge_kernel
     rng = np.random.default_rng(k * 100 + g * 10 + t)
     hkv, d = 2, 64
-    shapes = [(5, 16), (7, 8)]                                 # (W, BM) of the two launches
+    # (W, BM) of the two launches
+    shapes = [(5, 16), (7, 8)] if tail is None else [(40, 16), (30, 8)]
     n_slots = sum(w * bm for w, bm in shapes)
     parts = []
     for w, bm in shapes:
@@ -697,6 +701,8 @@ def test_merge_kernel_matches_xla_merge_and_oracle(interpret, k, g, t):
     used = 0
     for r in range(t * g):
         n = int(rng.integers(0, k + 1)) if r % 5 else 0        # every fifth row has none
+        if tail is not None and r >= tail:
+            n = min(n, 2) if r < t * g - 64 else 0
         n = min(n, n_slots - used)
         midx[r, :n] = np.sort(free[used:used + n])
         used += n

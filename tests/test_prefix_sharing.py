@@ -272,3 +272,37 @@ def test_shares_a_page():
     assert shares_a_page([S(prompt_ids=[1, 2, 3, 4, 9]), S(prompt_ids=[1, 2, 3, 4])], 4)
     assert not shares_a_page([S(prompt_ids=[1, 2, 3]), S(prompt_ids=[1, 2, 3])], 4)  # < a page
     assert shares_a_page([S(prompt_ids=[7] * 8)] * 2, 4)         # n copies of one prompt
+
+
+@pytest.mark.parametrize("packed", ["1", "0"])
+def test_packed_prefix_segments_in_the_engine(packed, tiny_models, monkeypatch):
+    """Prefill steps hand their prefilling members' shared prefixes to one packed call (the jnp
+    form of cuDNN's packed attention in interpret mode): steps really ran with members' rows in
+    segments, and greedy outputs equal the reference's. JAXSERVE_PACKED_PREFIX=0 builds lists
+    without segments, with the same outputs."""
+    from pallas_kernels.gpu import cascade as gpu_cascade
+
+    monkeypatch.setenv("JAXSERVE_PACKED_PREFIX", packed)
+    path, _ = tiny_models["qwen2"]
+    segs = []
+    pack = gpu_cascade._packed_segments
+
+    def spy(*a, **kw):
+        out = pack(*a, **kw)
+        segs.append(int(out[1].sum()))        # query tokens the step's segments took
+        return out
+
+    monkeypatch.setattr(gpu_cascade, "_packed_segments", spy)
+    eng = make_engine(path, attention_impl="pallas_gpu_interpret", shared_prefix_attention=True,
+                      max_num_batched_tokens=64, max_num_seqs=16, num_pages=300)
+    assert eng.attention.packed_prefix == (packed == "1")
+    ref = make_engine(path, max_num_batched_tokens=64, max_num_seqs=16, num_pages=300)
+    reqs = groups_workload(np.random.default_rng(21), n_groups=3, share=5, shared_len=40,
+                           unique_len=12, out_len=5)
+    out = eng.run(reqs)
+    if packed == "1":
+        assert max(segs) >= 2 * 4             # several members' tokens in one step's segments
+    else:
+        assert segs == []
+    assert eng.last_stats.computed_prefill_tokens == eng.last_stats.optimal_prefill_tokens
+    assert [o.token_ids for o in out] == [o.token_ids for o in ref.run(reqs)]

@@ -30,6 +30,7 @@ from jaxserve.engine.planning import Stages
 from jaxserve.engine.simulate import choose_policy
 from jaxserve.scheduler import PagePool, Sample, Scheduler
 from jaxserve.scheduler.density import DensityModel
+import pallas_kernels
 from pallas_kernels import AttentionSpec
 
 _MIN_HIST_WIDTH = 16
@@ -120,9 +121,11 @@ class Engine:
         self.num_pages = sizes.num_pages
         self.buckets = sizes.buckets
         # One device's heads: under tensor parallelism each runs attention on its own.
-        self.attention = AttentionSpec(sizes.attention_impl, model_cfg.num_heads // tp,
-                                       model_cfg.num_kv_heads // tp, model_cfg.head_dim,
-                                       ecfg.page_size, shared_prefix=ecfg.shared_prefix_attention)
+        self.attention = AttentionSpec(
+            sizes.attention_impl, model_cfg.num_heads // tp, model_cfg.num_kv_heads // tp,
+            model_cfg.head_dim, ecfg.page_size, shared_prefix=ecfg.shared_prefix_attention,
+            packed_prefix=ecfg.shared_prefix_attention and pallas_kernels.packed_prefix_available(
+                sizes.attention_impl, kv_dtype, model_cfg.head_dim, model_cfg.sliding_window))
         self.runner = ModelRunner(model, model_cfg, num_pages=sizes.num_pages,
                                   page_size=ecfg.page_size, buckets=sizes.buckets,
                                   attention=self.attention, kv_dtype=kv_dtype,

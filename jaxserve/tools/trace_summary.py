@@ -10,7 +10,9 @@ import os
 
 def category(name: str) -> str:
     n = name.lower()
-    if "attention" in n or "paged" in n or "pallas" in n or "_kernel" in n and "gemm" not in n:
+    # cuDNN's flash attention kernels: "...sdpa...flash_fprop_wgmma..." (packed prefix segments)
+    if any(x in n for x in ("attention", "paged", "pallas", "flash", "fmha", "sdpa")) or (
+            "_kernel" in n and "gemm" not in n):
         return "attention"
     if any(x in n for x in ("gemm", "nvjet", "cutlass", "cublas", "xmma", "matmul", "dot")):
         return "matmul"

@@ -23,7 +23,8 @@ MIN_SPLIT_TOKENS = 256      # a KV split costs a partial write and a merge: neve
 # Environment switches that change the kernels' block sizes or loops: whatever caches a compiled
 # program must key on them (`env_overrides`), or a run with a switch set loads programs built
 # without it, whose inputs have other shapes.
-ENV_SWITCHES = ("JAXSERVE_ATTN_PREFETCH", "JAXSERVE_SHARED_BLOCK_ROWS", "JAXSERVE_MERGE")
+ENV_SWITCHES = ("JAXSERVE_ATTN_PREFETCH", "JAXSERVE_SHARED_BLOCK_ROWS", "JAXSERVE_MERGE",
+                "JAXSERVE_PACKED_PREFIX")
 
 
 def env_overrides() -> dict:
@@ -47,6 +48,20 @@ def merge_impl() -> str:
 
 
 DECODE_BLOCK_ROWS = 16      # items this small are decode rows: one token x G q heads each
+
+# Dense segments of a prefill bucket's packed prefix call (`cascade._packed_segments`): cuDNN's
+# statistic is [segments, Hq, T] float32 (33 MB a layer at 8 x 32 heads x 16,384 tokens).
+PACKED_SEGMENTS = 8
+
+
+def packed_prefix_enabled() -> bool:
+    """Whether prefill buckets run their prefilling members' shared prefixes as one packed
+    flash-attention call (`pallas_kernels.gpu.packed_prefix`; default on). JAXSERVE_PACKED_PREFIX=0
+    keeps them in the kernel's shared items, so one build can time both end to end."""
+    env = os.environ.get("JAXSERVE_PACKED_PREFIX", "1")
+    if env not in ("0", "1"):
+        raise ValueError(f"JAXSERVE_PACKED_PREFIX={env!r}: expected 0 or 1")
+    return env == "1"
 
 
 def prefetch_mode(block_rows: int) -> str:
@@ -135,7 +150,7 @@ def kv_splits(num_blocks: int, hkv: int, kv_max: int, block: int,
 
 def host_layout(num_tokens: int, num_seqs: int, pages_per_seq: int, *, num_q_heads: int,
                 num_kv_heads: int, page_size: int, head_dim: int, sms: int = 132,
-                waves: float = 2.0) -> dict:
+                waves: float = 2.0, packed: bool = False) -> dict:
     """Static sizes of a host-built (shared-prefix) work list for one step bucket.
 
     Shared items hold bm = 64 rows (`shared_block_rows`). Where the device list's rule
@@ -149,6 +164,13 @@ def host_layout(num_tokens: int, num_seqs: int, pages_per_seq: int, *, num_q_hea
     (<= 2 per item longer than a chunk, and chunks are >= total/target, so <= 2*target of them,
     per list). Partials per query row: the chunks of its prefix and of its suffix (chunks >= 256
     tokens; one more when the two lists are chunked apart).
+
+    `packed` (the backend runs packed prefix segments): prefill buckets (64-row items for the
+    own parts too) get `packed_segments` dense segments over a KV buffer of `packed_pages`
+    pages, as many as the larger of a row's page table and the bucket's tokens: a step's
+    prefilling groups together rarely hold more prefix than it has tokens (BatchLLM's prefill
+    steps: 4 x 2,000 over 14,336; the document's: 4 x 4,096 over 16,384), and those beyond stay
+    shared items.
     """
     g = num_q_heads // num_kv_heads
     bm = max(shared_block_rows(), pow2_at_least(g))
@@ -166,6 +188,10 @@ def host_layout(num_tokens: int, num_seqs: int, pages_per_seq: int, *, num_q_hea
     partials = -(-pages_per_seq * page_size // MIN_SPLIT_TOKENS) + (4 if bm_own else 3)
     ppb = bk // page_size
     pw = -(-pages_per_seq // ppb) * ppb
+    prefill = small >= SHARED_BLOCK_ROWS
+    segments = min(PACKED_SEGMENTS, max(1, num_seqs // 2)) if packed and prefill else 0
+    packed_pages = max(pages_per_seq, -(-num_tokens // page_size)) if segments else 0
     return dict(block_rows=bm, block_kv=bk, num_items=items, num_partials=partials,
                 own_block_rows=bm_own, num_own_items=own_items or None,
-                num_groups=num_seqs, pt_width=pw, num_sms=sms, waves=waves)
+                num_groups=num_seqs, pt_width=pw, num_sms=sms, waves=waves,
+                packed_segments=segments, packed_pages=packed_pages)

@@ -12,7 +12,12 @@
     `min_chunk` stands for); the chunk length is total cost / (waves x SMs / KV heads), and items
     are ordered longest first (LPT), so long items do not start last;
   * `merge_idx` lists each query row's partials (one per chunk of its prefix, one per chunk of
-    its suffix) for the LSE merge.
+    its suffix) for the LSE merge;
+  * optionally (`packed_segments`), the shared prefixes of members that prefill in this step
+    become dense segments (`PackedPrefix`) for one packed flash-attention call instead of shared
+    items: a 64-row Triton item reads its group's prefix at 0.2-0.3 of the tensor-core rate,
+    cuDNN's packed flash attention the same work at 0.55-0.85 (H200, benchmarks/README.md calls
+    AA-AB).
 
 Without groups it produces the same kind of list as the device builder, so the cascade path
 with no sharing costs what the plain path costs.
@@ -24,7 +29,8 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from pallas_kernels.common import pow2_at_least
-from pallas_kernels.metadata import AttentionMetadata, OwnItems, PrefixGroups, WorkItems
+from pallas_kernels.metadata import (AttentionMetadata, OwnItems, PackedPrefix, PrefixGroups,
+                                     WorkItems)
 
 
 def _chunks(lo: int, hi: int, length: int, align: int):
@@ -130,14 +136,25 @@ def _concat(a: _Items, b: _Items) -> _Items:
     return _Items(*(np.concatenate([x, y]) for x, y in zip(a, b)))
 
 
-def _shared_items(ts, tok, thi, seq_lens, seq_group, plen, s_count, n_groups, g, bm) -> _Items:
+def _shared_tokens(ts, thi, seq_lens, seq_group, plen, n_groups):
+    """Which query tokens read a group's shared prefix (all but rows without a group and tokens
+    with no visible key)."""
+    sg = seq_group[ts]
+    return (sg >= 0) & (sg < n_groups) & (seq_lens[ts] > 0) & (plen[ts] > 0) & (thi > 0)
+
+
+def _shared_items(ts, tok, thi, seq_lens, seq_group, plen, s_count, n_groups, g, bm,
+                  skip=None) -> _Items:
     """Shared prefixes. Row sets: (group, prefix_len) in ascending order, members' tokens in row
-    order (the loop form's order; lexsort is stable), tokens with no visible key left out. Each
-    token gives G query rows t * G + j; a set's rows are cut into blocks of bm (a block may split
-    a token's heads when G does not divide bm)."""
+    order (the loop form's order; lexsort is stable), tokens with no visible key left out (and
+    those `skip` marks: their prefix is a packed segment). Each token gives G query rows
+    t * G + j; a set's rows are cut into blocks of bm (a block may split a token's heads when G
+    does not divide bm)."""
     heads = np.arange(g)
     sg = seq_group[ts]
-    sh = ((sg >= 0) & (sg < n_groups) & (seq_lens[ts] > 0) & (plen[ts] > 0) & (thi > 0))
+    sh = _shared_tokens(ts, thi, seq_lens, seq_group, plen, n_groups)
+    if skip is not None:
+        sh &= ~skip
     sel = np.nonzero(sh)[0]
     sel = sel[np.lexsort((plen[ts[sel]], sg[sel]))]
     s_gi, s_pl = sg[sel], plen[ts[sel]]
@@ -160,6 +177,77 @@ def _shared_items(ts, tok, thi, seq_lens, seq_group, plen, s_count, n_groups, g,
     tab = s_count + s_gi[new_set][item_set]
     hi = np.minimum(s_pl[new_set][item_set], blk_max)
     return _scatter_items(tab, np.zeros(n, np.int64), hi, item, slot, row, row_hi, bm)
+
+
+def _packed_segments(ts, tok, thi, qlen, seq_lens, seq_group, plen, table, s_count, n_groups,
+                     page_size: int, num_segments: int, num_pages: int, num_rows: int):
+    """The shared prefixes that run as dense segments (`PackedPrefix`), and which query tokens
+    they take from the shared items.
+
+    A (group, prefix_len) set qualifies when some member prefills in this step (a row of several
+    query tokens: stacked, its tokens fill the tensor cores; decode-only sets stay shared items,
+    which stack G heads of each token instead). Its segment takes every member token that sees
+    the whole prefix (limit >= prefix_len); tokens inside the prefix (a member prefilling the
+    prefix itself) need a causal mask and stay shared items. Sets are taken largest first (query
+    tokens x prefix) while `num_segments` segments, `num_pages` KV pages and `num_rows` packed
+    rows hold them; the rest stay shared items.
+
+    Returns (PackedPrefix of numpy arrays, bool mask over query tokens, packed row of each query
+    token or -1)."""
+    n_tok = ts.shape[0]
+    taken = np.zeros(n_tok, bool)
+    packed_row = np.full(n_tok, -1, np.int64)
+    q_tokens = np.zeros(num_rows, np.int32)
+    q_seg = np.zeros(num_rows, np.int32)
+    q_lens = np.full(num_segments, -1, np.int32)
+    q_offsets = np.full(num_segments + 1, -1, np.int32)
+    kv_pages = np.zeros(num_pages, np.int32)
+    kv_lens = np.full(num_segments, -1, np.int32)
+    kv_offsets = np.full(num_segments + 1, -1, np.int32)
+    cand = _shared_tokens(ts, thi, seq_lens, seq_group, plen, n_groups) & (thi >= plen[ts])
+    sel = np.nonzero(cand)[0]
+    prefilling = qlen[ts[sel]] > 1
+    if sel.shape[0] and prefilling.any():
+        # Sets as in _shared_items: (group, prefix_len), tokens in row order within a set.
+        sg, sp = seq_group[ts[sel]], plen[ts[sel]]
+        order = np.lexsort((sp, sg))
+        sel, sg, sp, prefilling = sel[order], sg[order], sp[order], prefilling[order]
+        new_set = np.ones(sel.shape[0], bool)
+        new_set[1:] = (sg[1:] != sg[:-1]) | (sp[1:] != sp[:-1])
+        first = np.flatnonzero(new_set)
+        counts = np.diff(np.append(first, sel.shape[0]))
+        has_prefill = np.logical_or.reduceat(prefilling, first)
+        set_len, set_group = sp[first], sg[first]
+        set_pages = -(-set_len // page_size)
+        rows = pages = nseg = 0
+        q_offsets[0] = kv_offsets[0] = 0
+        # A loop over the step's prefilling sets (a few: each holds rows of several tokens).
+        for k in np.argsort(-(counts * set_len), kind="stable"):
+            if not has_prefill[k]:
+                continue
+            if nseg == num_segments:
+                break
+            if rows + counts[k] > num_rows or pages + set_pages[k] > num_pages:
+                continue
+            toks = sel[first[k]:first[k] + counts[k]]
+            taken[toks] = True
+            packed_row[toks] = rows + np.arange(counts[k])
+            q_tokens[rows:rows + counts[k]] = tok[toks]
+            q_seg[rows:rows + counts[k]] = nseg
+            kv_pages[pages:pages + set_pages[k]] = table[s_count + set_group[k], :set_pages[k]]
+            q_lens[nseg], kv_lens[nseg] = counts[k], set_len[k]
+            rows += counts[k]
+            pages += set_pages[k]
+            nseg += 1
+            q_offsets[nseg], kv_offsets[nseg] = rows, pages * page_size
+    if q_offsets[1] < 0:
+        # No segment: one dummy segment (the first pad row over the sink page, merged into no
+        # row) keeps the call's inputs those of a real one.
+        q_lens[0], kv_lens[0] = 1, page_size
+        q_offsets[:2], kv_offsets[:2] = (0, 1), (0, page_size)
+    packed = PackedPrefix(q_tokens=q_tokens, q_seg=q_seg, q_lens=q_lens, q_offsets=q_offsets,
+                          kv_pages=kv_pages, kv_lens=kv_lens, kv_offsets=kv_offsets)
+    return packed, taken, packed_row
 
 
 def _own_items(ts, toff, tok, thi, seq_lens, plen, g, bm) -> _Items:
@@ -230,7 +318,8 @@ def build_cascade_work(md: AttentionMetadata, groups: Optional[PrefixGroups], *,
                        num_items: Optional[int] = None,
                        num_partials: Optional[int] = None,
                        own_block_rows: Optional[int] = None,
-                       num_own_items: Optional[int] = None) -> WorkItems:
+                       num_own_items: Optional[int] = None,
+                       packed_segments: int = 0, packed_pages: int = 0) -> WorkItems:
     """The work list (numpy arrays) of `md` with the shared-prefix `groups` (None: no sharing).
 
     `num_items` / `num_partials` fix the padded sizes (static shapes for jit; default: next power
@@ -242,6 +331,11 @@ def build_cascade_work(md: AttentionMetadata, groups: Optional[PrefixGroups], *,
     kernel runs as its own launch. A decode row's own part is one token x G heads: in the shared
     items' 64-row blocks it fills G of 64 rows, in 16-row blocks G of 16, and those run the
     kernel's decode loop (block_sizes.prefetch_mode). Each list is chunked for its own launch.
+
+    `packed_segments` > 0: up to that many prefilling sets' prefixes become dense segments
+    (`WorkItems.packed`, see `_packed_segments`) over a KV buffer of `packed_pages` pages, with
+    one packed row a step token. Only for steps without a sliding window (a segment sees its
+    whole prefix).
 
     Runs on the host every engine step, so it is vectorised numpy: no Python loop whose trip count
     grows with tokens, rows, groups or items (per-row loops cost ~10 ms per step at T*G in the
@@ -268,7 +362,13 @@ def build_cascade_work(md: AttentionMetadata, groups: Optional[PrefixGroups], *,
     tok = qs[ts] + toff
     thi = np.minimum(pos[tok] + 1, seq_lens[ts])
 
-    shared = _shared_items(ts, tok, thi, seq_lens, seq_group, plen, s_count, n_groups, g, bm)
+    packed = taken = packed_row = None
+    if packed_segments:
+        packed, taken, packed_row = _packed_segments(
+            ts, tok, thi, qlen, seq_lens, seq_group, plen, table, s_count, n_groups, page_size,
+            packed_segments, packed_pages, t)
+    shared = _shared_items(ts, tok, thi, seq_lens, seq_group, plen, s_count, n_groups, g, bm,
+                           skip=taken)
     own = _own_items(ts, toff, tok, thi, seq_lens, plen, g, bm_own)
     if g > min(bm, bm_own) and (shared.tab.shape[0] or own.tab.shape[0]):
         raise ValueError(f"{g} q heads per KV head do not fit block_rows={min(bm, bm_own)}")
@@ -292,6 +392,11 @@ def build_cascade_work(md: AttentionMetadata, groups: Optional[PrefixGroups], *,
         flats.append(flat + base)
         rs.append(rows.reshape(-1)[flat])
         base += rows.size
+    if packed is not None:
+        # Packed row p, head j: flat base + p * G + j (the segments' output as [Tp, Hkv, G, D]).
+        pt = np.flatnonzero(taken)
+        flats.append(base + (packed_row[pt][:, None] * g + np.arange(g)).reshape(-1))
+        rs.append((tok[pt][:, None] * g + np.arange(g)).reshape(-1))
     flat, r = np.concatenate(flats), np.concatenate(rs)
     by_row = np.argsort(r, kind="stable")
     r, flat = r[by_row], flat[by_row]
@@ -310,4 +415,4 @@ def build_cascade_work(md: AttentionMetadata, groups: Optional[PrefixGroups], *,
 
     own_items = OwnItems(**items(parts[1])) if len(parts) > 1 else None
     return WorkItems(page_table=table.reshape(-1), merge_idx=midx, pt_width=pw, own=own_items,
-                     **items(parts[0]))
+                     packed=packed, **items(parts[0]))

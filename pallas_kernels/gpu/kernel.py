@@ -15,6 +15,10 @@ cover, in one launch (horizontal fusion):
   * a shared prefix: rows of all members of a group against the group's prefix pages, read once
     per row block instead of once per request, plus each member's own suffix as its own item.
 
+The prefixes of groups whose members prefill may instead come as dense segments
+(`WorkItems.packed`): one packed flash-attention call (cuDNN, `packed_prefix`) whose partials the
+merge takes beside the kernel's.
+
 The work list is `AttentionMetadata.work`, built once per step by the runner: on the host with
 shared-prefix groups (`pallas_kernels.gpu.cascade`), or on the device without
 (`pallas_kernels.gpu.work_items`).
@@ -42,6 +46,7 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.common import MASK_VALUE
 from pallas_kernels.gpu import block_sizes
 from pallas_kernels.gpu import merge as merge_kernel
+from pallas_kernels.gpu import packed_prefix
 from pallas_kernels.metadata import AttentionMetadata, WorkItems
 
 LOG2E = math.log2(math.e)
@@ -325,6 +330,12 @@ def ragged_paged_attention(q, k_cache, v_cache, md: AttentionMetadata, *, page_o
             num_warps=num_warps or block_sizes.kernel_num_warps(bm, pf_kv),
             num_stages=num_stages, interpret=interpret, prefetch_pages=pf_pages,
             prefetch_kv=pf_kv, items=items))
+    if work.packed is not None:
+        if sliding_window is not None:
+            raise ValueError("packed prefix segments see their whole prefix: a work list with "
+                             "them cannot serve a sliding window")
+        parts.append(packed_prefix.partials(q, k_cache, v_cache, work.packed, page_offset,
+                                            sm_scale=sm_scale, interpret=interpret))
     if (merge_impl or block_sizes.merge_impl()) == "pallas" and merge_kernel.block_rows(t * g):
         out = merge_kernel.merge(parts, work.merge_idx, t, hkv, g, q.dtype, interpret=interpret)
     else:

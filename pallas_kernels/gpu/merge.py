@@ -13,8 +13,8 @@ maximum, then the outputs are read once and weighted. Rows are scattered straigh
 Measured on the H200 (benchmarks/README.md, calls AA and AC) it loses to the XLA merge: at K = 2
 (every slot used) 86-106 us against 76-95 us a layer; in BatchLLM's steps (K = 12-13, most
 slots empty) 1.51 s against 1.04 s of the x0.25 run, with every row's K masked slots still
-stepped through. What would make it pay: a loop bounded by the block's own count of partials,
-or the merge folded into the attention kernel's epilogue for rows with a single partial.
+stepped through. Its loops now stop at the last slot the block's rows use (what the XLA merge,
+gathering all K for every row, cannot do); not measured on the device yet.
 """
 from __future__ import annotations
 
@@ -68,10 +68,17 @@ def _kernel(midx_ref, *refs, parts, k: int, g: int, hq: int, rb: int):
             v = jnp.where(mine, pltriton.load(lse_ref.at[flat], mask=mine, other=-jnp.inf), v)
         return v
 
-    # Loops over the K slots, not unrolled: with K unrolled (K masked [RB, D] gathers per part)
+    # Loops over the slots, not unrolled: with K unrolled (K masked [RB, D] gathers per part)
     # BatchLLM's step programs (K = 12-13) compiled ~2.5x slower than before and a document run
-    # did not finish compiling in 270 s (H200, benchmarks/README.md call AC).
-    mx = lax.fori_loop(0, k, lambda kk, mx: jnp.maximum(mx, load_lse(kk)),
+    # did not finish compiling in 270 s (H200, benchmarks/README.md call AC). They run to the
+    # last slot any row of the block uses, not to K: K is the bucket's bound (a long row's
+    # chunks), and most rows of a step have one to three partials.
+    def last_used(kk, n):
+        used = jnp.max((midx_ref[pl.ds(r0, rb), kk] >= 0).astype(jnp.int32))
+        return jnp.maximum(n, used * (kk + 1))
+
+    n = lax.fori_loop(0, k, last_used, jnp.int32(0))
+    mx = lax.fori_loop(0, n, lambda kk, mx: jnp.maximum(mx, load_lse(kk)),
                        jnp.full((rb,), -jnp.inf, jnp.float32))
     mx = jnp.where(mx > -jnp.inf, mx, 0.0)
     # Both dimensions indexed by arrays (row gather x all columns): the form both the Triton
@@ -88,7 +95,7 @@ def _kernel(midx_ref, *refs, parts, k: int, g: int, hq: int, rb: int):
             acc = acc + wgt[:, None] * o_k
         return acc, den + wgt
 
-    acc, den = lax.fori_loop(0, k, accumulate, (jnp.zeros((rb, d), jnp.float32),
+    acc, den = lax.fori_loop(0, n, accumulate, (jnp.zeros((rb, d), jnp.float32),
                                                 jnp.zeros((rb,), jnp.float32)))
     out = acc / jnp.where(den > 0, den, 1.0)[:, None]
     qrow = lax.div(rows, g) * hq + h * g + lax.rem(rows, g)

@@ -1,0 +1,149 @@
+"""Prefilling members' shared prefixes as dense segments (`WorkItems.packed`, one packed
+flash-attention call a step) against the pure-jnp reference.
+
+CPU (CI): the kernel in interpret mode, the segments through their jnp form. GPU (`-m gpu`): the
+kernel compiled and the segments through cuDNN's packed layout (bf16: cuDNN takes no float32).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels
+from tests.test_kernels import (DT, MODES, assert_close, host_work, make_case, reference_out)
+
+
+def packed_work(c, *, segments, pages, **kw):
+    kw = {"block_kv": 32, "num_sms": 4, **kw}
+    return host_work(c.md, num_q_heads=c.hq, num_kv_heads=c.hkv, page_size=c.page_size,
+                     packed_segments=segments, packed_pages=pages, **kw)
+
+
+def run_packed(c, work, *, interpret):
+    from pallas_kernels.gpu import kernel
+    md = dataclasses.replace(c.md, work=work)
+    fn = jax.jit(lambda q, kc, vc, md, off: kernel.ragged_paged_attention(
+        q, kc, vc, md, page_offset=off, sm_scale=c.sm_scale, interpret=interpret, block_kv=32))
+    return fn(c.q, c.k_cache, c.v_cache, md, jnp.int32(c.page_offset))
+
+
+def used_segments(work, g) -> int:
+    """Segments whose rows some query row merges (a dummy segment is merged into none)."""
+    launches = work.rows.size + (work.own.rows.size if work.own is not None else 0)
+    midx = np.asarray(work.merge_idx)
+    packed_rows = (midx[midx >= launches] - launches) // g
+    return len(np.unique(np.asarray(work.packed.q_seg)[packed_rows]))
+
+
+# id, seqs (kv_len, q_len), groups (prefix_len, rows), page_size, g, d, segments, pages,
+# segments expected in use
+PACKED = [
+    # group 0: two members prefill their suffixes beside a decoding member (all three in the
+    # segment); group 1 decodes only (shared items); an ungrouped prefill row.
+    ("prefill_beside_decode", [(70, 6), (66, 1), (75, 11), (41, 1), (45, 1), (19, 1), (90, 9)],
+     [(64, [0, 1, 2]), (32, [3, 4])], 16, 4, 64, 8, 64, 1),
+    # a member prefills the (unaligned) prefix itself: its tokens inside the prefix need the
+    # causal mask and stay shared items, those past it join the segment.
+    ("prefill_in_prefix", [(24, 24), (30, 4), (26, 3)], [(13, [0, 1, 2])], 8, 4, 64, 8, 16, 1),
+    # three prefilling groups, two segments: the largest two are packed, the third stays.
+    ("over_segments", [(40, 8), (41, 9), (70, 6), (72, 8), (36, 4), (35, 3), (9, 1)],
+     [(32, [0, 1]), (64, [2, 3]), (32, [4, 5])], 16, 2, 64, 2, 64, 2),
+    # KV capacity of 5 pages: the 64-token prefix (4 pages) fits, the next 32 (2 pages) does not.
+    ("over_pages", [(40, 8), (41, 9), (70, 6), (72, 8)], [(32, [0, 1]), (64, [2, 3])], 16, 4,
+     128, 8, 5, 1),
+    # no GQA, and G = 8
+    ("gqa1", [(50, 5), (52, 7), (20, 20)], [(48, [0, 1])], 16, 1, 64, 8, 16, 1),
+    ("gqa8", [(50, 5), (52, 7), (49, 1)], [(48, [0, 1, 2])], 8, 8, 128, 8, 16, 1),
+    # decode only: nothing to pack (a dummy segment merged into no row)
+    ("decode_only", [(40, 1), (41, 1), (70, 1)], [(32, [0, 1, 2])], 16, 4, 64, 8, 16, 0),
+]
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+@pytest.mark.parametrize("name,seqs,groups,ps,g,d,segments,pages,expect", PACKED,
+                         ids=[p[0] for p in PACKED])
+def test_packed_segments_match_reference(interpret, dtype, name, seqs, groups, ps, g, d,
+                                         segments, pages, expect):
+    if not interpret and dtype == "f32":
+        pytest.skip("cuDNN takes bf16/f16 only (a float32 model keeps its shared items)")
+    c = make_case(hash(name) % 1000 + 7, seqs=seqs, groups=groups, page_size=ps, g=g, d=d,
+                  dtype=DT[dtype])
+    work = packed_work(c, segments=segments, pages=pages, chunk_len=32)
+    assert used_segments(work, g) == expect
+    assert_close(run_packed(c, work, interpret=interpret), reference_out(c), c, DT[dtype])
+
+
+def test_packed_segments_take_their_tokens_from_the_shared_items():
+    """The packed rows' prefix is read once by the segment and by no shared item; each of their
+    query rows merges one prefix partial and its own parts; offsets and lengths are cuDNN's
+    (-1 in unused slots); the KV buffer lists the group's prefix pages."""
+    seqs = [(70, 6), (66, 1), (75, 11), (41, 1), (45, 1)]
+    c = make_case(3, seqs=seqs, groups=[(64, [0, 1, 2]), (32, [3, 4])], page_size=16, g=4, d=64)
+    base = packed_work(c, segments=0, pages=0, chunk_len=1024)
+    work = packed_work(c, segments=4, pages=16, chunk_len=1024)
+    assert base.packed is None
+    p = jax.device_get(work.packed)
+    assert list(p.q_lens) == [18, -1, -1, -1] and list(p.q_offsets) == [0, 18, -1, -1, -1]
+    assert list(p.kv_lens) == [64, -1, -1, -1] and list(p.kv_offsets) == [0, 64, -1, -1, -1]
+    gpt = np.asarray(c.md.groups.page_table)
+    assert list(p.kv_pages[:4]) == list(gpt[0, :4]) and not p.kv_pages[4:].any()
+    # packed rows are rows 0-2's tokens, in row order
+    assert list(p.q_tokens[:18]) == list(range(18))
+
+    def shared_reads(w, group_row):
+        live = w.kv_end > w.kv_start
+        mine = live & (w.pt_base // w.pt_width == group_row)
+        return int(np.sum((w.kv_end - w.kv_start)[mine]))
+
+    s_rows = len(seqs) + 1                                 # + the pad row
+    assert shared_reads(base, s_rows) > 0 and shared_reads(work, s_rows) == 0
+    assert shared_reads(work, s_rows + 1) == shared_reads(base, s_rows + 1)   # group 1 kept
+    # rows of packed tokens: one packed partial (flat >= the launches') + their own part(s)
+    launches = work.rows.size
+    midx = np.asarray(work.merge_idx)
+    for t in range(18):
+        rows = midx[t * 4:(t + 1) * 4]
+        packed = rows >= launches
+        assert np.all(packed.sum(axis=1) == 1)
+        assert sorted(rows[packed] - launches) == [t * 4 + j for j in range(4)]
+        base_rows = np.asarray(base.merge_idx)[t * 4:(t + 1) * 4]
+        # the base list's prefix partials (one chunk here) became the one packed partial
+        assert np.all((rows >= 0).sum(axis=1) == (base_rows >= 0).sum(axis=1))
+
+
+def test_packed_prefix_availability(monkeypatch):
+    """On for the GPU backends without a sliding window (interpret mode: the jnp form; compiled:
+    where cuDNN's packed layout runs), off through JAXSERVE_PACKED_PREFIX=0, never for the
+    reference or the TPU kernels."""
+    avail = pallas_kernels.packed_prefix_available
+    assert avail("pallas_gpu_interpret", jnp.float32, 64, None)
+    assert not avail("pallas_gpu_interpret", jnp.float32, 64, 4096)
+    assert not avail("reference", jnp.bfloat16, 128, None)
+    assert not avail("pallas_tpu", jnp.bfloat16, 128, None)
+    on_hopper = jax.default_backend() == "gpu" and all(
+        int(x) >= y for x, y in zip(jax.devices()[0].compute_capability.split("."), (9, 0)))
+    assert avail("pallas_gpu", jnp.bfloat16, 128, None) == on_hopper
+    assert not avail("pallas_gpu", jnp.float32, 128, None)
+    monkeypatch.setenv("JAXSERVE_PACKED_PREFIX", "0")
+    assert not avail("pallas_gpu_interpret", jnp.float32, 64, None)
+    monkeypatch.setenv("JAXSERVE_PACKED_PREFIX", "2")
+    with pytest.raises(ValueError, match="JAXSERVE_PACKED_PREFIX"):
+        avail("pallas_gpu_interpret", jnp.float32, 64, None)
+
+
+def test_host_layout_packs_prefill_buckets_only():
+    from pallas_kernels.gpu import block_sizes
+    kw = dict(num_q_heads=32, num_kv_heads=8, page_size=16, head_dim=128)
+    pre = block_sizes.host_layout(16384, 1024, 152, packed=True, **kw)
+    dec = block_sizes.host_layout(1024, 1024, 152, packed=True, **kw)
+    off = block_sizes.host_layout(16384, 1024, 152, packed=False, **kw)
+    assert pre["packed_segments"] == block_sizes.PACKED_SEGMENTS
+    assert pre["packed_pages"] == 1024              # the bucket's tokens in pages
+    assert dec["packed_segments"] == 0 and off["packed_segments"] == 0
+    doc = block_sizes.host_layout(16384, 1024, 2048, packed=True, **kw)
+    assert doc["packed_pages"] == 2048              # a whole row's table at least
