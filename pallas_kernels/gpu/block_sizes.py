@@ -189,7 +189,8 @@ def host_layout(num_tokens: int, num_seqs: int, pages_per_seq: int, *, num_q_hea
     ppb = bk // page_size
     pw = -(-pages_per_seq // ppb) * ppb
     prefill = small >= SHARED_BLOCK_ROWS
-    segments = min(PACKED_SEGMENTS, max(1, num_seqs // 2)) if packed and prefill else 0
+    # At least two slots: with one, JAX's cuDNN wrapper takes the offsets for an unpacked batch.
+    segments = min(PACKED_SEGMENTS, max(2, num_seqs // 2)) if packed and prefill else 0
     packed_pages = max(pages_per_seq, -(-num_tokens // page_size)) if segments else 0
     return dict(block_rows=bm, block_kv=bk, num_items=items, num_partials=partials,
                 own_block_rows=bm_own, num_own_items=own_items or None,
