@@ -69,18 +69,19 @@ class PackedPrefix:
     """The shared prefixes of a step's prefilling group members as dense segments, for one packed
     flash-attention call (cuDNN's THD layout on the GPU) instead of the kernel's shared items.
 
-    Segment s is one (group, prefix length) set: the query tokens of its members whose every
-    prefix key precedes them (packed rows `[q_offsets[s], q_offsets[s] + q_lens[s])`) against
-    the set's prefix, gathered from `kv_pages` into one contiguous KV buffer at tokens
-    `[kv_offsets[s], kv_offsets[s] + kv_lens[s])`. No mask but the segments' is needed. Unused
-    segment slots hold -1 (cuDNN's convention). The partials follow those of the kernel's
-    launches in `WorkItems.merge_idx`: packed row p, q head j at flat `base + p * G + j`.
+    Segment s is a run of consecutive step tokens `[q_offsets[s], q_offsets[s] + q_lens[s])`, all
+    of one (group, prefix length) set and each seeing the whole prefix, against that prefix,
+    gathered from `kv_pages` into one contiguous KV buffer at tokens `[kv_offsets[s],
+    kv_offsets[s] + kv_lens[s])`. The call reads the step's queries in place and writes its
+    output in token order, so the merge takes it as one more partial of every token
+    (`token_seg` >= 0) without an index. No mask but the segments' is needed: every key of a
+    prefix precedes every query of its members. Unused segment slots hold -1 (cuDNN's
+    convention).
     """
 
-    q_tokens: jax.Array    # int32[Tp]     step token of packed row p (pad rows: 0)
-    q_seg: jax.Array       # int32[Tp]     segment of packed row p (pad rows: 0)
-    q_lens: jax.Array      # int32[NS]     query rows of segment s (-1: unused slot)
-    q_offsets: jax.Array   # int32[NS + 1] first packed row of segment s, then the end (-1: unused)
+    token_seg: jax.Array   # int32[T]      segment of step token t (-1: none)
+    q_lens: jax.Array      # int32[NS]     tokens of segment s (-1: unused slot)
+    q_offsets: jax.Array   # int32[NS + 1] first token of segment s, then the last one's end (-1)
     kv_pages: jax.Array    # int32[C]      layer-local pages of the contiguous KV (pad: sink 0)
     kv_lens: jax.Array     # int32[NS]     prefix tokens of segment s (-1: unused slot)
     kv_offsets: jax.Array  # int32[NS + 1] first KV token of segment s, then the end (-1: unused)

@@ -31,23 +31,25 @@ def run_packed(c, work, *, interpret):
     return fn(c.q, c.k_cache, c.v_cache, md, jnp.int32(c.page_offset))
 
 
-def used_segments(work, g) -> int:
-    """Segments whose rows some query row merges (a dummy segment is merged into none)."""
-    launches = work.rows.size + (work.own.rows.size if work.own is not None else 0)
-    midx = np.asarray(work.merge_idx)
-    packed_rows = (midx[midx >= launches] - launches) // g
-    return len(np.unique(np.asarray(work.packed.q_seg)[packed_rows]))
+def used_segments(work) -> int:
+    """Segments some token merges (a dummy segment is merged into none)."""
+    seg = np.asarray(work.packed.token_seg)
+    return len(np.unique(seg[seg >= 0]))
 
 
 # id, seqs (kv_len, q_len), groups (prefix_len, rows), page_size, g, d, segments, pages,
 # segments expected in use
 PACKED = [
-    # group 0: two members prefill their suffixes beside a decoding member (all three in the
-    # segment); group 1 decodes only (shared items); an ungrouped prefill row.
-    ("prefill_beside_decode", [(70, 6), (66, 1), (75, 11), (41, 1), (45, 1), (19, 1), (90, 9)],
-     [(64, [0, 1, 2]), (32, [3, 4])], 16, 4, 64, 8, 64, 1),
+    # group 0: two members prefill their suffixes beside a decoding member (which stays a shared
+    # item), with another group's decode rows between them (two runs: two segments, each with
+    # its copy of the prefix); group 1 decodes only; an ungrouped prefill row.
+    ("prefill_beside_decode", [(70, 6), (66, 1), (45, 1), (75, 11), (41, 1), (19, 1), (90, 9)],
+     [(64, [0, 1, 3]), (32, [2, 4])], 16, 4, 64, 8, 64, 2),
+    # adjacent prefilling members: one run, one segment
+    ("adjacent_members", [(40, 1), (70, 6), (75, 11), (66, 2), (19, 1)], [(64, [1, 2, 3])], 16,
+     4, 64, 8, 64, 1),
     # a member prefills the (unaligned) prefix itself: its tokens inside the prefix need the
-    # causal mask and stay shared items, those past it join the segment.
+    # causal mask and stay shared items, those past it join the next member's run.
     ("prefill_in_prefix", [(24, 24), (30, 4), (26, 3)], [(13, [0, 1, 2])], 8, 4, 64, 8, 16, 1),
     # three prefilling groups, two segments: the largest two are packed, the third stays.
     ("over_segments", [(40, 8), (41, 9), (70, 6), (72, 8), (36, 4), (35, 3), (9, 1)],
@@ -56,9 +58,12 @@ PACKED = [
     ("over_pages", [(40, 8), (41, 9), (70, 6), (72, 8)], [(32, [0, 1]), (64, [2, 3])], 16, 4,
      128, 8, 5, 1),
     # no GQA, and G = 8
-    ("gqa1", [(50, 5), (52, 7), (20, 20)], [(48, [0, 1])], 16, 1, 64, 8, 16, 1),
-    ("gqa8", [(50, 5), (52, 7), (49, 1)], [(48, [0, 1, 2])], 8, 8, 128, 8, 16, 1),
-    # decode only: nothing to pack (a dummy segment merged into no row)
+    ("gqa1", [(53, 5), (55, 7), (20, 20)], [(48, [0, 1])], 16, 1, 64, 8, 16, 1),
+    ("gqa8", [(53, 5), (55, 7), (49, 1)], [(48, [0, 1, 2])], 8, 8, 128, 8, 16, 1),
+    # members whose chunks start inside the prefix: their tokens before its end stay shared
+    # items and cut the run in two
+    ("chunks_cross_prefix", [(50, 5), (52, 7), (20, 20)], [(48, [0, 1])], 16, 2, 64, 8, 16, 2),
+    # decode only: nothing to pack (a dummy segment merged into no token)
     ("decode_only", [(40, 1), (41, 1), (70, 1)], [(32, [0, 1, 2])], 16, 4, 64, 8, 16, 0),
 ]
 
@@ -74,26 +79,27 @@ def test_packed_segments_match_reference(interpret, dtype, name, seqs, groups, p
     c = make_case(hash(name) % 1000 + 7, seqs=seqs, groups=groups, page_size=ps, g=g, d=d,
                   dtype=DT[dtype])
     work = packed_work(c, segments=segments, pages=pages, chunk_len=32)
-    assert used_segments(work, g) == expect
+    assert used_segments(work) == expect
     assert_close(run_packed(c, work, interpret=interpret), reference_out(c), c, DT[dtype])
 
 
 def test_packed_segments_take_their_tokens_from_the_shared_items():
-    """The packed rows' prefix is read once by the segment and by no shared item; each of their
-    query rows merges one prefix partial and its own parts; offsets and lengths are cuDNN's
-    (-1 in unused slots); the KV buffer lists the group's prefix pages."""
-    seqs = [(70, 6), (66, 1), (75, 11), (41, 1), (45, 1)]
+    """The prefilling members' prefix is read once by the segment and by no shared item (a
+    decoding member keeps its shared item); their merge lists keep only their own parts, and the
+    segment names their tokens; offsets and lengths are cuDNN's (-1 in unused slots); the KV
+    buffer lists the group's prefix pages."""
+    seqs = [(66, 1), (70, 6), (75, 11), (41, 1), (45, 1)]
     c = make_case(3, seqs=seqs, groups=[(64, [0, 1, 2]), (32, [3, 4])], page_size=16, g=4, d=64)
     base = packed_work(c, segments=0, pages=0, chunk_len=1024)
     work = packed_work(c, segments=4, pages=16, chunk_len=1024)
     assert base.packed is None
     p = jax.device_get(work.packed)
-    assert list(p.q_lens) == [18, -1, -1, -1] and list(p.q_offsets) == [0, 18, -1, -1, -1]
+    # rows 1-2's 17 tokens (tokens 1..17) form one run
+    assert list(p.q_lens) == [17, -1, -1, -1] and list(p.q_offsets) == [1, 18, -1, -1, -1]
     assert list(p.kv_lens) == [64, -1, -1, -1] and list(p.kv_offsets) == [0, 64, -1, -1, -1]
+    assert list(np.flatnonzero(p.token_seg >= 0)) == list(range(1, 18))
     gpt = np.asarray(c.md.groups.page_table)
     assert list(p.kv_pages[:4]) == list(gpt[0, :4]) and not p.kv_pages[4:].any()
-    # packed rows are rows 0-2's tokens, in row order
-    assert list(p.q_tokens[:18]) == list(range(18))
 
     def shared_reads(w, group_row):
         live = w.kv_end > w.kv_start
@@ -101,19 +107,14 @@ def test_packed_segments_take_their_tokens_from_the_shared_items():
         return int(np.sum((w.kv_end - w.kv_start)[mine]))
 
     s_rows = len(seqs) + 1                                 # + the pad row
-    assert shared_reads(base, s_rows) > 0 and shared_reads(work, s_rows) == 0
+    # group 0's prefix: read by two 64-row blocks for rows 0-2's 72 query rows; packed, by one
+    # block for row 0's decode token only
+    assert shared_reads(base, s_rows) == 128 and shared_reads(work, s_rows) == 64
+    rows_of = lambda w, t: np.asarray(w.merge_idx)[t * 4:(t + 1) * 4]        # noqa: E731
+    for t in range(1, 18):           # one partial fewer each: the prefix's, now the segment's
+        assert np.all((rows_of(work, t) >= 0).sum(1) == (rows_of(base, t) >= 0).sum(1) - 1)
+    assert np.array_equal(rows_of(work, 0) >= 0, rows_of(base, 0) >= 0)
     assert shared_reads(work, s_rows + 1) == shared_reads(base, s_rows + 1)   # group 1 kept
-    # rows of packed tokens: one packed partial (flat >= the launches') + their own part(s)
-    launches = work.rows.size
-    midx = np.asarray(work.merge_idx)
-    for t in range(18):
-        rows = midx[t * 4:(t + 1) * 4]
-        packed = rows >= launches
-        assert np.all(packed.sum(axis=1) == 1)
-        assert sorted(rows[packed] - launches) == [t * 4 + j for j in range(4)]
-        base_rows = np.asarray(base.merge_idx)[t * 4:(t + 1) * 4]
-        # the base list's prefix partials (one chunk here) became the one packed partial
-        assert np.all((rows >= 0).sum(axis=1) == (base_rows >= 0).sum(axis=1))
 
 
 def test_packed_prefix_availability(monkeypatch):

@@ -180,74 +180,73 @@ def _shared_items(ts, tok, thi, seq_lens, seq_group, plen, s_count, n_groups, g,
 
 
 def _packed_segments(ts, tok, thi, qlen, seq_lens, seq_group, plen, table, s_count, n_groups,
-                     page_size: int, num_segments: int, num_pages: int, num_rows: int):
+                     page_size: int, num_segments: int, num_pages: int, num_tokens: int):
     """The shared prefixes that run as dense segments (`PackedPrefix`), and which query tokens
     they take from the shared items.
 
-    A (group, prefix_len) set qualifies when some member prefills in this step (a row of several
-    query tokens: stacked, its tokens fill the tensor cores; decode-only sets stay shared items,
-    which stack G heads of each token instead). Its segment takes every member token that sees
-    the whole prefix (limit >= prefix_len); tokens inside the prefix (a member prefilling the
-    prefix itself) need a causal mask and stay shared items. Sets are taken largest first (query
-    tokens x prefix) while `num_segments` segments, `num_pages` KV pages and `num_rows` packed
-    rows hold them; the rest stay shared items.
+    Candidates are the tokens of prefilling rows (several query tokens: stacked, they fill the
+    tensor cores; decode tokens stay shared items, which stack the G heads of each token
+    instead) of a group that see its whole prefix (limit >= prefix_len; tokens inside the prefix,
+    a member prefilling the prefix itself, need a causal mask). A segment is a run of
+    consecutive candidate tokens of one (group, prefix_len) set: the call reads the step's
+    queries in place, so a set whose prefilling members are not adjacent makes several
+    segments, each with its own copy of the prefix. Runs are taken largest first (tokens x
+    prefix) while `num_segments` segments and `num_pages` KV pages hold them; the rest stay
+    shared items.
 
-    Returns (PackedPrefix of numpy arrays, bool mask over query tokens, packed row of each query
-    token or -1)."""
+    Returns (PackedPrefix of numpy arrays, bool mask over query tokens)."""
     n_tok = ts.shape[0]
     taken = np.zeros(n_tok, bool)
-    packed_row = np.full(n_tok, -1, np.int64)
-    q_tokens = np.zeros(num_rows, np.int32)
-    q_seg = np.zeros(num_rows, np.int32)
+    token_seg = np.full(num_tokens, -1, np.int32)
     q_lens = np.full(num_segments, -1, np.int32)
     q_offsets = np.full(num_segments + 1, -1, np.int32)
     kv_pages = np.zeros(num_pages, np.int32)
     kv_lens = np.full(num_segments, -1, np.int32)
     kv_offsets = np.full(num_segments + 1, -1, np.int32)
-    cand = _shared_tokens(ts, thi, seq_lens, seq_group, plen, n_groups) & (thi >= plen[ts])
-    sel = np.nonzero(cand)[0]
-    prefilling = qlen[ts[sel]] > 1
-    if sel.shape[0] and prefilling.any():
-        # Sets as in _shared_items: (group, prefix_len), tokens in row order within a set.
-        sg, sp = seq_group[ts[sel]], plen[ts[sel]]
-        order = np.lexsort((sp, sg))
-        sel, sg, sp, prefilling = sel[order], sg[order], sp[order], prefilling[order]
-        new_set = np.ones(sel.shape[0], bool)
-        new_set[1:] = (sg[1:] != sg[:-1]) | (sp[1:] != sp[:-1])
-        first = np.flatnonzero(new_set)
+    cand = (_shared_tokens(ts, thi, seq_lens, seq_group, plen, n_groups) & (thi >= plen[ts])
+            & (qlen[ts] > 1))
+    sel = np.nonzero(cand)[0]                 # query tokens in step order (tok is increasing)
+    nseg = 0
+    if sel.shape[0]:
+        key = seq_group[ts[sel]] * (1 << 31) + plen[ts[sel]]
+        new_run = np.ones(sel.shape[0], bool)
+        new_run[1:] = (key[1:] != key[:-1]) | (tok[sel[1:]] != tok[sel[:-1]] + 1)
+        first = np.flatnonzero(new_run)
         counts = np.diff(np.append(first, sel.shape[0]))
-        has_prefill = np.logical_or.reduceat(prefilling, first)
-        set_len, set_group = sp[first], sg[first]
-        set_pages = -(-set_len // page_size)
-        rows = pages = nseg = 0
-        q_offsets[0] = kv_offsets[0] = 0
-        # A loop over the step's prefilling sets (a few: each holds rows of several tokens).
-        for k in np.argsort(-(counts * set_len), kind="stable"):
-            if not has_prefill[k]:
-                continue
-            if nseg == num_segments:
+        run_len = plen[ts[sel[first]]]
+        run_group = seq_group[ts[sel[first]]]
+        run_pages = -(-run_len // page_size)
+        end = pages = 0
+        # The selected runs, then laid out in token order (cuDNN's offsets ascend).
+        chosen = []
+        for k in np.argsort(-(counts * run_len), kind="stable"):
+            if len(chosen) == num_segments:
                 break
-            if rows + counts[k] > num_rows or pages + set_pages[k] > num_pages:
-                continue
+            if pages + run_pages[k] <= num_pages:
+                chosen.append(k)
+                pages += run_pages[k]
+        pages = 0
+        for k in sorted(chosen):
             toks = sel[first[k]:first[k] + counts[k]]
             taken[toks] = True
-            packed_row[toks] = rows + np.arange(counts[k])
-            q_tokens[rows:rows + counts[k]] = tok[toks]
-            q_seg[rows:rows + counts[k]] = nseg
-            kv_pages[pages:pages + set_pages[k]] = table[s_count + set_group[k], :set_pages[k]]
-            q_lens[nseg], kv_lens[nseg] = counts[k], set_len[k]
-            rows += counts[k]
-            pages += set_pages[k]
+            t0 = int(tok[toks[0]])
+            token_seg[t0:t0 + counts[k]] = nseg
+            kv_pages[pages:pages + run_pages[k]] = table[s_count + run_group[k], :run_pages[k]]
+            q_offsets[nseg], q_lens[nseg] = t0, counts[k]
+            kv_offsets[nseg], kv_lens[nseg] = pages * page_size, run_len[k]
+            pages += run_pages[k]
+            end = t0 + counts[k]
             nseg += 1
-            q_offsets[nseg], kv_offsets[nseg] = rows, pages * page_size
-    if q_offsets[1] < 0:
-        # No segment: one dummy segment (the first pad row over the sink page, merged into no
-        # row) keeps the call's inputs those of a real one.
+        if nseg:
+            q_offsets[nseg], kv_offsets[nseg] = end, pages * page_size
+    if nseg == 0:
+        # No segment: one dummy segment (the first token over the sink page, merged into no
+        # token) keeps the call's inputs those of a real one.
         q_lens[0], kv_lens[0] = 1, page_size
         q_offsets[:2], kv_offsets[:2] = (0, 1), (0, page_size)
-    packed = PackedPrefix(q_tokens=q_tokens, q_seg=q_seg, q_lens=q_lens, q_offsets=q_offsets,
+    packed = PackedPrefix(token_seg=token_seg, q_lens=q_lens, q_offsets=q_offsets,
                           kv_pages=kv_pages, kv_lens=kv_lens, kv_offsets=kv_offsets)
-    return packed, taken, packed_row
+    return packed, taken
 
 
 def _own_items(ts, toff, tok, thi, seq_lens, plen, g, bm) -> _Items:
@@ -332,10 +331,11 @@ def build_cascade_work(md: AttentionMetadata, groups: Optional[PrefixGroups], *,
     items' 64-row blocks it fills G of 64 rows, in 16-row blocks G of 16, and those run the
     kernel's decode loop (block_sizes.prefetch_mode). Each list is chunked for its own launch.
 
-    `packed_segments` > 0: up to that many prefilling sets' prefixes become dense segments
-    (`WorkItems.packed`, see `_packed_segments`) over a KV buffer of `packed_pages` pages, with
-    one packed row a step token. Only for steps without a sliding window (a segment sees its
-    whole prefix).
+    `packed_segments` > 0: up to that many runs of prefilling members' tokens take their prefix
+    from dense segments (`WorkItems.packed`, see `_packed_segments`) over a KV buffer of
+    `packed_pages` pages; their merge lists hold only their own parts (the merge adds the
+    segments' output to every token `token_seg` names). Only for steps without a sliding window
+    (a segment sees its whole prefix).
 
     Runs on the host every engine step, so it is vectorised numpy: no Python loop whose trip count
     grows with tokens, rows, groups or items (per-row loops cost ~10 ms per step at T*G in the
@@ -362,9 +362,9 @@ def build_cascade_work(md: AttentionMetadata, groups: Optional[PrefixGroups], *,
     tok = qs[ts] + toff
     thi = np.minimum(pos[tok] + 1, seq_lens[ts])
 
-    packed = taken = packed_row = None
+    packed = taken = None
     if packed_segments:
-        packed, taken, packed_row = _packed_segments(
+        packed, taken = _packed_segments(
             ts, tok, thi, qlen, seq_lens, seq_group, plen, table, s_count, n_groups, page_size,
             packed_segments, packed_pages, t)
     shared = _shared_items(ts, tok, thi, seq_lens, seq_group, plen, s_count, n_groups, g, bm,
@@ -392,11 +392,6 @@ def build_cascade_work(md: AttentionMetadata, groups: Optional[PrefixGroups], *,
         flats.append(flat + base)
         rs.append(rows.reshape(-1)[flat])
         base += rows.size
-    if packed is not None:
-        # Packed row p, head j: flat base + p * G + j (the segments' output as [Tp, Hkv, G, D]).
-        pt = np.flatnonzero(taken)
-        flats.append(base + (packed_row[pt][:, None] * g + np.arange(g)).reshape(-1))
-        rs.append((tok[pt][:, None] * g + np.arange(g)).reshape(-1))
     flat, r = np.concatenate(flats), np.concatenate(rs)
     by_row = np.argsort(r, kind="stable")
     r, flat = r[by_row], flat[by_row]

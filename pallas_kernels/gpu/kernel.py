@@ -16,8 +16,8 @@ cover, in one launch (horizontal fusion):
     per row block instead of once per request, plus each member's own suffix as its own item.
 
 The prefixes of groups whose members prefill may instead come as dense segments
-(`WorkItems.packed`): one packed flash-attention call (cuDNN, `packed_prefix`) whose partials the
-merge takes beside the kernel's.
+(`WorkItems.packed`): one packed flash-attention call (cuDNN, `packed_prefix`) whose partial of
+each token, in token order, the merge takes as one more slot.
 
 The work list is `AttentionMetadata.work`, built once per step by the runner: on the host with
 shared-prefix groups (`pallas_kernels.gpu.cascade`), or on the device without
@@ -250,10 +250,11 @@ def _gather(parts, merge_idx):
     return o_g, lse_g
 
 
-def merge(parts, merge_idx, t: int, hkv: int, g: int, out_dtype):
+def merge(parts, merge_idx, t: int, hkv: int, g: int, out_dtype, dense=None):
     """LSE-merge the partials of each query row: `parts` [(o [W, Hkv, BM, D], lse [W, Hkv, BM])]
     (one per launch), merge_idx [T * G, K] -> [T, Hkv * G, D]. Rows with no partial (pad
-    tokens) give 0.
+    tokens) give 0. `dense` (o [T, Hkv * G, D], lse [T, Hkv * G], -inf where absent): one more
+    partial of every row, in token order (the packed prefix segments'), read without an index.
 
     Written with lax ops only (no jnp.where / floor_divide, which are nested jitted calls): a
     nested call inside a stream-annotated computation gets no stream on XLA GPU ("No
@@ -261,8 +262,15 @@ def merge(parts, merge_idx, t: int, hkv: int, g: int, out_dtype):
     on a side stream."""
     d = parts[0][0].shape[-1]
     o_g, lse_g = _gather(parts, merge_idx)
+    if dense is not None:
+        # [T, Hkv * G, ...] -> rows t * G + j, heads h: one more slot, fused into the merge.
+        o_d, lse_d = dense
+        o_d = o_d.reshape(t, hkv, g, d).transpose(0, 2, 1, 3).reshape(t * g, 1, hkv, d)
+        lse_d = lse_d.reshape(t, hkv, g).transpose(0, 2, 1).reshape(t * g, 1, hkv)
+        o_g = lax.concatenate([o_g, o_d.astype(jnp.float32)], 1)
+        lse_g = lax.concatenate([lse_g, lse_d], 1)
     finite = lax.is_finite(lse_g)
-    if merge_idx.shape[1] == 1:
+    if lse_g.shape[1] == 1:
         out = _select(finite[..., None], o_g, 0.0)[:, 0]
     else:
         mx = jnp.max(lse_g, axis=1, keepdims=True)
@@ -330,14 +338,16 @@ def ragged_paged_attention(q, k_cache, v_cache, md: AttentionMetadata, *, page_o
             num_warps=num_warps or block_sizes.kernel_num_warps(bm, pf_kv),
             num_stages=num_stages, interpret=interpret, prefetch_pages=pf_pages,
             prefetch_kv=pf_kv, items=items))
+    dense = None
     if work.packed is not None:
         if sliding_window is not None:
             raise ValueError("packed prefix segments see their whole prefix: a work list with "
                              "them cannot serve a sliding window")
-        parts.append(packed_prefix.partials(q, k_cache, v_cache, work.packed, page_offset,
-                                            sm_scale=sm_scale, interpret=interpret))
-    if (merge_impl or block_sizes.merge_impl()) == "pallas" and merge_kernel.block_rows(t * g):
+        dense = packed_prefix.dense_partial(q, k_cache, v_cache, work.packed, page_offset,
+                                            sm_scale=sm_scale, interpret=interpret)
+    if ((merge_impl or block_sizes.merge_impl()) == "pallas" and dense is None
+            and merge_kernel.block_rows(t * g)):
         out = merge_kernel.merge(parts, work.merge_idx, t, hkv, g, q.dtype, interpret=interpret)
     else:
-        out = merge(parts, work.merge_idx, t, hkv, g, q.dtype)
+        out = merge(parts, work.merge_idx, t, hkv, g, q.dtype, dense=dense)
     return out[..., :d] if dp != d else out
