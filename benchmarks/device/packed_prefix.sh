@@ -2,6 +2,8 @@
 # default) against the kernel's shared items (=0), on whatever card the call gets.
 #   PART=1 bash benchmarks/device/packed_prefix.sh   # probe of the cuDNN call, GPU tests,
 #                                                    # BatchLLM x0.25 profile on / off (~450 s)
+#   PART=3 bash benchmarks/device/packed_prefix.sh   # GPU tests, BatchLLM x0.25 profiles with
+#                                                    # their kernel breakdown, on / off (~500 s)
 #   PART=2 bash benchmarks/device/packed_prefix.sh   # ceilings, document x1 and BatchLLM x1
 #                                                    # on / off (~560 s)
 source benchmarks/device/common.sh
@@ -21,6 +23,15 @@ case "${PART:-1}" in
   stamp gpu-tests
   prof 200 batchllm_x025_packed --workload=batchllm --scale=0.25 --max_model_len=2432
   JAXSERVE_PACKED_PREFIX=0 prof 170 batchllm_x025_items --workload=batchllm --scale=0.25 \
+    --max_model_len=2432
+  ;;
+3)
+  # GPU tests of the segments and the merge; then BatchLLM x0.25 traced, packed and not (~500 s)
+  timeout 100 python3 -m pytest -q -m gpu tests/test_packed_prefix.py \
+    tests/test_kernels.py -k "packed or merge or cascade_own_list" 2>&1 | tail -4
+  stamp gpu-tests
+  prof 280 batchllm_x025_packed --workload=batchllm --scale=0.25 --max_model_len=2432
+  JAXSERVE_PACKED_PREFIX=0 prof 250 batchllm_x025_items --workload=batchllm --scale=0.25 \
     --max_model_len=2432
   ;;
 2)
