@@ -27,11 +27,11 @@ case "${PART:-1}" in
   ;;
 3)
   # GPU tests of the segments and the merge; then BatchLLM x0.25 traced, packed and not (~500 s)
-  timeout 100 python3 -m pytest -q -m gpu tests/test_packed_prefix.py \
-    tests/test_kernels.py -k "packed or merge or cascade_own_list" 2>&1 | tail -4
+  timeout 70 python3 -m pytest -q -m gpu tests/test_packed_prefix.py \
+    tests/test_kernels.py -k "packed or merge_kernel" 2>&1 | tail -4
   stamp gpu-tests
-  prof 280 batchllm_x025_packed --workload=batchllm --scale=0.25 --max_model_len=2432
-  JAXSERVE_PACKED_PREFIX=0 prof 250 batchllm_x025_items --workload=batchllm --scale=0.25 \
+  prof 245 batchllm_x025_packed --workload=batchllm --scale=0.25 --max_model_len=2432
+  JAXSERVE_PACKED_PREFIX=0 prof 215 batchllm_x025_items --workload=batchllm --scale=0.25 \
     --max_model_len=2432
   ;;
 2)
