@@ -578,15 +578,24 @@ def main(argv):
                 for v in ([""] if impl == "pallas_gpu_cascade" else FLAGS.cascade_variants):
                     c = parse_cfg(v) if v else {}
                     bk = c.get("bk", 64)
+                    # packed=N: up to N prefilling runs' prefixes through cuDNN's packed call,
+                    # over a KV buffer of the engine's size (block_sizes.host_layout)
+                    npk = c.get("packed", 0)
+                    pk_pages = max(mds[0].pages_per_seq, -(-t // ps)) if npk else 0
                     mdw = [jax.tree.map(jnp.asarray, dataclasses.replace(m, work=cascade.build_cascade_work(
                         m, g, num_q_heads=HQ, num_kv_heads=HKV, page_size=ps,
                         block_rows=c.get("bm", 64), block_kv=bk, chunk_len=c.get("chunk"),
                         own_block_rows=c.get("own"),
-                        num_sms=getattr(dev, "core_count", 132))))
+                        num_sms=getattr(dev, "core_count", 132), packed_segments=npk,
+                        packed_pages=pk_pages)))
                         for m, g in zip(mds, mdgs)]
                     w = mdw[0].work
                     note = (f"shared prefix; items={int(np.sum(np.asarray(w.kv_end) > np.asarray(w.kv_start)))}"
                             f" bm={w.rows.shape[1]} partials/row<={w.merge_idx.shape[1]}")
+                    if w.packed is not None:
+                        seg = np.asarray(w.packed.token_seg)
+                        note += (f"; packed segments {len(np.unique(seg[seg >= 0]))}, "
+                                 f"{int((seg >= 0).sum())} tokens")
                     # xlamerge=1 / pallasmerge=1: which merge (otherwise the default)
                     merge_impl = ("xla" if c.get("xlamerge") else
                                   "pallas" if c.get("pallasmerge") else None)

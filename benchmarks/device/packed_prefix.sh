@@ -4,6 +4,8 @@
 #                                                    # BatchLLM x0.25 profile on / off (~450 s)
 #   PART=3 bash benchmarks/device/packed_prefix.sh   # GPU tests, BatchLLM x0.25 profiles with
 #                                                    # their kernel breakdown, on / off (~500 s)
+#   PART=4 bash benchmarks/device/packed_prefix.sh   # GPU tests, prefill-step attention of
+#                                                    # cases h, i with / without (~200 s)
 #   PART=2 bash benchmarks/device/packed_prefix.sh   # ceilings, document x1 and BatchLLM x1
 #                                                    # on / off (~560 s)
 source benchmarks/device/common.sh
@@ -33,6 +35,18 @@ case "${PART:-1}" in
   prof 245 batchllm_x025_packed --workload=batchllm --scale=0.25 --max_model_len=2432
   JAXSERVE_PACKED_PREFIX=0 prof 215 batchllm_x025_items --workload=batchllm --scale=0.25 \
     --max_model_len=2432
+  ;;
+4)
+  # GPU tests; the shared workloads' prefill steps (bench_attention cases h, i), whole
+  # attention a layer (kernel, cuDNN, gathers and merge) with and without segments (~200 s)
+  timeout 70 python3 -m pytest -q -m gpu tests/test_packed_prefix.py \
+    tests/test_kernels.py -k "packed or merge_kernel" 2>&1 | tail -4
+  stamp gpu-tests
+  timeout 200 python3 scripts/bench_attention.py --cases=h,i \
+    --impls=pallas_gpu_cascade_variants --cascade_variants=packed=0,packed=8 --timing=layers \
+    --trace_cases=h,i --reps=5 --out=$OUT/attention_packed.json 2>&1 | grep -v -i deprecat \
+    | grep -v "Unable to init" | grep -v "^    @" | tail -40
+  stamp attention
   ;;
 2)
   timeout 100 python3 scripts/measure_ceilings.py --out=$OUT/ceilings.json 2>&1 \
