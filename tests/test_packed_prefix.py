@@ -118,10 +118,13 @@ def test_packed_segments_take_their_tokens_from_the_shared_items():
 
 
 def test_packed_prefix_availability(monkeypatch):
-    """On for the GPU backends without a sliding window (interpret mode: the jnp form; compiled:
-    where cuDNN's packed layout runs), off through JAXSERVE_PACKED_PREFIX=0, never for the
+    """Opt-in (JAXSERVE_PACKED_PREFIX=1), for the GPU backends without a sliding window
+    (interpret mode: the jnp form; compiled: where cuDNN's packed layout runs), never for the
     reference or the TPU kernels."""
     avail = pallas_kernels.packed_prefix_available
+    monkeypatch.delenv("JAXSERVE_PACKED_PREFIX", raising=False)
+    assert not avail("pallas_gpu_interpret", jnp.float32, 64, None)     # opt-in for now
+    monkeypatch.setenv("JAXSERVE_PACKED_PREFIX", "1")
     assert avail("pallas_gpu_interpret", jnp.float32, 64, None)
     assert not avail("pallas_gpu_interpret", jnp.float32, 64, 4096)
     assert not avail("reference", jnp.bfloat16, 128, None)

@@ -1,5 +1,5 @@
-# Prefilling members' shared prefixes through cuDNN's packed call (JAXSERVE_PACKED_PREFIX=1, the
-# default) against the kernel's shared items (=0), on whatever card the call gets.
+# Prefilling members' shared prefixes through cuDNN's packed call (JAXSERVE_PACKED_PREFIX=1,
+# opt-in) against the kernel's shared items (=0, the default), on whatever card the call gets.
 #   PART=1 bash benchmarks/device/packed_prefix.sh   # probe of the cuDNN call, GPU tests,
 #                                                    # BatchLLM x0.25 profile on / off (~450 s)
 #   PART=3 bash benchmarks/device/packed_prefix.sh   # GPU tests, BatchLLM x0.25 profiles with
@@ -23,7 +23,7 @@ case "${PART:-1}" in
   timeout 150 python3 -m pytest -q -m gpu tests/test_packed_prefix.py \
     tests/test_kernels.py -k "packed or cascade_own_list or g64" 2>&1 | tail -4
   stamp gpu-tests
-  prof 200 batchllm_x025_packed --workload=batchllm --scale=0.25 --max_model_len=2432
+  JAXSERVE_PACKED_PREFIX=1 prof 200 batchllm_x025_packed --workload=batchllm --scale=0.25 --max_model_len=2432
   JAXSERVE_PACKED_PREFIX=0 prof 170 batchllm_x025_items --workload=batchllm --scale=0.25 \
     --max_model_len=2432
   ;;
@@ -32,7 +32,7 @@ case "${PART:-1}" in
   timeout 70 python3 -m pytest -q -m gpu tests/test_packed_prefix.py \
     tests/test_kernels.py -k "packed or merge_kernel" 2>&1 | tail -4
   stamp gpu-tests
-  prof 245 batchllm_x025_packed --workload=batchllm --scale=0.25 --max_model_len=2432
+  JAXSERVE_PACKED_PREFIX=1 prof 245 batchllm_x025_packed --workload=batchllm --scale=0.25 --max_model_len=2432
   JAXSERVE_PACKED_PREFIX=0 prof 215 batchllm_x025_items --workload=batchllm --scale=0.25 \
     --max_model_len=2432
   ;;
@@ -53,10 +53,10 @@ case "${PART:-1}" in
     | grep -v -i deprecat | tail -4
   stamp ceilings
   C=$OUT/ceilings.json
-  bench 160 --workload=document --scale=1 --max_model_len=4224 --ceilings=$C --tag=_packed
+  JAXSERVE_PACKED_PREFIX=1 bench 160 --workload=document --scale=1 --max_model_len=4224 --ceilings=$C --tag=_packed
   JAXSERVE_PACKED_PREFIX=0 bench 150 --workload=document --scale=1 --max_model_len=4224 \
     --ceilings=$C --tag=_items
-  bench 230 --workload=batchllm --scale=1 --max_model_len=2432 --ceilings=$C --tag=_packed
+  JAXSERVE_PACKED_PREFIX=1 bench 230 --workload=batchllm --scale=1 --max_model_len=2432 --ceilings=$C --tag=_packed
   ;;
 esac
 rm -f $OUT/*.png

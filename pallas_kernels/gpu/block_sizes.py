@@ -56,9 +56,11 @@ PACKED_SEGMENTS = 8
 
 def packed_prefix_enabled() -> bool:
     """Whether prefill buckets run their prefilling members' shared prefixes as one packed
-    flash-attention call (`pallas_kernels.gpu.packed_prefix`; default on). JAXSERVE_PACKED_PREFIX=0
-    keeps them in the kernel's shared items, so one build can time both end to end."""
-    env = os.environ.get("JAXSERVE_PACKED_PREFIX", "1")
+    flash-attention call (`pallas_kernels.gpu.packed_prefix`): JAXSERVE_PACKED_PREFIX=1. Off by
+    default until a device A/B shows it wins: its first form ran BatchLLM x0.25 5.8 % slower on
+    an H100 (benchmarks/README.md call AD); the present form (queries in place, the partial as
+    one more merge slot) has not run on a GPU yet."""
+    env = os.environ.get("JAXSERVE_PACKED_PREFIX", "0")
     if env not in ("0", "1"):
         raise ValueError(f"JAXSERVE_PACKED_PREFIX={env!r}: expected 0 or 1")
     return env == "1"
