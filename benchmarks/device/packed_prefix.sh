@@ -15,33 +15,33 @@ prof() {   # prof TIMEOUT TAG [profile_engine.py flags...]
     | grep -v -i deprecat | grep -v "Unable to init" | grep -v "^ *[0-9.]* ms .*fusion" | tail -32
   stamp "profile $tag"
 }
+gpu_tests() {   # gpu_tests TIMEOUT -k-EXPRESSION
+  timeout "$1" python3 -m pytest -q -m gpu tests/test_packed_prefix.py tests/test_kernels.py \
+    -k "$2" 2>&1 | tail -4
+  stamp gpu-tests
+}
+ab_profiles() {   # ab_profiles TIMEOUT_PACKED TIMEOUT_ITEMS: BatchLLM x0.25, both sides
+  local w="--workload=batchllm --scale=0.25 --max_model_len=2432"
+  JAXSERVE_PACKED_PREFIX=1 prof "$1" batchllm_x025_packed $w
+  JAXSERVE_PACKED_PREFIX=0 prof "$2" batchllm_x025_items $w
+}
 case "${PART:-1}" in
 1)
   timeout 120 python3 scripts/probe_cudnn_packed.py --out=$OUT/probe_cudnn_packed.json 2>&1 \
     | grep -v -i deprecat | tail -8
   stamp probe
-  timeout 150 python3 -m pytest -q -m gpu tests/test_packed_prefix.py \
-    tests/test_kernels.py -k "packed or cascade_own_list or g64" 2>&1 | tail -4
-  stamp gpu-tests
-  JAXSERVE_PACKED_PREFIX=1 prof 200 batchllm_x025_packed --workload=batchllm --scale=0.25 --max_model_len=2432
-  JAXSERVE_PACKED_PREFIX=0 prof 170 batchllm_x025_items --workload=batchllm --scale=0.25 \
-    --max_model_len=2432
+  gpu_tests 150 "packed or cascade_own_list or g64"
+  ab_profiles 200 170
   ;;
 3)
   # GPU tests of the segments and the merge; then BatchLLM x0.25 traced, packed and not (~500 s)
-  timeout 70 python3 -m pytest -q -m gpu tests/test_packed_prefix.py \
-    tests/test_kernels.py -k "packed or merge_kernel" 2>&1 | tail -4
-  stamp gpu-tests
-  JAXSERVE_PACKED_PREFIX=1 prof 245 batchllm_x025_packed --workload=batchllm --scale=0.25 --max_model_len=2432
-  JAXSERVE_PACKED_PREFIX=0 prof 215 batchllm_x025_items --workload=batchllm --scale=0.25 \
-    --max_model_len=2432
+  gpu_tests 70 "packed or merge_kernel"
+  ab_profiles 245 215
   ;;
 4)
   # GPU tests; the shared workloads' prefill steps (bench_attention cases h, i), whole
   # attention a layer (kernel, cuDNN, gathers and merge) with and without segments (~200 s)
-  timeout 70 python3 -m pytest -q -m gpu tests/test_packed_prefix.py \
-    tests/test_kernels.py -k "packed or merge_kernel" 2>&1 | tail -4
-  stamp gpu-tests
+  gpu_tests 70 "packed or merge_kernel"
   timeout 200 python3 scripts/bench_attention.py --cases=h,i \
     --impls=pallas_gpu_cascade_variants --cascade_variants=packed=0,packed=8 --timing=layers \
     --trace_cases=h,i --reps=5 --out=$OUT/attention_packed.json 2>&1 | grep -v -i deprecat \
