@@ -86,10 +86,6 @@ class PackedPrefix:
     kv_lens: jax.Array     # int32[NS]     prefix tokens of segment s (-1: unused slot)
     kv_offsets: jax.Array  # int32[NS + 1] first KV token of segment s, then the end (-1: unused)
 
-    @property
-    def num_segments(self) -> int:
-        return self.q_lens.shape[0]
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass

@@ -117,6 +117,31 @@ def test_packed_segments_take_their_tokens_from_the_shared_items():
     assert shared_reads(work, s_rows + 1) == shared_reads(base, s_rows + 1)   # group 1 kept
 
 
+def test_cudnn_statistic_read_by_segment_and_row_within_it():
+    """cuDNN's statistic is [segments, Hq, T] with segment s's rows at their index within s
+    (probed on an H100, benchmarks/README.md call AD): `_lse_of_tokens` must give each token of
+    a segment its row's value and -inf to every other token, never a slot outside the rows (NaN
+    here)."""
+    from pallas_kernels.gpu import packed_prefix
+    seqs = [(40, 1), (70, 6), (75, 11), (45, 1), (50, 9), (52, 7), (19, 1)]
+    c = make_case(5, seqs=seqs, groups=[(64, [1, 2]), (32, [3, 4, 5])], page_size=16, g=4, d=64)
+    p = jax.device_get(packed_work(c, segments=4, pages=16).packed)
+    t, hq = c.q.shape[:2]
+    rng = np.random.default_rng(0)
+    want = rng.standard_normal((t, hq)).astype(np.float32)
+    stat = np.full((4, hq, t), np.nan, np.float32)
+    used = [s for s in range(4) if p.q_lens[s] > 0]
+    assert len(used) == 2
+    for s in used:
+        a, n = p.q_offsets[s], p.q_lens[s]
+        stat[s, :, :n] = want[a:a + n].T
+    got = np.asarray(packed_prefix._lse_of_tokens(jnp.asarray(stat),
+                                                  jax.tree.map(jnp.asarray, p)))
+    inside = p.token_seg >= 0
+    np.testing.assert_array_equal(got[inside], want[inside])
+    assert np.all(np.isneginf(got[~inside]))
+
+
 def test_packed_prefix_availability(monkeypatch):
     """Opt-in (JAXSERVE_PACKED_PREFIX=1), for the GPU backends without a sliding window
     (interpret mode: the jnp form; compiled: where cuDNN's packed layout runs), never for the
