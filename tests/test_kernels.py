@@ -213,12 +213,14 @@ def host_work(md, *, num_q_heads, num_kv_heads, page_size, **kw):
 
 
 def run_kernel(c: Case, *, interpret, sliding_window=None, cascade=False, block_rows=None,
-               kv_splits=None, chunk_len=None, block_kv=None, own_block_rows=None, **kw):
+               kv_splits=None, chunk_len=None, block_kv=None, own_block_rows=None,
+               num_partials=None, min_chunk=256, **kw):
     from pallas_kernels.gpu import kernel, work_items
     if cascade:
         work = host_work(c.md, num_q_heads=c.hq, num_kv_heads=c.hkv, page_size=c.page_size,
                          block_kv=block_kv or 64, num_sms=4, chunk_len=chunk_len,
-                         own_block_rows=own_block_rows,
+                         own_block_rows=own_block_rows, num_partials=num_partials,
+                         min_chunk=min_chunk,
                          **({"block_rows": block_rows} if block_rows else {}))
         assert (work.own is not None) == bool(own_block_rows and own_block_rows != block_rows)
     else:
@@ -616,32 +618,95 @@ def test_cascade_builder_vectorised_matches_loops_engine_layout():
     assert attended(split, ps, 8) == attended(got, ps, 8)
 
 
+def test_host_layout_bounds_partials_where_steps_need_no_split():
+    """The merge's K in the engine's buckets (Llama-3-8B heads, H100/H200 SMs, 2,432-token
+    rows): 2 in prefill buckets, DECODE_PARTIALS in decode buckets of many rows, the full
+    bound (splits for a few long rows) in small ones. A BatchLLM prefill step (64 members
+    prefill 200 tokens over 4 prefixes of 2,000, beside 960 decode members) fits K = 2 at the
+    cost model's own chunks: the bound changes no item, only the width of merge_idx."""
+    from pallas_kernels.gpu import block_sizes, cascade
+    kw = dict(num_q_heads=32, num_kv_heads=8, page_size=16, head_dim=128)
+    lay = {t: block_sizes.host_layout(t, min(t, 1024), 152, **kw) for t in (64, 1024, 16384)}
+    assert lay[16384]["num_partials"] == 2
+    assert lay[1024]["num_partials"] == block_sizes.DECODE_PARTIALS
+    assert lay[64]["num_partials"] == 2432 // 256 + 1 + 4
+
+    ps, plen, s = 16, 2000, 1024
+    q = np.array([200] * 64 + [1] * 960)
+    seq_lens = np.array([plen + 200] * 64 + [plen + 150 + i % 200 for i in range(960)])
+    qs = np.concatenate([[0], np.cumsum(q)]).astype(np.int32)
+    t = 16384
+    positions = np.zeros(t, np.int32)
+    for i in range(s):
+        positions[qs[i]:qs[i + 1]] = np.arange(seq_lens[i] - q[i], seq_lens[i])
+    qs[-1] = t
+    rng = np.random.default_rng(5)
+    pt = rng.integers(1, 10 ** 5, (s, 152)).astype(np.int32)
+    group = np.concatenate([np.repeat(np.arange(4), 16), np.arange(960) % 4]).astype(np.int32)
+    md = AttentionMetadata(positions=positions, token_seq=np.zeros(t, np.int32),
+                           slot_mapping=np.zeros(t, np.int32), query_start=qs,
+                           seq_lens=seq_lens.astype(np.int32), page_table=pt)
+    gpt = np.zeros((s, 152), np.int32)
+    gpt[:4, :plen // ps] = pt[:4, :plen // ps]
+    groups = PrefixGroups(seq_group=group, prefix_lens=np.full(s, plen, np.int32),
+                          page_table=gpt, lens=np.pad(np.full(4, plen, np.int32), (0, s - 4)))
+    la = lay[16384]
+    args = dict(num_q_heads=32, num_kv_heads=8, page_size=ps, block_rows=la["block_rows"],
+                block_kv=la["block_kv"], num_sms=la["num_sms"], waves=la["waves"],
+                num_items=la["num_items"])
+    # The bound before: every chunk of a full row's range, whatever the bucket.
+    free = cascade.build_cascade_work(md, groups, **args, num_partials=2432 // 256 + 1 + 3)
+    got = cascade.build_cascade_work(md, groups, **args, num_partials=2)
+    assert (free.merge_idx[:, 2:] == -1).all()
+    assert np.array_equal(got.merge_idx, free.merge_idx[:, :2])
+    for f in ("pt_base", "kv_start", "kv_end", "rows", "row_hi"):
+        assert np.array_equal(getattr(got, f), getattr(free, f)), f
+
+
 def attended(work, page_size, g):
     """For every query row of a work list, the (page id, offset) KV slots its partials read,
     with how often each is read, through the list's items as the kernel sees them: item range
-    [kv_start, kv_end) clipped to the row slot's causal limit."""
+    [kv_start, kv_end) clipped to the row slot's causal limit. Returned as the sorted rows
+    (query row, page id, offset), one per read, so that two lists compare with ==."""
     pw = work.pt_width
     table = np.asarray(work.page_table).reshape(-1, pw)
     lists = [work] + ([work.own] if work.own is not None else [])
-    flat_items = []                                       # (list, item, slot) per flat index
-    for li, it in enumerate(lists):
+    li, wi, si = [], [], []                               # (list, item, slot) per flat index
+    for n, it in enumerate(lists):
         w, bm = it.rows.shape
-        flat_items += [(li, wi, i) for wi in range(w) for i in range(bm)]
-    out = {}
+        li.append(np.full(w * bm, n))
+        wi.append(np.repeat(np.arange(w), bm))
+        si.append(np.tile(np.arange(bm), w))
+    li, wi, si = (np.concatenate(x) for x in (li, wi, si))
     midx = np.asarray(work.merge_idx)
-    for r in range(midx.shape[0]):
-        seen = collections.Counter()
-        for f in midx[r][midx[r] >= 0]:
-            li, wi, i = flat_items[f]
-            it = lists[li]
-            assert it.rows[wi, i] == r
-            hi = min(int(it.kv_end[wi]), int(it.row_hi[wi, i]))
-            row = table[int(it.pt_base[wi]) // pw]
-            for p in range(int(it.kv_start[wi]), hi):
-                seen[(int(row[p // page_size]), p % page_size)] += 1
-        if seen:
-            out[r] = seen
-    return out
+    r, k = np.nonzero(midx >= 0)
+    f = midx[r, k]
+    lo, hi, base = (np.zeros(f.shape[0], np.int64) for _ in range(3))
+    for n, it in enumerate(lists):
+        m = li[f] == n
+        w_, s_ = wi[f][m], si[f][m]
+        assert (np.asarray(it.rows)[w_, s_] == r[m]).all()
+        lo[m] = np.asarray(it.kv_start)[w_]
+        hi[m] = np.minimum(np.asarray(it.kv_end)[w_], np.asarray(it.row_hi)[w_, s_])
+        base[m] = np.asarray(it.pt_base)[w_] // pw
+    n_read = np.maximum(hi - lo, 0)
+    src = np.repeat(np.arange(f.shape[0]), n_read)
+    pos = lo[src] + (np.arange(src.shape[0]) - (np.cumsum(n_read) - n_read)[src])
+    out = np.stack([r[src], table[base[src], pos // page_size], pos % page_size], 1)
+    return _Reads(out[np.lexsort(out.T[::-1])])
+
+
+class _Reads:
+    """Sorted (row, page, offset) reads; == compares them exactly (multiplicity included)."""
+
+    def __init__(self, a):
+        self.a = a
+
+    def __eq__(self, other):
+        return self.a.shape == other.a.shape and bool((self.a == other.a).all())
+
+    def __repr__(self):
+        return f"_Reads({self.a.shape[0]} reads)"
 
 
 def test_cascade_own_list_reads_what_one_list_reads():
@@ -661,6 +726,44 @@ def test_cascade_own_list_reads_what_one_list_reads():
         two = cascade.build_cascade_work(md, md.groups, **kw, own_block_rows=16)
         assert two.own is not None and two.own.rows.shape[1] == 16
         assert attended(two, page_size, g) == attended(one, page_size, g), case
+
+
+def test_cascade_builder_fits_a_small_partials_bound():
+    """A bucket's static K (`num_partials`) below what the cost model's chunks need: the builder
+    lengthens the chunks until every row fits (two partials at most once a chunk holds the
+    longest range: the row's shared prefix and its own part), and every query row still reads
+    exactly the KV slots, each once, that the unbounded list has it read. Without that the
+    builder raises (num_partials < needed)."""
+    from pallas_kernels.gpu import cascade
+    rng = np.random.default_rng(7)
+    lengthened = 0
+    for case in range(30):
+        page_size = int(rng.choice([8, 16]))
+        g = int(rng.choice([1, 4, 8]))
+        md = random_step_metadata(rng, page_size=page_size, max_rows=12)
+        kw = dict(num_q_heads=g * 2, num_kv_heads=2, page_size=page_size, block_rows=64,
+                  block_kv=int(rng.choice([page_size, 32])), num_sms=64, min_chunk=32,
+                  own_block_rows=16 if rng.random() < 0.5 else None)
+        free = cascade.build_cascade_work(md, md.groups, **kw)
+        need = int((np.asarray(free.merge_idx) >= 0).sum(1).max())
+        want = attended(free, page_size, g)
+        for cap in (2, 3):
+            got = cascade.build_cascade_work(md, md.groups, **kw, num_partials=cap)
+            assert got.merge_idx.shape[1] == cap
+            assert attended(got, page_size, g) == want, (case, cap)
+        lengthened += need > 2
+    assert lengthened >= 5           # the random steps do need more than two at their chunks
+
+
+@pytest.mark.parametrize("interpret", MODES)
+def test_pallas_cascade_with_two_partials(interpret):
+    """The kernel over a list built for K = 2 (what prefill buckets compile): chunks that would
+    have split the prefix and the suffixes are lengthened, and the output is the reference's."""
+    c = make_case(17, seqs=[(150, 20), (140, 1), (160, 7), (40, 40), (30, 1)],
+                  groups=[(128, [0, 1, 2])], page_size=16, g=4, d=64, dtype=jnp.float32)
+    out = run_kernel(c, interpret=interpret, cascade=True, block_rows=64, block_kv=32,
+                     num_partials=2, min_chunk=32)
+    assert_close(out, reference_out(c), c, jnp.float32)
 
 
 def test_merge_lowers_without_nested_calls():

@@ -49,6 +49,10 @@ def merge_impl() -> str:
 
 DECODE_BLOCK_ROWS = 16      # items this small are decode rows: one token x G q heads each
 
+# Partials per query row (the merge's K) in decode buckets with many rows: room for a prefix or
+# a suffix split in two where a few long rows would otherwise leave SMs idle.
+DECODE_PARTIALS = 4
+
 # Dense segments of a prefill bucket's packed prefix call (`cascade._packed_segments`): cuDNN's
 # statistic is [segments, Hq, T] float32 (33 MB a layer at 8 x 32 heads x 16,384 tokens).
 PACKED_SEGMENTS = 8
@@ -164,8 +168,15 @@ def host_layout(num_tokens: int, num_seqs: int, pages_per_seq: int, *, num_q_hea
     Items: each row's own part in blocks of bm'/g tokens (<= T/bq + S), each group's member rows
     in blocks of bm (<= T*g/bm + groups, groups <= S/2), plus the pieces long ranges are cut into
     (<= 2 per item longer than a chunk, and chunks are >= total/target, so <= 2*target of them,
-    per list). Partials per query row: the chunks of its prefix and of its suffix (chunks >= 256
-    tokens; one more when the two lists are chunked apart).
+    per list). Partials per query row (K, `num_partials`): the chunks of its prefix and of its
+    suffix (chunks >= 256 tokens; one more when the two lists are chunked apart). Where the
+    bucket's steps hold enough items without splitting a range (a step lands in the smallest
+    bucket that holds it, so it has more than T / 2 tokens, in own items of bm'/g tokens:
+    `unsplit_items`), K is 2 in prefill buckets (a row's shared prefix and its own part) and
+    `DECODE_PARTIALS` in decode buckets, and the builder lengthens the chunks of a step that
+    would need more (`cascade.build_cascade_work`). The XLA merge gathers every slot of every
+    row, used or not, so its time grows with K: BatchLLM x0.25 spent 1.04 s merging at K = 13
+    where its rows held at most 2 partials (H200, calls AA / AC).
 
     `packed` (the backend runs packed prefix segments): prefill buckets (64-row items for the
     own parts too) get `packed_segments` dense segments over a KV buffer of `packed_pages`
@@ -188,9 +199,12 @@ def host_layout(num_tokens: int, num_seqs: int, pages_per_seq: int, *, num_q_hea
     else:
         items, own_items = rnd(shared + own + 2 * target), 0
     partials = -(-pages_per_seq * page_size // MIN_SPLIT_TOKENS) + (4 if bm_own else 3)
+    prefill = small >= SHARED_BLOCK_ROWS
+    unsplit_items = (num_tokens // 2) // max(1, (bm_own or bm) // g)
+    if unsplit_items >= target:
+        partials = min(partials, 2 if prefill else DECODE_PARTIALS)
     ppb = bk // page_size
     pw = -(-pages_per_seq // ppb) * ppb
-    prefill = small >= SHARED_BLOCK_ROWS
     # At least two slots: with one, JAX's cuDNN wrapper takes the offsets for an unpacked batch.
     segments = min(PACKED_SEGMENTS, max(2, num_seqs // 2)) if packed and prefill else 0
     packed_pages = max(pages_per_seq, -(-num_tokens // page_size)) if segments else 0

@@ -279,8 +279,8 @@ def _chunked(c: _Items, *, chunk_len: Optional[int], block_kv: int, min_chunk: i
     """Cut `c`'s long ranges into chunks and order them longest first, padded to `num_items`.
 
     Cost model: an item costs ~ the KV tokens it reads; aim at `target_items` items per KV head
-    (waves x SMs / KV heads). Returns (pt_tab, kv_start, kv_end, rows, row_hi, used) with W rows;
-    pad items have an empty range."""
+    (waves x SMs / KV heads). Returns ((pt_tab, kv_start, kv_end, rows, row_hi, used) with W
+    rows, the chunk length used); pad items have an empty range."""
     total = int(np.maximum(0, c.hi - c.lo).sum())
     if chunk_len is None:
         chunk_len = max(min_chunk, -(-max(1, total // target_items) // block_kv) * block_kv)
@@ -307,7 +307,37 @@ def _chunked(c: _Items, *, chunk_len: Optional[int], block_kv: int, min_chunk: i
     rows[:n_items] = c.rows[src]
     his[:n_items] = c.his[src]
     used[:n_items] = c.used[src]
-    return tab, kv_start, kv_end, rows, his, used
+    return (tab, kv_start, kv_end, rows, his, used), chunk_len
+
+
+def _lists_and_partials(shared: _Items, own: _Items, two_lists: bool, rows_total: int, *,
+                        num_items, num_own_items, **kw):
+    """The chunked list(s) and every query row's partials: (parts, shortest chunk length used,
+    flat partial index and query row of each partial, sorted by row, partials per row).
+
+    A row's partials are in item order (flat w * BM + i ascending over the first list, then
+    W * BM + w' * BM' + i' over the second). A row whose visible range misses a chunk entirely
+    adds nothing to it; skip it. Row-major nonzero gives flat order, a stable sort by row keeps
+    it within each row."""
+    if two_lists:
+        chunked = [_chunked(shared, num_items=num_items, what="num_items", **kw),
+                   _chunked(own, num_items=num_own_items, what="num_own_items", **kw)]
+    else:
+        # One list: shared items first, then own ones, chunked and ordered together.
+        chunked = [_chunked(_concat(shared, own), num_items=num_items, what="num_items", **kw)]
+    parts = [p for p, _ in chunked]
+    flats, rs, base = [], [], 0
+    for tab, c0, c1, rows, his, used in parts:
+        live = used & (his > c0[:, None])
+        flat = np.flatnonzero(live)
+        flats.append(flat + base)
+        rs.append(rows.reshape(-1)[flat])
+        base += rows.size
+    flat, r = np.concatenate(flats), np.concatenate(rs)
+    by_row = np.argsort(r, kind="stable")
+    r, flat = r[by_row], flat[by_row]
+    counts = np.bincount(r, minlength=rows_total)
+    return parts, min(n for _, n in chunked), flat, r, counts
 
 
 def build_cascade_work(md: AttentionMetadata, groups: Optional[PrefixGroups], *,
@@ -322,7 +352,11 @@ def build_cascade_work(md: AttentionMetadata, groups: Optional[PrefixGroups], *,
     """The work list (numpy arrays) of `md` with the shared-prefix `groups` (None: no sharing).
 
     `num_items` / `num_partials` fix the padded sizes (static shapes for jit; default: next power
-    of two of what is needed). `block_rows` must be a power of two >= 16; `block_kv` a multiple of
+    of two of what is needed). A step whose rows would need more than `num_partials` partials at
+    the cost model's chunk length gets longer chunks (doubled until they fit or hold the longest
+    range, where each row has at most two: its shared prefix and its own part), so a bucket can
+    keep K small where its steps have enough items without splitting (`host_layout`); an
+    explicit `chunk_len` is kept as given. `block_rows` must be a power of two >= 16; `block_kv` a multiple of
     `page_size`: long ranges are cut on its multiples.
 
     `own_block_rows` (a power of two >= 16, other than `block_rows`): the requests' own parts
@@ -372,31 +406,19 @@ def build_cascade_work(md: AttentionMetadata, groups: Optional[PrefixGroups], *,
     own = _own_items(ts, toff, tok, thi, seq_lens, plen, g, bm_own)
     if g > min(bm, bm_own) and (shared.tab.shape[0] or own.tab.shape[0]):
         raise ValueError(f"{g} q heads per KV head do not fit block_rows={min(bm, bm_own)}")
-    kw = dict(chunk_len=chunk_len, block_kv=block_kv, min_chunk=min_chunk,
-              target_items=max(1, int(waves * num_sms / num_kv_heads)))
-    if bm_own == bm:
-        # One list: shared items first, then own ones, chunked and ordered together.
-        parts = [_chunked(_concat(shared, own), num_items=num_items, what="num_items", **kw)]
-    else:
-        parts = [_chunked(shared, num_items=num_items, what="num_items", **kw),
-                 _chunked(own, num_items=num_own_items, what="num_own_items", **kw)]
-
-    # merge_idx: a row's partials in item order (flat w * BM + i ascending over the first list,
-    # then W * BM + w' * BM' + i' over the second). A row whose visible range misses a chunk
-    # entirely adds nothing to it; skip it. Row-major nonzero gives flat order, a stable sort by
-    # row keeps it within each row.
-    flats, rs, base = [], [], 0
-    for tab, c0, c1, rows, his, used in parts:
-        live = used & (his > c0[:, None])
-        flat = np.flatnonzero(live)
-        flats.append(flat + base)
-        rs.append(rows.reshape(-1)[flat])
-        base += rows.size
-    flat, r = np.concatenate(flats), np.concatenate(rs)
-    by_row = np.argsort(r, kind="stable")
-    r, flat = r[by_row], flat[by_row]
-    counts = np.bincount(r, minlength=t * g)
-    k_need = max(1, int(counts.max()) if counts.shape[0] else 1)
+    kw = dict(block_kv=block_kv, target_items=max(1, int(waves * num_sms / num_kv_heads)))
+    longest = int(max([0] + [int(np.max(x.hi - x.lo)) for x in (shared, own) if x.hi.size]))
+    while True:
+        parts, used_len, flat, r, counts = _lists_and_partials(
+            shared, own, bm_own != bm, t * g, chunk_len=chunk_len, min_chunk=min_chunk,
+            num_items=num_items, num_own_items=num_own_items, **kw)
+        k_need = max(1, int(counts.max()) if counts.shape[0] else 1)
+        if (num_partials is None or k_need <= num_partials or chunk_len is not None
+                or used_len >= longest):
+            break
+        # More partials than the bucket's static K: longer chunks, fewer of them. Once a chunk
+        # holds the longest range, a row has at most one shared and one own partial.
+        min_chunk = 2 * used_len
     k = num_partials or pow2_at_least(k_need)
     if k < k_need:
         raise ValueError(f"num_partials={k} < {k_need} needed")
