@@ -54,7 +54,8 @@ flags.DEFINE_list("variants", [], "extra pallas_gpu configs, '+'-joined, e.g. "
                   "'bk=128+splits=4+warps=4+stages=3+bm=16' (each becomes pallas_gpu[...])")
 flags.DEFINE_list("cascade_variants", [], "extra cascade configs, e.g. 'bm=32+bk=64+chunk=512'; "
                   "own=N puts the requests' own parts in a second list of N-row items; xlamerge=1 / "
-                  "pallasmerge=1 choose the merge (JAXSERVE_MERGE)")
+                  "pallasmerge=1 choose the merge (JAXSERVE_MERGE); partials=K pads merge_idx to K "
+                  "slots (the engine's static bound; default: as many as the step needs)")
 flags.DEFINE_list("mgpu_configs", ["64x128x2", "64x64x2", "128x128x2"],
                   "stacked_prefix: JAX's Mosaic GPU flash attention configs 'block_qxblock_kv"
                   "xmax_concurrent_steps', each timed beside cuDNN")
@@ -585,7 +586,7 @@ def main(argv):
                     mdw = [jax.tree.map(jnp.asarray, dataclasses.replace(m, work=cascade.build_cascade_work(
                         m, g, num_q_heads=HQ, num_kv_heads=HKV, page_size=ps,
                         block_rows=c.get("bm", 64), block_kv=bk, chunk_len=c.get("chunk"),
-                        own_block_rows=c.get("own"),
+                        own_block_rows=c.get("own"), num_partials=c.get("partials"),
                         num_sms=getattr(dev, "core_count", 132), packed_segments=npk,
                         packed_pages=pk_pages)))
                         for m, g in zip(mds, mdgs)]
