@@ -5,7 +5,7 @@
 #                                                     # at K = 13 (the old bound) and at the
 #                                                     # step's own K, and with packed segments
 #                                                     # (~250 s)
-#   REF=.before PART=2 bash benchmarks/device/merge_partials.sh
+#   REF=.before PART=2 bash benchmarks/device/merge_partials.sh   (run with carry=[".before"])
 #                                                     # BatchLLM x0.25 end to end, the tree before
 #                                                     # the bound (git archive 8c1b745 | tar -x -C
 #                                                     # .before) against this one (~420 s)
