@@ -1,5 +1,6 @@
 # The same benchmark in an older tree (exported into REF_DIR, e.g. `git archive <commit> | tar -x
-# -C .before`, carried to the device: /.before/ is git-ignored, so the run names it in `carry`) and in this one, in one device call:
+# -C .before`; /.before/ is git-ignored, so the device call names it in `carry`) and in this one,
+# in one device call:
 #   source benchmarks/device/common.sh; NEW_EXTRA="--async_scheduling=false" \
 #     bash benchmarks/device/compare_trees.sh .before TAG TIMEOUT flags...
 # NEW_EXTRA: flags only this tree has.
