@@ -13,6 +13,8 @@
 #                                                  # (rate, lse), document x1 profile (~330 s)
 #   PART=8 bash benchmarks/device/ab_switches.sh   # PART=7 with BatchLLM x0.25's profile
 #                                                  # between its two parts (~560 s)
+#   PART=9 bash benchmarks/device/ab_switches.sh   # ragged x1 in batchllm's order (the default)
+#                                                  # and blendserve's (~420 s)
 # A cold run spends 80-170 s compiling before it starts: decode-heavy needs ~230 s in all,
 # BatchLLM x1 ~300 s, which sets the timeouts below.
 # Records land in $OUT with the tags below; the second run of a pair takes its programs from the
@@ -67,6 +69,13 @@ case "${PART:-1}" in
     --max_model_len=4224 --top=30 --out=$OUT/profile_document.json 2>&1 \
     | grep -v -i deprecat | grep -v "Unable to init" | tail -45
   stamp profile
+  ;;
+9)
+  # The step-time model projects ragged 39.76 s in batchllm's order (input order: nothing is
+  # shared) and 36.35 s in blendserve's (long outputs admitted first: no tail of few rows).
+  bench 230 --workload=ragged --scale=1 --max_model_len=3072 --ceilings=$C --tag=_batchllm
+  bench 170 --workload=ragged --scale=1 --max_model_len=3072 --ceilings=$C \
+    --schedule_policy=blendserve --tag=_blendserve
   ;;
 esac
 rm -f $OUT/*.png
