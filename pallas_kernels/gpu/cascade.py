@@ -356,8 +356,8 @@ def build_cascade_work(md: AttentionMetadata, groups: Optional[PrefixGroups], *,
     the cost model's chunk length gets longer chunks (doubled until they fit or hold the longest
     range, where each row has at most two: its shared prefix and its own part), so a bucket can
     keep K small where its steps have enough items without splitting (`host_layout`); an
-    explicit `chunk_len` is kept as given. `block_rows` must be a power of two >= 16; `block_kv` a multiple of
-    `page_size`: long ranges are cut on its multiples.
+    explicit `chunk_len` is kept as given. `block_rows` must be a power of two >= 16; `block_kv`
+    a multiple of `page_size`: long ranges are cut on its multiples.
 
     `own_block_rows` (a power of two >= 16, other than `block_rows`): the requests' own parts
     become a second list of items that size (`WorkItems.own`, `num_own_items` of them), which the
